@@ -1,0 +1,89 @@
+//! The library's error type. Every fallible public function returns [`Result`]; the binary alone
+//! turns these into `anyhow` reports.
+
+use std::path::PathBuf;
+
+/// Errors raised by the `peft_wit` library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("{path}: {message}")]
+    InvalidFile { path: PathBuf, message: String },
+
+    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2)")]
+    UnsupportedArchitecture(String),
+
+    #[error("invalid model config: {0}")]
+    InvalidConfig(String),
+
+    #[error("tensor `{name}` is missing from {source_name}")]
+    MissingTensor { name: String, source_name: String },
+
+    #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+
+    #[error("adapter {path}: {message}")]
+    AdapterMismatch { path: PathBuf, message: String },
+
+    #[error("unsupported adapter {path}: {message}")]
+    UnsupportedAdapter { path: PathBuf, message: String },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template: {0}")]
+    Template(String),
+
+    #[error("model `{0}` not found: give a GGUF file, a Hugging Face directory or a Hub id (run scripts/fetch-model.sh for the default model)")]
+    ModelNotFound(String),
+
+    #[error("hub: {0}")]
+    Hub(String),
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error("non-finite loss ({value}) at step {step}")]
+    NonFiniteLoss { step: usize, value: f32 },
+
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn invalid_file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::InvalidFile {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

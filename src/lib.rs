@@ -1,0 +1,7 @@
+//! peft-wit: LoRA fine-tuning of Llama-family causal language models under the weighted
+//! instruction-tuning (WIT) loss, on candle.
+
+pub mod data;
+pub mod error;
+
+pub use error::{Error, Result};
