@@ -1,7 +1,18 @@
 //! peft-wit: LoRA fine-tuning of Llama-family causal language models under the weighted
 //! instruction-tuning (WIT) loss, on candle.
+//!
+//! - [`model`]: the frozen base (GGUF or Hugging Face layout; dense or kept quantized).
+//! - [`lora`]: trainable low-rank adapters in PEFT's format.
+//! - [`loss`]: the weighted prompt/response loss.
 
 pub mod data;
+pub mod device;
 pub mod error;
+pub mod fsutil;
+pub mod lora;
+pub mod loss;
+pub mod model;
+pub mod ops;
+pub mod tokenizer;
 
 pub use error::{Error, Result};

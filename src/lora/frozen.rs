@@ -1,0 +1,144 @@
+//! The frozen base weight of a linear layer, dense or kept as GGUF quantized blocks, and the
+//! matmul through it.
+//!
+//! Both kinds go through one custom op, [`FrozenMatmul`], because candle's own paths are wrong for
+//! training: `QMatMul` has no backward (gradients silently stop) and quantizes activations to Q8_1,
+//! and a plain `matmul` also computes (and keeps) the gradient of the frozen weight, which nobody
+//! needs. The op computes `x·Wᵀ` forward and only `dL/dx = dL/dy·W` backward. A quantized weight is
+//! dequantized one tensor at a time into a scratch buffer that is dropped after the matmul, so no
+//! dense copy of the whole model is ever kept.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::quantized::QTensor;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, MetalStorage, Shape, Storage, Tensor,
+};
+
+use crate::Result;
+
+/// A frozen `[out, in]` weight. Never a `Var`: no gradient, no optimizer state.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    /// A dense tensor in its storage dtype (f32, f16 or bf16).
+    Dense(Tensor),
+    /// GGUF blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, ...), dequantized on the fly.
+    Quantized(Arc<QTensor>),
+}
+
+impl FrozenWeight {
+    /// `(out_features, in_features)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        let dims = match self {
+            Self::Dense(t) => t.dims2()?,
+            Self::Quantized(q) => q.shape().dims2()?,
+        };
+        Ok(dims)
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Self::Quantized(_))
+    }
+
+    /// The weight as a dense tensor of `dtype` (a copy for quantized or other-dtype weights).
+    pub fn to_dense(&self, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let dense = match self {
+            Self::Dense(t) => t.clone(),
+            Self::Quantized(q) => q.dequantize(device)?,
+        };
+        dense.to_dtype(dtype)
+    }
+
+    /// `x · Wᵀ` for `x` of shape `[..., in]`, differentiable in `x` only.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(frozen_matmul(x, self, true)?)
+    }
+}
+
+/// `x · Wᵀ` (`transpose`) or `x · W`, for `x: [..., k]`.
+fn frozen_matmul(x: &Tensor, weight: &FrozenWeight, transpose: bool) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let (lead, k) = dims.split_at(dims.len().saturating_sub(1));
+    let rows: usize = lead.iter().product();
+    let x2 = x.contiguous()?.reshape((rows, k[0]))?;
+    let op = FrozenMatmul {
+        weight: weight.clone(),
+        transpose,
+    };
+    let y = x2.apply_op1(op)?;
+    let n = y.dim(1)?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(n);
+    y.reshape(out_dims)
+}
+
+/// The custom op behind [`FrozenWeight::forward`]; its backward is the same op un-transposed.
+struct FrozenMatmul {
+    weight: FrozenWeight,
+    transpose: bool,
+}
+
+impl FrozenMatmul {
+    /// Runs the matmul on any backend through `BackendStorage::matmul`, so the op exists wherever
+    /// candle has a matmul kernel (CPU, CUDA, Metal) without a kernel of our own.
+    fn fwd<S: BackendStorage>(
+        &self,
+        x: &S,
+        x_layout: &Layout,
+        device: &Device,
+        unwrap: impl Fn(&Storage) -> Option<&S>,
+    ) -> candle_core::Result<(S, Shape)> {
+        let (m, k) = x_layout.shape().dims2()?;
+        let w = self.weight.to_dense(x.dtype(), device)?;
+        let (out, inp) = w.dims2()?;
+        let (w_storage, w_layout) = w.storage_and_layout();
+        let w_storage = unwrap(&w_storage)
+            .ok_or_else(|| candle_core::Error::Msg("frozen weight on another device".into()))?;
+        let (rhs_layout, n, expected_k) = if self.transpose {
+            (w_layout.transpose(0, 1)?, out, inp)
+        } else {
+            (w_layout.clone(), inp, out)
+        };
+        if k != expected_k {
+            return Err(candle_core::Error::Msg(format!(
+                "frozen matmul: input has {k} features, weight expects {expected_k}"
+            )));
+        }
+        let y = x.matmul(w_storage, (1, m, n, k), x_layout, &rhs_layout)?;
+        Ok((y, Shape::from((m, n))))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd(s, l, &Device::Cpu, |st| match st {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let device = Device::Cuda(s.device().clone());
+        self.fwd(s, l, &device, |st| match st {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn metal_fwd(&self, s: &MetalStorage, l: &Layout) -> candle_core::Result<(MetalStorage, Shape)> {
+        let device = Device::Metal(s.device().clone());
+        self.fwd(s, l, &device, |st| match st {
+            Storage::Metal(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(frozen_matmul(grad_y, &self.weight, !self.transpose)?))
+    }
+}

@@ -1,0 +1,10 @@
+//! LoRA: the frozen base weight, trainable low-rank pairs, PEFT-format adapters.
+
+pub mod adapter;
+pub mod config;
+pub mod frozen;
+pub mod peft;
+
+pub use adapter::{LoraAdapter, LoraPair};
+pub use config::{LoraConfig, LoraInit, TargetModules};
+pub use frozen::FrozenWeight;

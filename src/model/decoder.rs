@@ -1,0 +1,309 @@
+//! One decoder for the Llama family (llama, mistral, qwen2): pre-norm blocks of grouped-query
+//! attention with rotary embeddings and a SwiGLU MLP. Architecture differences are config flags.
+//!
+//! Every op on the training path has a backward pass (see NOTES-candle: candle's fused rms_norm,
+//! softmax_last_dim and rope silently drop gradients), and frozen weights go through
+//! [`FrozenWeight`], whose backward returns only the input gradient.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{ModelConfig, PROJECTIONS};
+use super::rope::RopeTables;
+use crate::lora::{FrozenWeight, LoraAdapter};
+use crate::ops;
+use crate::Result;
+
+/// A frozen projection with its optional bias (qwen2's q/k/v).
+#[derive(Debug, Clone)]
+pub struct Projection {
+    pub weight: FrozenWeight,
+    pub bias: Option<Tensor>,
+}
+
+/// The frozen tensors of one decoder block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+    /// In [`PROJECTIONS`] order: q, k, v, o, gate, up, down.
+    pub projections: Vec<Projection>,
+}
+
+/// Dropout on the LoRA input, drawn from our own seeded RNG (candle's CPU RNG can't be seeded).
+pub struct Dropout {
+    pub p: f32,
+    pub rng: rand::rngs::StdRng,
+}
+
+impl Dropout {
+    fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+        use rand::Rng;
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let scale = 1.0 / keep;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if self.rng.random::<f32>() < keep { scale } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
+    }
+}
+
+/// Keys and values of past positions, for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dims()[2])
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What one forward pass runs with besides its inputs.
+#[derive(Default)]
+pub struct ForwardContext<'a> {
+    pub adapter: Option<&'a LoraAdapter>,
+    /// Training-time dropout on LoRA inputs; `None` in evaluation.
+    pub dropout: Option<&'a mut Dropout>,
+    pub cache: Option<&'a mut KvCache>,
+}
+
+/// The decoder with its frozen weights.
+pub struct Decoder {
+    pub config: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,
+    pub lm_head: FrozenWeight,
+    rope: RopeTables,
+    dtype: DType,
+    device: Device,
+}
+
+impl Decoder {
+    /// Assembles a decoder; `dtype` is the activation (compute) dtype.
+    pub fn new(
+        config: ModelConfig,
+        embed_tokens: Tensor,
+        blocks: Vec<Block>,
+        norm: Tensor,
+        lm_head: FrozenWeight,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let max_positions = config.max_position_embeddings.clamp(1, 1 << 16);
+        let rope = RopeTables::new(&config, max_positions, device)?;
+        Ok(Self {
+            config,
+            embed_tokens,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// Final hidden states `[B, T, H]` BEFORE the final norm. The loss normalises and projects
+    /// only the rows it needs; [`Decoder::logits`] does it for all.
+    ///
+    /// `attention_mask` is a `[B, offset + T]` key mask (1 = real token, 0 = padding), `None`
+    /// when nothing is padded.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        ctx: &mut ForwardContext<'_>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = ctx.cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if offset + t > self.max_positions() {
+            return Err(crate::Error::InvalidArgument(format!(
+                "sequence of {} positions exceeds the model's {} positions",
+                offset + t,
+                self.max_positions()
+            )));
+        }
+        let mut x = self
+            .embed_tokens
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, t, self.config.hidden_size))?
+            .to_dtype(self.dtype)?;
+        let mask = self.attention_bias(b, t, offset, attention_mask)?;
+        let (cos, sin) = self.rope.slice(offset, t)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = self.block_forward(layer, block, &x, mask.as_ref(), &cos, &sin, ctx)?;
+        }
+        Ok(x)
+    }
+
+    /// Logits `[..., V]` (in f32) from pre-norm hidden states `[..., H]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let normed = ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
+        Ok(self.lm_head.forward(&normed)?.to_dtype(DType::F32)?)
+    }
+
+    /// Full logits `[B, T, V]`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        ctx: &mut ForwardContext<'_>,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, attention_mask, ctx)?;
+        self.logits(&hidden)
+    }
+
+    /// Additive mask `[B, 1, T, offset + T]`: causal, plus key padding. `None` for one new token
+    /// without padding (it may attend to everything).
+    fn attention_bias(
+        &self,
+        b: usize,
+        t: usize,
+        offset: usize,
+        key_mask: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let total = offset + t;
+        if t == 1 && key_mask.is_none() {
+            return Ok(None);
+        }
+        let neg = f32::NEG_INFINITY;
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..total).map(move |j| if j <= offset + i { 0.0 } else { neg }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, t, total), &self.device)?;
+        let bias = match key_mask {
+            None => causal.broadcast_as((b, 1, t, total))?.contiguous()?,
+            Some(mask) => {
+                let (mb, mt) = mask.dims2()?;
+                if mb != b || mt != total {
+                    return Err(crate::Error::InvalidArgument(format!(
+                        "attention mask is [{mb}, {mt}], expected [{b}, {total}]"
+                    )));
+                }
+                let keep = mask.to_dtype(DType::F32)?.ne(0f32)?;
+                let zeros = Tensor::zeros((b, total), DType::F32, &self.device)?;
+                let negs = Tensor::full(neg, (b, total), &self.device)?;
+                let pad = keep.where_cond(&zeros, &negs)?.reshape((b, 1, 1, total))?;
+                causal.broadcast_add(&pad)?
+            }
+        };
+        Ok(Some(bias.to_dtype(self.dtype)?))
+    }
+
+    fn project(
+        &self,
+        layer: usize,
+        index: usize,
+        block: &Block,
+        x: &Tensor,
+        ctx: &mut ForwardContext<'_>,
+    ) -> Result<Tensor> {
+        let proj = &block.projections[index];
+        let mut y = proj.weight.forward(x)?;
+        if let Some(bias) = &proj.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        if let Some(pair) = ctx.adapter.and_then(|a| a.pair(layer, index)) {
+            let input = match ctx.dropout.as_deref_mut() {
+                Some(dropout) => dropout.apply(x)?,
+                None => x.clone(),
+            };
+            y = (y + pair.delta(&input)?)?;
+        }
+        Ok(y)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        layer: usize,
+        block: &Block,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+        ctx: &mut ForwardContext<'_>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+
+        let h = ops::rms_norm(x, &block.input_layernorm, cfg.rms_norm_eps)?;
+        let q = self.project(layer, 0, block, &h, ctx)?;
+        let k = self.project(layer, 1, block, &h, ctx)?;
+        let v = self.project(layer, 2, block, &h, ctx)?;
+        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = ops::rope(&q, cos, sin)?;
+        let mut k = ops::rope(&k, cos, sin)?;
+        let mut v = v;
+        if let Some(cache) = ctx.cache.as_deref_mut() {
+            if let Some((pk, pv)) = &cache.layers[layer] {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            cache.layers[layer] = Some((k.clone(), v.clone()));
+        }
+        let n_rep = nh / nkv;
+        let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let probs = ops::softmax_last_dim(&scores)?;
+        let attn = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        let attn = self.project(layer, 3, block, &attn, ctx)?;
+        let x = (x + attn)?;
+
+        let h = ops::rms_norm(&x, &block.post_attention_layernorm, cfg.rms_norm_eps)?;
+        let gate = self.project(layer, 4, block, &h, ctx)?;
+        let up = self.project(layer, 5, block, &h, ctx)?;
+        let mlp = self.project(layer, 6, block, &ops::silu_mul(&gate, &up)?, ctx)?;
+        Ok((x + mlp)?)
+    }
+}
+
+/// Index of a projection name in [`PROJECTIONS`].
+pub fn projection_index(name: &str) -> Option<usize> {
+    PROJECTIONS.iter().position(|&p| p == name)
+}
+

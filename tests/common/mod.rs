@@ -1,0 +1,71 @@
+//! Shared helpers for the integration tests: reference locations and comparisons.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle_core::Tensor;
+use peft_wit::lora::LoraAdapter;
+
+/// `../shared/reference` beside the checkout (CI has it too).
+pub fn reference_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference")
+}
+
+/// The default model, or `None` (with a loud message) when it has not been fetched.
+pub fn real_model() -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(peft_wit::model::resolve::DEFAULT_MODEL_FILE);
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!(
+            "SKIPPED: {} is absent; run scripts/fetch-model.sh to run the real-model tests",
+            path.display()
+        );
+        None
+    }
+}
+
+pub fn read_json(path: PathBuf) -> serde_json::Value {
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+pub fn usizes(v: &serde_json::Value) -> Vec<usize> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+pub fn rel_err(actual: f64, expected: f64) -> f64 {
+    (actual - expected).abs() / expected.abs().max(1e-12)
+}
+
+/// Global L2 norm of the gradients of every LoRA factor, and per-key norms.
+pub fn lora_grad_norms(
+    adapter: &LoraAdapter,
+    grads: &candle_core::backprop::GradStore,
+) -> (f64, std::collections::HashMap<String, (f64, Vec<f32>)>) {
+    let mut total = 0f64;
+    let mut per_key = std::collections::HashMap::new();
+    for (key, var) in adapter.named_vars() {
+        let g: &Tensor = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {key}"));
+        let flat: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+        let sq: f64 = flat.iter().map(|x| (*x as f64) * (*x as f64)).sum();
+        total += sq;
+        per_key.insert(key, (sq.sqrt(), flat[..4.min(flat.len())].to_vec()));
+    }
+    (total.sqrt(), per_key)
+}
