@@ -9,6 +9,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod fsutil;
+pub mod generate;
 pub mod lora;
 pub mod loss;
 pub mod model;

@@ -1,0 +1,90 @@
+//! Text generation with a KV cache: greedy at temperature 0, otherwise seeded sampling
+//! (temperature, top-p) through candle-transformers' `LogitsProcessor`.
+
+use candle_core::{DType, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+
+use crate::lora::LoraAdapter;
+use crate::model::decoder::{Decoder, ForwardContext, KvCache};
+use crate::{Error, Result};
+
+/// Sampling settings.
+#[derive(Debug, Clone)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+    /// Generation stops after any of these ids (emitted, then stop).
+    pub stop_ids: Vec<u32>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: None,
+            seed: 0,
+            stop_ids: Vec::new(),
+        }
+    }
+}
+
+/// Generates up to `max_new_tokens` ids after `prompt`; returns only the new ids.
+pub fn generate(
+    decoder: &Decoder,
+    adapter: Option<&LoraAdapter>,
+    prompt: &[u32],
+    config: &GenerationConfig,
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument("empty prompt".into()));
+    }
+    if prompt.len() + config.max_new_tokens > decoder.max_positions() {
+        return Err(Error::InvalidArgument(format!(
+            "prompt ({} tokens) + max_new_tokens ({}) exceeds the model's context of {}",
+            prompt.len(),
+            config.max_new_tokens,
+            decoder.max_positions()
+        )));
+    }
+    let sampling = if config.temperature <= 0.0 {
+        Sampling::ArgMax
+    } else {
+        match config.top_p {
+            Some(p) if p < 1.0 => Sampling::TopP {
+                p,
+                temperature: config.temperature,
+            },
+            _ => Sampling::All {
+                temperature: config.temperature,
+            },
+        }
+    };
+    let mut processor = LogitsProcessor::from_sampling(config.seed, sampling);
+    let mut cache = KvCache::new(decoder.config.num_hidden_layers);
+    let mut input: Vec<u32> = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..config.max_new_tokens {
+        let ids = Tensor::from_slice(&input, (1, input.len()), decoder.device())?;
+        let mut ctx = ForwardContext {
+            adapter,
+            cache: Some(&mut cache),
+            ..Default::default()
+        };
+        let hidden = decoder.forward_hidden(&ids, None, &mut ctx)?;
+        let last = hidden.narrow(1, input.len() - 1, 1)?.flatten_all()?;
+        let logits = decoder.logits(&last.unsqueeze(0)?)?.squeeze(0)?.to_dtype(DType::F32)?;
+        let next = processor.sample(&logits)?;
+        out.push(next);
+        on_token(next);
+        if config.stop_ids.contains(&next) {
+            break;
+        }
+        input = vec![next];
+    }
+    Ok(out)
+}
