@@ -1,0 +1,234 @@
+//! The adapter registry: one folder per adapter (`<root>/<name>/`) holding the PEFT files and
+//! peft-wit's sidecar. Entries appear whole or not at all: a run stages its files under
+//! `<root>/.runs/<name>/` and the finished adapter is moved into place by a rename, under a lock
+//! so that several processes can train into one registry at once.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::{atomic_write_json, read_json};
+use crate::{Error, Result};
+
+/// peft-wit's own metadata beside the PEFT files (never inside adapter_config.json).
+pub const SIDECAR_FILE: &str = "peft_wit.json";
+
+/// Where the registry lives by default: `$PEFT_WIT_REGISTRY` or `adapters/`.
+pub fn default_root() -> PathBuf {
+    std::env::var_os("PEFT_WIT_REGISTRY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("adapters"))
+}
+
+/// Names are single path components of safe characters: no separators, no `..`, no hidden files.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c));
+    if ok && name != "." && name != ".." && !name.contains("..") {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid adapter name `{name}`: use letters, digits and - _ . + (no path separators, no `..`, not starting with `.`)"
+        )))
+    }
+}
+
+/// What peft-wit records about an adapter.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AdapterMeta {
+    pub format_version: u32,
+    pub name: String,
+    pub base: BaseInfo,
+    pub loss: LossInfo,
+    pub data: DataInfo,
+    pub lora: crate::lora::LoraConfig,
+    /// The full resolved training configuration (absent for imported adapters).
+    pub train_config: Option<crate::train::config::TrainConfig>,
+    pub seed: Option<u64>,
+    /// Final evaluation metrics (`response_loss`, `response_ppl`, `wit_loss`, `exact_match`, ...).
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    pub steps: usize,
+    pub tokens_seen: u64,
+    pub wall_time_s: f64,
+    pub created_unix: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BaseInfo {
+    pub name: String,
+    pub fingerprint: Option<String>,
+    pub architecture: String,
+    pub base_dtype: String,
+    pub num_layers: usize,
+    pub hidden_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LossInfo {
+    pub prompt_weight: f32,
+    pub response_weight: f32,
+    pub system_weight: Option<f32>,
+    pub user_weight: Option<f32>,
+    pub normalization: crate::loss::Normalization,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DataInfo {
+    pub fingerprint: Option<String>,
+    pub source: String,
+    pub template: String,
+    pub train_examples: usize,
+    pub eval_examples: usize,
+}
+
+impl AdapterMeta {
+    pub fn read(dir: &Path) -> Result<Self> {
+        read_json(&dir.join(SIDECAR_FILE))
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        atomic_write_json(&dir.join(SIDECAR_FILE), self)
+    }
+}
+
+/// An open registry folder.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    root: PathBuf,
+}
+
+/// Held while the registry's entries change; released on drop.
+pub struct RegistryLock {
+    _file: File,
+}
+
+impl Registry {
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(root.join(".runs")).map_err(|e| Error::io(&root, e))?;
+        Ok(Self { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The folder of a finished adapter.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// The staging folder of a run in progress (checkpoints, metrics).
+    pub fn run_dir(&self, name: &str) -> PathBuf {
+        self.root.join(".runs").join(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.path(name).join(SIDECAR_FILE).is_file()
+            || self.path(name).join(crate::lora::peft::CONFIG_FILE).is_file()
+    }
+
+    /// An exclusive lock on the registry (blocks until other processes release it).
+    pub fn lock(&self) -> Result<RegistryLock> {
+        let path = self.root.join(".lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        file.lock().map_err(|e| Error::io(&path, e))?;
+        Ok(RegistryLock { _file: file })
+    }
+
+    /// Moves a fully written staging folder into place as `name`. An existing entry is replaced
+    /// only with `force`; the old one is moved aside first so a crash never leaves neither.
+    pub fn commit(&self, name: &str, staged: &Path, force: bool) -> Result<PathBuf> {
+        validate_name(name)?;
+        let _lock = self.lock()?;
+        let dest = self.path(name);
+        if dest.exists() {
+            if !force {
+                return Err(Error::InvalidArgument(format!(
+                    "adapter `{name}` already exists in {} (use --force to overwrite)",
+                    self.root.display()
+                )));
+            }
+            let trash = self.root.join(".runs").join(format!(".{name}.replaced.{}", std::process::id()));
+            std::fs::rename(&dest, &trash).map_err(|e| Error::io(&dest, e))?;
+            std::fs::rename(staged, &dest).map_err(|e| Error::io(&dest, e))?;
+            std::fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))?;
+        } else {
+            std::fs::rename(staged, &dest).map_err(|e| Error::io(&dest, e))?;
+        }
+        Ok(dest)
+    }
+
+    /// Names of the finished entries (folders with an adapter config), sorted.
+    pub fn names(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.root).map_err(|e| Error::io(&self.root, e))? {
+            let entry = entry.map_err(|e| Error::io(&self.root, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !entry.path().is_dir() {
+                continue;
+            }
+            names.push(name);
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Resolves `--adapter`: a registry name, or a path to a PEFT directory.
+    pub fn resolve(&self, spec: &str) -> Result<PathBuf> {
+        let as_path = Path::new(spec);
+        if as_path.join(crate::lora::peft::CONFIG_FILE).is_file() {
+            return Ok(as_path.to_path_buf());
+        }
+        if validate_name(spec).is_ok() && self.path(spec).is_dir() {
+            return Ok(self.path(spec));
+        }
+        Err(Error::InvalidArgument(format!(
+            "adapter `{spec}` is neither a name in the registry {} nor a PEFT adapter directory",
+            self.root.display()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        for good in ["standard", "wit-p0.2-r0.8", "a_b+c"] {
+            validate_name(good).unwrap();
+        }
+        for bad in ["", "..", "a/b", "../x", ".hidden", "a\\b", "a b", "x..y"] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn commit_refuses_overwrite_without_force() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::open(tmp.path()).unwrap();
+        for round in 0..2 {
+            let staged = reg.run_dir("x").join("final");
+            std::fs::create_dir_all(&staged).unwrap();
+            std::fs::write(staged.join("f"), format!("{round}")).unwrap();
+            if round == 1 {
+                let err = reg.commit("x", &staged, false).unwrap_err();
+                assert!(err.to_string().contains("--force"), "{err}");
+            }
+            reg.commit("x", &staged, true).unwrap();
+            assert_eq!(std::fs::read_to_string(reg.path("x").join("f")).unwrap(), format!("{round}"));
+        }
+        assert_eq!(reg.names().unwrap(), vec!["x".to_string()]);
+    }
+}
