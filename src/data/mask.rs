@@ -146,6 +146,21 @@ pub struct TokenizeOptions {
     pub last_turn_only: bool,
     /// What to do with an example that cannot be tokenized (template error, unstable boundary).
     pub on_error: OnBadRow,
+    pub boundary: Boundary,
+}
+
+/// What to do when a BPE merge crosses a prompt/response boundary, i.e. the prompt's tokens are
+/// not a prefix of the whole conversation's tokens (e.g. a response that starts with a newline
+/// after a template ending in one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Boundary {
+    /// Reject the example (an error naming file:line, or counted as failed with `Skip`).
+    #[default]
+    Strict,
+    /// Tokenize prompt and response pieces separately and concatenate them, as the WIT
+    /// reference code does; the boundary is exact but the ids may differ from joint
+    /// tokenization by the merge across it.
+    Split,
 }
 
 impl Default for TokenizeOptions {
@@ -155,6 +170,7 @@ impl Default for TokenizeOptions {
             truncation: Truncation::Left,
             last_turn_only: false,
             on_error: OnBadRow::Error,
+            boundary: Boundary::Strict,
         }
     }
 }
@@ -215,7 +231,7 @@ pub fn tokenize_examples(
     let results: Vec<Result<Outcome>> = examples
         .par_iter()
         .map(|ex| {
-            let full = tokenize_example(ex, template, tokenizer, opts.last_turn_only)?;
+            let full = tokenize_example(ex, template, tokenizer, opts)?;
             Ok(match opts.max_seq_len {
                 Some(max) => match truncate(full, max, opts.truncation) {
                     Some((t, cut)) => Outcome::Kept(t, cut),
@@ -250,61 +266,121 @@ pub fn tokenize_examples(
     Ok(out)
 }
 
-/// Tokenizes one example with `template`, classifying every token.
+/// Tokenizes one example with `template`, classifying every token. (`opts.max_seq_len` is
+/// applied by [`tokenize_examples`], not here.)
 pub fn tokenize_example(
     ex: &Example,
     template: &Template,
     tokenizer: &Tokenizer,
-    last_turn_only: bool,
+    opts: &TokenizeOptions,
 ) -> Result<TokenizedExample> {
     ex.validate().map_err(|m| ex.bad(m))?;
     let rendered = template
         .render_training(ex)
         .map_err(|e| with_location(ex, e))?;
     let full: String = rendered.segments.iter().map(|s| s.text.as_str()).collect();
-    let enc = encode(tokenizer, &full)?;
-    let ids = enc.get_ids().to_vec();
-    // Prompt kinds by the byte offset where each token starts.
     let mut bounds = Vec::with_capacity(rendered.segments.len());
     let mut pos = 0;
     for s in &rendered.segments {
         pos += s.text.len();
         bounds.push((pos, s.kind));
     }
+    let turn_kind = |i: usize| {
+        if opts.last_turn_only && i + 1 < rendered.turns.len() {
+            TokenKind::PriorAssistant
+        } else {
+            TokenKind::Response
+        }
+    };
+    let enc = encode(tokenizer, &full)?;
+    let ids = enc.get_ids().to_vec();
     let mut kinds: Vec<TokenKind> = enc
         .get_offsets()
         .iter()
-        .map(|&(start, _)| {
-            bounds
-                .iter()
-                .find(|(end, _)| start < *end)
-                .map(|(_, k)| match k {
-                    TokenKind::Response => TokenKind::Template,
-                    k => *k,
-                })
-                .unwrap_or(TokenKind::Template)
-        })
+        .map(|&(start, _)| prompt_kind_at(&bounds, start))
         .collect();
-    let n_turns = rendered.turns.len();
-    for (i, (start_text, end_text)) in rendered.turns.iter().enumerate() {
-        let start = prefix_len(tokenizer, start_text, &ids, ex, "start")?;
+    let mut ranges = Vec::with_capacity(rendered.turns.len());
+    for (start_text, end_text) in &rendered.turns {
+        let start = prefix_len(tokenizer, start_text, &ids)?;
         let end = match end_text {
-            Some(t) => prefix_len(tokenizer, t, &ids, ex, "end")?,
-            None => ids.len(),
+            Some(t) => prefix_len(tokenizer, t, &ids)?,
+            None => Some(ids.len()),
         };
+        match (start, end) {
+            (Some(s), Some(e)) => ranges.push((s, e)),
+            _ if opts.boundary == Boundary::Split => {
+                return tokenize_split(ex, &rendered.turns, &full, &bounds, tokenizer, turn_kind)
+            }
+            _ => return Err(ex.bad(UNALIGNED).into()),
+        }
+    }
+    for (i, (start, end)) in ranges.into_iter().enumerate() {
         if end <= start {
             return Err(ex
                 .bad(format!("assistant turn {} has no tokens", i + 1))
                 .into());
         }
-        let kind = if last_turn_only && i + 1 < n_turns {
-            TokenKind::PriorAssistant
-        } else {
-            TokenKind::Response
-        };
-        kinds[start..end].iter_mut().for_each(|k| *k = kind);
+        kinds[start..end].iter_mut().for_each(|k| *k = turn_kind(i));
     }
     Ok(TokenizedExample { ids, kinds })
+}
+
+const UNALIGNED: &str = "the tokens up to an assistant answer's start or end are not a prefix of the whole conversation's tokens (a BPE merge crosses the prompt/response boundary, e.g. a response starting with a newline), so the response cannot be located safely; `Boundary::Split` tokenizes prompt and response separately instead";
+
+/// `Boundary::Split`: tokenize the text between every prompt/response boundary on its own and
+/// concatenate, as the WIT reference code does with prompt and response.
+fn tokenize_split(
+    ex: &Example,
+    turns: &[(String, Option<String>)],
+    full: &str,
+    bounds: &[(usize, TokenKind)],
+    tokenizer: &Tokenizer,
+    turn_kind: impl Fn(usize) -> TokenKind,
+) -> Result<TokenizedExample> {
+    let not_prefix = || {
+        ex.bad("the template renders an earlier part of the conversation differently from the whole, so prompt and response cannot be split")
+    };
+    // (byte start, byte end, Some(kind) for a response piece)
+    let mut pieces = Vec::new();
+    let mut at = 0usize;
+    for (i, (start_text, end_text)) in turns.iter().enumerate() {
+        let s = start_text.len();
+        let e = end_text.as_ref().map_or(full.len(), |t| t.len());
+        if !full.starts_with(start_text.as_str())
+            || end_text.as_ref().is_some_and(|t| !full.starts_with(t.as_str()))
+            || s < at
+            || e < s
+        {
+            return Err(not_prefix().into());
+        }
+        pieces.push((at, s, None));
+        pieces.push((s, e, Some(turn_kind(i))));
+        at = e;
+    }
+    pieces.push((at, full.len(), None));
+    let mut ids = Vec::new();
+    let mut kinds = Vec::new();
+    for (a, b, kind) in pieces {
+        if a == b {
+            continue;
+        }
+        let enc = encode(tokenizer, &full[a..b])?;
+        ids.extend_from_slice(enc.get_ids());
+        kinds.extend(enc.get_offsets().iter().map(|&(o, _)| match kind {
+            Some(k) => k,
+            None => prompt_kind_at(bounds, a + o),
+        }));
+    }
+    Ok(TokenizedExample { ids, kinds })
+}
+
+/// The prompt kind of the segment containing byte `at` (response segments count as template:
+/// response tokens are marked from the checked boundaries, never from string offsets).
+fn prompt_kind_at(bounds: &[(usize, TokenKind)], at: usize) -> TokenKind {
+    match bounds.iter().find(|(end, _)| at < *end) {
+        Some((_, TokenKind::Response)) | None => TokenKind::Template,
+        Some((_, k)) => *k,
+    }
 }
 
 fn with_location(ex: &Example, e: Error) -> Error {
@@ -321,25 +397,11 @@ fn encode(tokenizer: &Tokenizer, text: &str) -> Result<tokenizers::Encoding> {
         .map_err(|e| Error::Tokenizer(e.to_string()))
 }
 
-/// Length of `text`'s tokenization, after checking it is a prefix of the full ids.
-fn prefix_len(
-    tokenizer: &Tokenizer,
-    text: &str,
-    full: &[u32],
-    ex: &Example,
-    which: &str,
-) -> Result<usize> {
+/// Length of `text`'s tokenization if it is a prefix of the full ids.
+fn prefix_len(tokenizer: &Tokenizer, text: &str, full: &[u32]) -> Result<Option<usize>> {
     let enc = encode(tokenizer, text)?;
     let p = enc.get_ids();
-    if p.len() <= full.len() && full[..p.len()] == *p {
-        Ok(p.len())
-    } else {
-        Err(ex
-            .bad(format!(
-                "the tokens up to the {which} of an assistant answer are not a prefix of the whole conversation's tokens (the template or a BPE merge crosses the prompt/response boundary), so the response cannot be located safely"
-            ))
-            .into())
-    }
+    Ok((p.len() <= full.len() && full[..p.len()] == *p).then_some(p.len()))
 }
 
 /// Cuts the prompt to fit `max`, keeping the final response; `None` if the final response alone
@@ -439,7 +501,7 @@ pub(crate) mod tests {
     fn single_turn_chat_kinds_and_weights() {
         let tok = word_tokenizer();
         let ex = conv(&[(Role::User, "hi"), (Role::Assistant, "hello")]);
-        let t = tokenize_example(&ex, &word_chat(), &tok, false).unwrap();
+        let t = tokenize_example(&ex, &word_chat(), &tok, &TokenizeOptions::default()).unwrap();
         // <s> [U] hi <|eot|> [A] hello <|eot|>
         assert_eq!(t.ids, vec![1, 5, 8, 3, 6, 9, 3]);
         assert_eq!(t.kinds, vec![U, U, U, U, T, R, R]);
@@ -456,7 +518,7 @@ pub(crate) mod tests {
             (Role::User, "hi"),
             (Role::Assistant, "hello"),
         ]);
-        let t = tokenize_example(&ex, &word_chat(), &tok, false).unwrap();
+        let t = tokenize_example(&ex, &word_chat(), &tok, &TokenizeOptions::default()).unwrap();
         // <s> [S] sys <|eot|> [U] hi <|eot|> [A] hello <|eot|>
         assert_eq!(t.ids, vec![1, 4, 7, 3, 5, 8, 3, 6, 9, 3]);
         assert_eq!(t.kinds, vec![S, S, S, S, U, U, U, T, R, R]);
@@ -481,11 +543,19 @@ pub(crate) mod tests {
             (Role::User, "q2"),
             (Role::Assistant, "a2"),
         ]);
-        let all = tokenize_example(&ex, &word_chat(), &tok, false).unwrap();
+        let all = tokenize_example(&ex, &word_chat(), &tok, &TokenizeOptions::default()).unwrap();
         // <s> [U] q1 <|eot|> [A] a1 <|eot|> [U] q2 <|eot|> [A] a2 <|eot|>
         assert_eq!(all.ids, vec![1, 5, 10, 3, 6, 11, 3, 5, 12, 3, 6, 13, 3]);
         assert_eq!(all.kinds, vec![U, U, U, U, T, R, R, U, U, U, T, R, R]);
-        let last = tokenize_example(&ex, &word_chat(), &tok, true).unwrap();
+        let last = tokenize_example(
+            &ex,
+            &word_chat(),
+            &tok,
+            &TokenizeOptions {
+                last_turn_only: true,
+                ..Default::default()
+            },
+        ).unwrap();
         assert_eq!(last.kinds, vec![U, U, U, U, T, P, P, U, U, U, T, R, R]);
         assert_eq!(
             LossWeights::new(0.0, 1.0).token_weights(&last),
@@ -497,11 +567,11 @@ pub(crate) mod tests {
     fn alpaca_and_raw_kinds() {
         let tok = word_tokenizer();
         let ex = conv(&[(Role::User, "hi"), (Role::Assistant, "hello")]);
-        let raw = tokenize_example(&ex, &Template::raw("</s>"), &tok, false).unwrap();
+        let raw = tokenize_example(&ex, &Template::raw("</s>"), &tok, &TokenizeOptions::default()).unwrap();
         // "hi hello</s>" -> hi hello </s>
         assert_eq!(raw.ids, vec![8, 9, 2]);
         assert_eq!(raw.kinds, vec![U, R, R]);
-        let alp = tokenize_example(&ex, &Template::alpaca("</s>"), &tok, false).unwrap();
+        let alp = tokenize_example(&ex, &Template::alpaca("</s>"), &tok, &TokenizeOptions::default()).unwrap();
         // The preamble words are unknown to the word vocabulary (<unk>) but still Template.
         let n = alp.len();
         assert_eq!(&alp.ids[n - 2..], &[9, 2]);
@@ -513,7 +583,7 @@ pub(crate) mod tests {
             (Role::User, "hi"),
             (Role::Assistant, "hello"),
         ]);
-        let err = tokenize_example(&sys, &Template::alpaca("</s>"), &tok, false).unwrap_err();
+        let err = tokenize_example(&sys, &Template::alpaca("</s>"), &tok, &TokenizeOptions::default()).unwrap_err();
         assert!(err.to_string().starts_with("conv.jsonl:7:"), "{err}");
     }
 
@@ -524,7 +594,7 @@ pub(crate) mod tests {
             (Role::User, "long prompt words here"),
             (Role::Assistant, "ans"),
         ]);
-        let t = tokenize_example(&ex, &word_chat(), &tok, false).unwrap();
+        let t = tokenize_example(&ex, &word_chat(), &tok, &TokenizeOptions::default()).unwrap();
         // <s> [U] long prompt words here <|eot|> [A] ans <|eot|>
         assert_eq!(t.len(), 10);
         let (l, cut) = truncate(t.clone(), 6, Truncation::Left).unwrap();
@@ -590,8 +660,8 @@ pub(crate) mod tests {
         let b = &r["batch"];
         let ex1 = Example::single_turn("What is the capital of France?", "The capital of France is Paris.");
         let ex2 = Example::single_turn("Sort the words: pear apple fig", "apple fig pear");
-        let t1 = tokenize_example(&ex1, &chat, &tok, false).unwrap();
-        let t2 = tokenize_example(&ex2, &Template::alpaca("<|im_end|>"), &tok, false).unwrap();
+        let t1 = tokenize_example(&ex1, &chat, &tok, &TokenizeOptions::default()).unwrap();
+        let t2 = tokenize_example(&ex2, &Template::alpaca("<|im_end|>"), &tok, &TokenizeOptions::default()).unwrap();
         let seq_lens: Vec<usize> = serde_json::from_value(b["seq_lens"].clone()).unwrap();
         let prompt_lens: Vec<usize> = serde_json::from_value(b["prompt_lens"].clone()).unwrap();
         let rows: Vec<Vec<u32>> = serde_json::from_value(b["input_ids"].clone()).unwrap();
@@ -621,9 +691,21 @@ pub(crate) mod tests {
             return;
         }
         let (exs, _) = crate::data::load_examples(path, &Default::default()).unwrap();
-        let opts = TokenizeOptions { max_seq_len: Some(1024), ..Default::default() };
+        let strict = TokenizeOptions {
+            max_seq_len: Some(1024),
+            on_error: OnBadRow::Skip,
+            ..Default::default()
+        };
+        let out = tokenize_examples(&exs, &chat, &tok, &strict).unwrap();
+        eprintln!("LIMA, strict boundary: {}", out.report);
+        assert!(out.report.failed.iter().all(|(_, r)| r == UNALIGNED));
+        let opts = TokenizeOptions {
+            boundary: Boundary::Split,
+            on_error: OnBadRow::Error,
+            ..strict
+        };
         let out = tokenize_examples(&exs, &chat, &tok, &opts).unwrap();
-        assert!(out.report.failed.is_empty(), "{}", out.report);
+        eprintln!("LIMA, split boundary: {}", out.report);
         assert_eq!(out.report.kept + out.report.dropped_too_long, exs.len());
         assert!(out.report.truncated > 0, "{}", out.report);
         for t in &out.examples {
@@ -635,5 +717,26 @@ pub(crate) mod tests {
         let t = &out.examples[multi];
         let runs = t.kinds.windows(2).filter(|w| w[0] != TokenKind::Response && w[1] == TokenKind::Response).count();
         assert!(runs >= 1);
+    }
+
+    #[test]
+    fn merge_across_boundary_is_strict_error_or_split() {
+        let Some((tok, chat)) = smollm() else { return };
+        let mut ex = Example::single_turn("Hi", "\n\nHello");
+        ex.source_path = Some(std::path::Path::new("x.jsonl").into());
+        ex.source_line = 3;
+        let err = tokenize_example(&ex, &chat, &tok, &TokenizeOptions::default()).unwrap_err();
+        assert!(err.to_string().starts_with("x.jsonl:3: the tokens up to"), "{err}");
+        let split = TokenizeOptions {
+            boundary: Boundary::Split,
+            ..Default::default()
+        };
+        let t = tokenize_example(&ex, &chat, &tok, &split).unwrap();
+        let prompt = chat.render_prompt(&ex).unwrap();
+        let p = tok.encode(prompt.as_str(), false).unwrap();
+        let r = tok.encode("\n\nHello<|im_end|>\n", false).unwrap();
+        assert_eq!(t.ids, [p.get_ids(), r.get_ids()].concat());
+        assert_eq!(t.prompt_len(), p.len());
+        assert_eq!(t.response_tokens(), r.len());
     }
 }

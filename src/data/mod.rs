@@ -20,7 +20,7 @@ pub use batch::{fingerprint, length_grouped_batches, Batch};
 pub use builtin::{builtin_examples, write_jsonl};
 pub use format::{load_examples, parse_examples, FieldMap, Format, LoadOptions, LoadReport, OnBadRow};
 pub use mask::{
-    tokenize_example, tokenize_examples, LossWeights, TokenKind, TokenizeOptions, TokenizeReport,
+    tokenize_example, tokenize_examples, Boundary, LossWeights, TokenKind, TokenizeOptions, TokenizeReport,
     Tokenized, TokenizedExample, Truncation,
 };
 pub use template::{ChatTemplate, Template};
