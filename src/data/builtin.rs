@@ -86,7 +86,9 @@ fn sort_words(rng: &mut StdRng) -> (String, String) {
 
 fn reverse_list(rng: &mut StdRng) -> (String, String) {
     let k = rng.random_range(3..=7);
-    let items: Vec<String> = (0..k).map(|_| rng.random_range(0..100).to_string()).collect();
+    let items: Vec<String> = (0..k)
+        .map(|_| rng.random_range(0..100).to_string())
+        .collect();
     let mut rev = items.clone();
     rev.reverse();
     (
@@ -119,8 +121,17 @@ fn extract_field(rng: &mut StdRng) -> (String, String) {
     let name = NAMES[rng.random_range(0..NAMES.len())];
     let city = CITIES[rng.random_range(0..CITIES.len())];
     let age = rng.random_range(18..90u32).to_string();
-    let code = format!("{}-{}", WORDS[rng.random_range(0..WORDS.len())], rng.random_range(100..1000u32));
-    let fields = [("name", name.to_string()), ("city", city.to_string()), ("age", age), ("code", code)];
+    let code = format!(
+        "{}-{}",
+        WORDS[rng.random_range(0..WORDS.len())],
+        rng.random_range(100..1000u32)
+    );
+    let fields = [
+        ("name", name.to_string()),
+        ("city", city.to_string()),
+        ("age", age),
+        ("code", code),
+    ];
     let (key, value) = fields[rng.random_range(0..fields.len())].clone();
     let record = fields
         .iter()
@@ -137,19 +148,31 @@ fn convert_units(rng: &mut StdRng) -> (String, String) {
     match rng.random_range(0..4u32) {
         0 => {
             let km = rng.random_range(1..=50u64);
-            (format!("Convert {km} km to metres. Answer with the number only."), (km * 1000).to_string())
+            (
+                format!("Convert {km} km to metres. Answer with the number only."),
+                (km * 1000).to_string(),
+            )
         }
         1 => {
             let m = rng.random_range(1..=50u64) * 1000;
-            (format!("Convert {m} m to kilometres. Answer with the number only."), (m / 1000).to_string())
+            (
+                format!("Convert {m} m to kilometres. Answer with the number only."),
+                (m / 1000).to_string(),
+            )
         }
         2 => {
             let h = rng.random_range(1..=24u64);
-            (format!("How many minutes are in {h} hours? Answer with the number only."), (h * 60).to_string())
+            (
+                format!("How many minutes are in {h} hours? Answer with the number only."),
+                (h * 60).to_string(),
+            )
         }
         _ => {
             let min = rng.random_range(1..=12u64) * 60;
-            (format!("How many hours are {min} minutes? Answer with the number only."), (min / 60).to_string())
+            (
+                format!("How many hours are {min} minutes? Answer with the number only."),
+                (min / 60).to_string(),
+            )
         }
     }
 }
@@ -187,7 +210,10 @@ fn capitalise(rng: &mut StdRng) -> (String, String) {
         })
         .collect();
     (
-        format!("Capitalise the first letter of each word: {}", words.join(" ")),
+        format!(
+            "Capitalise the first letter of each word: {}",
+            words.join(" ")
+        ),
         caps.join(" "),
     )
 }
@@ -233,13 +259,22 @@ mod tests {
             assert_eq!(answer_of(ex), Some(ex.messages[1].content.as_str()));
             assert!(!ex.messages[1].content.is_empty());
         }
-        let long = a.iter().filter(|e| e.messages[0].content.len() > 400).count();
+        let long = a
+            .iter()
+            .filter(|e| e.messages[0].content.len() > 400)
+            .count();
         assert!(long > 20, "{long} long-prompt examples");
         let sort = a
             .iter()
             .find(|e| e.messages[0].content.starts_with("Sort"))
             .unwrap();
-        let words: Vec<&str> = sort.messages[0].content.rsplit(": ").next().unwrap().split(' ').collect();
+        let words: Vec<&str> = sort.messages[0]
+            .content
+            .rsplit(": ")
+            .next()
+            .unwrap()
+            .split(' ')
+            .collect();
         let mut sorted = words.clone();
         sorted.sort();
         assert_eq!(sort.reference.as_deref(), Some(sorted.join(" ").as_str()));

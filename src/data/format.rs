@@ -251,8 +251,8 @@ fn parse_row(obj: &Map<String, Value>, format: &Format) -> Result<Example, Strin
                     "assistant" | "gpt" => Role::Assistant,
                     other => {
                         return Err(format!(
-                            "message {i}: unknown role `{other}` (expected system, user or assistant)"
-                        ))
+                        "message {i}: unknown role `{other}` (expected system, user or assistant)"
+                    ))
                     }
                 };
                 let content = get_str(m, content_key).map_err(|e| format!("message {i}: {e}"))?;
@@ -348,8 +348,7 @@ fn split_array<'a>(text: &'a str, from: usize, path: &Path) -> Result<Vec<(usize
             }
             _ => {}
         }
-        if depth >= 1 && start.is_none() && !b.is_ascii_whitespace() && !(depth == 1 && b == b'[')
-        {
+        if depth >= 1 && start.is_none() && !b.is_ascii_whitespace() && !(depth == 1 && b == b'[') {
             start = Some(i);
             start_line = line;
         }
@@ -372,7 +371,9 @@ mod tests {
     }
 
     fn err_of(text: &str) -> String {
-        parse(text, &LoadOptions::default()).unwrap_err().to_string()
+        parse(text, &LoadOptions::default())
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -384,7 +385,10 @@ mod tests {
         assert_eq!(rep.format, Format::Alpaca);
         assert_eq!(rep.kept, 2);
         assert_eq!(exs[0].messages[0].content, "Add\n\n2 and 3");
-        assert_eq!(exs[0].alpaca.as_ref().unwrap().input.as_deref(), Some("2 and 3"));
+        assert_eq!(
+            exs[0].alpaca.as_ref().unwrap().input.as_deref(),
+            Some("2 and 3")
+        );
         assert_eq!(exs[1].source_line, 3);
         assert_eq!(exs[1].alpaca.as_ref().unwrap().input, None);
         assert_eq!(exs[1].reference.as_deref(), Some("hi"));
@@ -393,13 +397,19 @@ mod tests {
 
     #[test]
     fn prompt_response_and_field_map() {
-        let (exs, rep) = parse(r#"{"prompt": "p", "response": "r"}"#, &LoadOptions::default())
-            .unwrap();
+        let (exs, rep) = parse(
+            r#"{"prompt": "p", "response": "r"}"#,
+            &LoadOptions::default(),
+        )
+        .unwrap();
         assert_eq!(rep.format, Format::PromptResponse(FieldMap::default()));
         assert_eq!(exs[0].messages[1], Message::new(Role::Assistant, "r"));
         let gsm = r#"{"question": "1+1?", "answer": "1+1=2\n#### 2"}"#;
         let (exs, rep) = parse(gsm, &LoadOptions::default()).unwrap();
-        assert_eq!(rep.format, Format::PromptResponse(FieldMap::new("question", "answer")));
+        assert_eq!(
+            rep.format,
+            Format::PromptResponse(FieldMap::new("question", "answer"))
+        );
         assert_eq!(exs[0].messages[0].content, "1+1?");
         let opts = LoadOptions {
             field_map: Some(FieldMap::new("q", "a")),
@@ -424,7 +434,9 @@ mod tests {
     #[test]
     fn json_array_rows_have_their_lines() {
         let text = "[\n  {\"prompt\": \"a, [b]\", \"response\": \"c\"},\n  {\"prompt\": \"d\",\n   \"response\": \"\"}\n]\n";
-        let err = parse(text, &LoadOptions::default()).unwrap_err().to_string();
+        let err = parse(text, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "data/train.jsonl:3: empty response");
         let opts = LoadOptions {
             on_bad_row: OnBadRow::Skip,
@@ -462,7 +474,10 @@ mod tests {
         );
         assert!(e.starts_with("data/train.jsonl:1: wrong role order"), "{e}");
         let e = err_of("{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}]}");
-        assert_eq!(e, "data/train.jsonl:1: the last message must be from the assistant");
+        assert_eq!(
+            e,
+            "data/train.jsonl:1: the last message must be from the assistant"
+        );
     }
 
     #[test]
@@ -470,7 +485,10 @@ mod tests {
         let e = err_of(
             "{\"messages\": [{\"role\": \"tool\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}",
         );
-        assert!(e.starts_with("data/train.jsonl:1: message 0: unknown role `tool`"), "{e}");
+        assert!(
+            e.starts_with("data/train.jsonl:1: message 0: unknown role `tool`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -492,7 +510,10 @@ mod tests {
     #[test]
     fn undetectable_format_is_an_error() {
         let e = err_of("{\"foo\": 1}");
-        assert!(e.starts_with("data/train.jsonl:1: cannot detect the format"), "{e}");
+        assert!(
+            e.starts_with("data/train.jsonl:1: cannot detect the format"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -347,7 +347,9 @@ fn tokenize_split(
         let s = start_text.len();
         let e = end_text.as_ref().map_or(full.len(), |t| t.len());
         if !full.starts_with(start_text.as_str())
-            || end_text.as_ref().is_some_and(|t| !full.starts_with(t.as_str()))
+            || end_text
+                .as_ref()
+                .is_some_and(|t| !full.starts_with(t.as_str()))
             || s < at
             || e < s
         {
@@ -555,7 +557,8 @@ pub(crate) mod tests {
                 last_turn_only: true,
                 ..Default::default()
             },
-        ).unwrap();
+        )
+        .unwrap();
         assert_eq!(last.kinds, vec![U, U, U, U, T, P, P, U, U, U, T, R, R]);
         assert_eq!(
             LossWeights::new(0.0, 1.0).token_weights(&last),
@@ -567,11 +570,23 @@ pub(crate) mod tests {
     fn alpaca_and_raw_kinds() {
         let tok = word_tokenizer();
         let ex = conv(&[(Role::User, "hi"), (Role::Assistant, "hello")]);
-        let raw = tokenize_example(&ex, &Template::raw("</s>"), &tok, &TokenizeOptions::default()).unwrap();
+        let raw = tokenize_example(
+            &ex,
+            &Template::raw("</s>"),
+            &tok,
+            &TokenizeOptions::default(),
+        )
+        .unwrap();
         // "hi hello</s>" -> hi hello </s>
         assert_eq!(raw.ids, vec![8, 9, 2]);
         assert_eq!(raw.kinds, vec![U, R, R]);
-        let alp = tokenize_example(&ex, &Template::alpaca("</s>"), &tok, &TokenizeOptions::default()).unwrap();
+        let alp = tokenize_example(
+            &ex,
+            &Template::alpaca("</s>"),
+            &tok,
+            &TokenizeOptions::default(),
+        )
+        .unwrap();
         // The preamble words are unknown to the word vocabulary (<unk>) but still Template.
         let n = alp.len();
         assert_eq!(&alp.ids[n - 2..], &[9, 2]);
@@ -583,7 +598,13 @@ pub(crate) mod tests {
             (Role::User, "hi"),
             (Role::Assistant, "hello"),
         ]);
-        let err = tokenize_example(&sys, &Template::alpaca("</s>"), &tok, &TokenizeOptions::default()).unwrap_err();
+        let err = tokenize_example(
+            &sys,
+            &Template::alpaca("</s>"),
+            &tok,
+            &TokenizeOptions::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().starts_with("conv.jsonl:7:"), "{err}");
     }
 
@@ -616,7 +637,10 @@ pub(crate) mod tests {
         let tok = word_tokenizer();
         let exs = vec![
             conv(&[(Role::User, "hi"), (Role::Assistant, "hello")]),
-            conv(&[(Role::User, "long prompt words here"), (Role::Assistant, "ans")]),
+            conv(&[
+                (Role::User, "long prompt words here"),
+                (Role::Assistant, "ans"),
+            ]),
             conv(&[(Role::User, "hi"), (Role::Assistant, "x y z x y z x y z")]),
             conv(&[(Role::Assistant, "x"), (Role::User, "hi")]),
         ];
@@ -637,17 +661,19 @@ pub(crate) mod tests {
             ..opts
         };
         let err = tokenize_examples(&exs, &word_chat(), &tok, &strict).unwrap_err();
-        assert!(err.to_string().contains("conv.jsonl:7: wrong role order"), "{err}");
+        assert!(
+            err.to_string().contains("conv.jsonl:7: wrong role order"),
+            "{err}"
+        );
     }
 
     /// The real SmolLM2 tokenizer and chat template, or `None` (skipped loudly) without the model.
     fn smollm() -> Option<(Tokenizer, Template)> {
         let content = crate::tokenizer::tests::smollm_content()?;
         let tok = crate::tokenizer::tokenizer_from_gguf(&content).unwrap();
-        let sp = crate::tokenizer::SpecialTokens::from_gguf(&content).unwrap();
-        let src = crate::tokenizer::chat_template_from_gguf(&content).unwrap();
-        let (bos, eos) = (sp.bos.unwrap().0, sp.eos.unwrap().0);
-        let t = crate::data::ChatTemplate::new(&src, &bos, &eos).unwrap();
+        let t = crate::data::ChatTemplate::from_gguf(&content)
+            .unwrap()
+            .unwrap();
         Some((tok, Template::Chat(t)))
     }
 
@@ -658,10 +684,19 @@ pub(crate) mod tests {
             return;
         };
         let b = &r["batch"];
-        let ex1 = Example::single_turn("What is the capital of France?", "The capital of France is Paris.");
+        let ex1 = Example::single_turn(
+            "What is the capital of France?",
+            "The capital of France is Paris.",
+        );
         let ex2 = Example::single_turn("Sort the words: pear apple fig", "apple fig pear");
         let t1 = tokenize_example(&ex1, &chat, &tok, &TokenizeOptions::default()).unwrap();
-        let t2 = tokenize_example(&ex2, &Template::alpaca("<|im_end|>"), &tok, &TokenizeOptions::default()).unwrap();
+        let t2 = tokenize_example(
+            &ex2,
+            &Template::alpaca("<|im_end|>"),
+            &tok,
+            &TokenizeOptions::default(),
+        )
+        .unwrap();
         let seq_lens: Vec<usize> = serde_json::from_value(b["seq_lens"].clone()).unwrap();
         let prompt_lens: Vec<usize> = serde_json::from_value(b["prompt_lens"].clone()).unwrap();
         let rows: Vec<Vec<u32>> = serde_json::from_value(b["input_ids"].clone()).unwrap();
@@ -676,8 +711,18 @@ pub(crate) mod tests {
         assert_eq!(batch.seq_lens, seq_lens);
         for (row, (&n, &p)) in seq_lens.iter().zip(&prompt_lens).enumerate() {
             for t in 0..batch.seq_len {
-                let want = if t == 0 || t >= n { 0.0 } else if t < p { 0.25 } else { 1.0 };
-                assert_eq!(batch.weights[row * batch.seq_len + t], want, "row {row} t {t}");
+                let want = if t == 0 || t >= n {
+                    0.0
+                } else if t < p {
+                    0.25
+                } else {
+                    1.0
+                };
+                assert_eq!(
+                    batch.weights[row * batch.seq_len + t],
+                    want,
+                    "row {row} t {t}"
+                );
             }
         }
     }
@@ -685,7 +730,10 @@ pub(crate) mod tests {
     #[test]
     fn real_chat_data_tokenizes_with_smollm_template() {
         let Some((tok, chat)) = smollm() else { return };
-        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/lima_data.jsonl"));
+        let path = std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/data/lima_data.jsonl"
+        ));
         if !path.exists() {
             eprintln!("SKIPPED: {} is absent", path.display());
             return;
@@ -713,9 +761,17 @@ pub(crate) mod tests {
             assert_eq!(*t.kinds.last().unwrap(), TokenKind::Response);
         }
         // Multi-turn rows train every assistant turn: several response runs.
-        let multi = out.source_index.iter().position(|&i| exs[i].messages.len() > 2).unwrap();
+        let multi = out
+            .source_index
+            .iter()
+            .position(|&i| exs[i].messages.len() > 2)
+            .unwrap();
         let t = &out.examples[multi];
-        let runs = t.kinds.windows(2).filter(|w| w[0] != TokenKind::Response && w[1] == TokenKind::Response).count();
+        let runs = t
+            .kinds
+            .windows(2)
+            .filter(|w| w[0] != TokenKind::Response && w[1] == TokenKind::Response)
+            .count();
         assert!(runs >= 1);
     }
 
@@ -726,7 +782,10 @@ pub(crate) mod tests {
         ex.source_path = Some(std::path::Path::new("x.jsonl").into());
         ex.source_line = 3;
         let err = tokenize_example(&ex, &chat, &tok, &TokenizeOptions::default()).unwrap_err();
-        assert!(err.to_string().starts_with("x.jsonl:3: the tokens up to"), "{err}");
+        assert!(
+            err.to_string().starts_with("x.jsonl:3: the tokens up to"),
+            "{err}"
+        );
         let split = TokenizeOptions {
             boundary: Boundary::Split,
             ..Default::default()

@@ -18,10 +18,12 @@ use serde::{Deserialize, Serialize};
 
 pub use batch::{fingerprint, length_grouped_batches, Batch};
 pub use builtin::{builtin_examples, write_jsonl};
-pub use format::{load_examples, parse_examples, FieldMap, Format, LoadOptions, LoadReport, OnBadRow};
+pub use format::{
+    load_examples, parse_examples, FieldMap, Format, LoadOptions, LoadReport, OnBadRow,
+};
 pub use mask::{
-    tokenize_example, tokenize_examples, Boundary, LossWeights, TokenKind, TokenizeOptions, TokenizeReport,
-    Tokenized, TokenizedExample, Truncation,
+    tokenize_example, tokenize_examples, Boundary, LossWeights, TokenKind, TokenizeOptions,
+    TokenizeReport, Tokenized, TokenizedExample, Truncation,
 };
 pub use template::{ChatTemplate, Template};
 
@@ -152,7 +154,11 @@ impl Example {
             return Err("no user/assistant messages".into());
         }
         for (i, m) in msgs.iter().enumerate() {
-            let expected = if i % 2 == 0 { Role::User } else { Role::Assistant };
+            let expected = if i % 2 == 0 {
+                Role::User
+            } else {
+                Role::Assistant
+            };
             if m.role != expected {
                 return Err(format!(
                     "wrong role order: message {} is `{}`, expected `{}` (optional system first, then user and assistant alternating)",

@@ -65,6 +65,17 @@ impl ChatTemplate {
             .map_err(|e| Error::invalid_file(path, format!("chat template: {e}")))
     }
 
+    /// The model's own template from GGUF metadata, with its BOS/EOS texts; `None` when the
+    /// file carries no `tokenizer.chat_template`.
+    pub fn from_gguf(content: &candle_core::quantized::gguf_file::Content) -> Result<Option<Self>> {
+        let Some(source) = crate::tokenizer::chat_template_from_gguf(content) else {
+            return Ok(None);
+        };
+        let sp = crate::tokenizer::SpecialTokens::from_gguf(content)?;
+        let text = |t: Option<(String, u32)>| t.map(|(s, _)| s).unwrap_or_default();
+        Self::new(&source, &text(sp.bos), &text(sp.eos)).map(Some)
+    }
+
     pub fn eos(&self) -> &str {
         &self.eos
     }
@@ -205,7 +216,10 @@ impl Template {
 fn alpaca_prompt(ex: &Example, user: &str) -> (Vec<String>, Vec<super::TokenKind>) {
     use super::TokenKind as K;
     let (instruction, input) = match &ex.alpaca {
-        Some(a) => (a.instruction.clone(), a.input.clone().filter(|s| !s.is_empty())),
+        Some(a) => (
+            a.instruction.clone(),
+            a.input.clone().filter(|s| !s.is_empty()),
+        ),
         None => (user.to_string(), None),
     };
     match input {
@@ -477,7 +491,9 @@ fn pycompat(
                     .map(|w| {
                         let mut c = w.chars();
                         match c.next() {
-                            Some(f) => f.to_uppercase().collect::<String>() + &c.as_str().to_lowercase(),
+                            Some(f) => {
+                                f.to_uppercase().collect::<String>() + &c.as_str().to_lowercase()
+                            }
                             None => String::new(),
                         }
                     })
@@ -584,9 +600,15 @@ mod tests {
 
     #[test]
     fn strftime_known_dates() {
-        assert_eq!(strftime(0, "%Y-%m-%d %H:%M:%S %A"), "1970-01-01 00:00:00 Thursday");
+        assert_eq!(
+            strftime(0, "%Y-%m-%d %H:%M:%S %A"),
+            "1970-01-01 00:00:00 Thursday"
+        );
         // 2024-02-29 12:34:56 UTC
-        assert_eq!(strftime(1_709_210_096, "%d %B %Y, %a %j"), "29 February 2024, Thu 060");
+        assert_eq!(
+            strftime(1_709_210_096, "%d %B %Y, %a %j"),
+            "29 February 2024, Thu 060"
+        );
         assert_eq!(strftime(1_709_210_096, "%-d %b"), "29 Feb");
     }
 
@@ -606,6 +628,9 @@ mod tests {
             t.render_prompt(&ex).unwrap(),
             "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\nAdd\n\n### Input:\n2 and 3\n\n### Response:\n"
         );
-        assert_eq!(Template::raw("</s>").render_prompt(&ex).unwrap(), "Sort the words: pear apple fig");
+        assert_eq!(
+            Template::raw("</s>").render_prompt(&ex).unwrap(),
+            "Sort the words: pear apple fig"
+        );
     }
 }
