@@ -508,6 +508,21 @@ mod tests {
     }
 
     #[test]
+    fn format_override_is_enforced_on_every_row() {
+        let opts = LoadOptions {
+            format: Format::Alpaca,
+            ..Default::default()
+        };
+        let e = parse("{\"prompt\": \"a\", \"response\": \"b\"}", &opts)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "data/train.jsonl:1: missing field `instruction`");
+        let mixed = "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n{\"prompt\": \"a\", \"response\": \"b\"}";
+        let e = err_of(mixed);
+        assert_eq!(e, "data/train.jsonl:2: missing field `messages`");
+    }
+
+    #[test]
     fn undetectable_format_is_an_error() {
         let e = err_of("{\"foo\": 1}");
         assert!(

@@ -609,6 +609,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn alpaca_input_is_user_and_preamble_is_template() {
+        let tok = word_tokenizer();
+        let mut ex = conv(&[(Role::User, "q1\n\nx"), (Role::Assistant, "a1")]);
+        ex.alpaca = Some(crate::data::AlpacaFields {
+            instruction: "q1".into(),
+            input: Some("x".into()),
+        });
+        let t =
+            tokenize_example(&ex, &Template::alpaca("</s>"), &tok, &Default::default()).unwrap();
+        let user: Vec<u32> = t
+            .ids
+            .iter()
+            .zip(&t.kinds)
+            .filter(|(_, k)| **k == U)
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(user, vec![10, 19]); // q1, x
+        assert_eq!(t.response_tokens(), 2); // a1 </s>
+        assert!(t.kinds[..t.prompt_len()].iter().all(|k| *k == U || *k == T));
+    }
+
+    #[test]
     fn truncation_left_right_and_drop() {
         let tok = word_tokenizer();
         let ex = conv(&[
