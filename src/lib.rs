@@ -14,6 +14,7 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod ops;
+pub mod registry;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -12,6 +12,9 @@ use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::{Error, Result};
@@ -98,7 +101,11 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer> {
             let merges = merges.ok_or_else(|| {
                 Error::Tokenizer("gpt2 tokenizer without `tokenizer.ggml.merges`".into())
             })?;
-            gpt2_tokenizer(&tokens, merges)?
+            let pre = match content.metadata.get("tokenizer.ggml.pre") {
+                Some(Value::String(s)) => s.as_str(),
+                _ => "default",
+            };
+            gpt2_tokenizer(&tokens, merges, pre)?
         }
         "llama" => {
             let scores = match content.metadata.get("tokenizer.ggml.scores") {
@@ -141,14 +148,46 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<Tokenizer> {
     Ok(tokenizer)
 }
 
-fn gpt2_tokenizer(tokens: &[String], merges: Vec<(String, String)>) -> Result<Tokenizer> {
+/// Split regex of Llama 3 style BPE (numbers in groups of up to three).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Split regex of Qwen2 BPE (single digits).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// `pre` is `tokenizer.ggml.pre`: llama.cpp's name for the pre-tokenizer regex. Unknown names
+/// (SmolLM2's `smollm` included) use GPT-2's regex, which is what transformers does for them.
+fn gpt2_tokenizer(
+    tokens: &[String],
+    merges: Vec<(String, String)>,
+    pre: &str,
+) -> Result<Tokenizer> {
     let bpe = BPE::builder()
         .vocab_and_merges(vocab_map(tokens), merges)
         .build()
         .map_err(|e| Error::Tokenizer(format!("building BPE: {e}")))?;
     let mut tokenizer = Tokenizer::new(bpe);
-    // transformers' GGUF GPT-2 converter: no prefix space, regex split, no offset trimming.
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    let split = match pre {
+        "llama3" | "llama-bpe" | "llama-v3" => Some(LLAMA3_SPLIT),
+        "qwen2" => Some(QWEN2_SPLIT),
+        _ => None,
+    };
+    match split {
+        // transformers' GGUF GPT-2 converter: no prefix space, GPT-2 regex split.
+        None => {
+            tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        }
+        Some(re) => {
+            let split = Split::new(
+                SplitPattern::Regex(re.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
+            tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, false, false).into(),
+            ])));
+        }
+    }
     tokenizer.with_decoder(Some(ByteLevel::default()));
     tokenizer.with_post_processor(Some(ByteLevel::new(false, false, true)));
     Ok(tokenizer)
@@ -365,5 +404,26 @@ pub(crate) mod tests {
         // "▁hi▁hi!" -> ▁hi ▁hi and `!` through byte fallback.
         assert_eq!(enc.get_ids(), &[7, 7, 8]);
         assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), "hi hi!");
+    }
+
+    #[test]
+    fn named_pre_tokenizer_regexes_split_digits() {
+        // Byte-level alphabet for the digits and a space only: enough to see the split.
+        let tokens: Vec<String> = ["1", "2", "3", "4", "Ġ", "12", "123", "34"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let merges = vec![
+            ("1".to_string(), "2".to_string()),
+            ("12".to_string(), "3".to_string()),
+            ("3".to_string(), "4".to_string()),
+        ];
+        let ids = |pre: &str| {
+            let t = gpt2_tokenizer(&tokens, merges.clone(), pre).unwrap();
+            t.encode("1234", false).unwrap().get_ids().to_vec()
+        };
+        assert_eq!(ids("smollm"), vec![6, 3]); // GPT-2: "1234" one piece -> 123 4
+        assert_eq!(ids("llama-bpe"), vec![6, 3]); // groups of three: 123 | 4
+        assert_eq!(ids("qwen2"), vec![0, 1, 2, 3]); // single digits
     }
 }
