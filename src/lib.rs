@@ -8,13 +8,16 @@
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod fsutil;
 pub mod generate;
 pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod registry;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

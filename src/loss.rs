@@ -11,6 +11,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::data::Batch;
 use crate::model::decoder::{Decoder, ForwardContext};
 use crate::ops;
 use crate::{Error, Result};
@@ -38,80 +39,60 @@ impl Normalization {
     }
 }
 
-/// A right-padded batch of token ids with a loss weight per position.
-#[derive(Debug, Clone)]
-pub struct WeightedBatch {
-    /// `[B * T]` row-major ids.
-    pub ids: Vec<u32>,
-    /// `[B * T]`: weight of predicting `ids[b, t]` from `ids[b, ..t]`; 0 at t = 0 and on padding.
-    pub weights: Vec<f32>,
-    /// Real (unpadded) length of each row.
-    pub seq_lens: Vec<usize>,
-    pub batch: usize,
-    pub seq_len: usize,
+/// The denominator contribution of `batch` under `norm`.
+pub fn denominator(batch: &Batch, norm: Normalization) -> f64 {
+    match norm {
+        Normalization::TokenCount => batch.weights.iter().filter(|w| **w != 0.0).count() as f64,
+        Normalization::WeightSum => batch.weights.iter().map(|w| *w as f64).sum(),
+    }
 }
 
-impl WeightedBatch {
-    /// The denominator contribution of this batch under `norm`.
-    pub fn denominator(&self, norm: Normalization) -> f64 {
-        match norm {
-            Normalization::TokenCount => self.weights.iter().filter(|w| **w != 0.0).count() as f64,
-            Normalization::WeightSum => self.weights.iter().map(|w| *w as f64).sum(),
+/// `[B, T]` ids and, when any row is padded, the `[B, T]` key mask.
+pub fn batch_tensors(batch: &Batch, device: &Device) -> Result<(Tensor, Option<Tensor>)> {
+    let ids = Tensor::from_slice(&batch.ids, (batch.batch, batch.seq_len), device)?;
+    let padded = batch.seq_lens.iter().any(|&l| l < batch.seq_len);
+    let mask = if padded {
+        let m: Vec<u8> = (0..batch.batch)
+            .flat_map(|b| (0..batch.seq_len).map(move |t| (t < batch.seq_lens[b]) as u8))
+            .collect();
+        Some(Tensor::from_vec(m, (batch.batch, batch.seq_len), device)?)
+    } else {
+        None
+    };
+    Ok((ids, mask))
+}
+
+/// Rows of the flattened `[B*T]` hidden states that predict a weighted token: `(row, target,
+/// weight)` for every position `t >= 1` with non-zero weight (row = position `t - 1`).
+fn weighted_positions(batch: &Batch) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
+    let t = batch.seq_len;
+    let (mut rows, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+    for b in 0..batch.batch {
+        for ti in 1..batch.seq_lens[b].min(t) {
+            let w = batch.weights[b * t + ti];
+            if w != 0.0 {
+                rows.push((b * t + ti - 1) as u32);
+                targets.push(batch.ids[b * t + ti]);
+                weights.push(w);
+            }
         }
     }
-
-    /// Number of positions with non-zero weight.
-    pub fn counted_tokens(&self) -> usize {
-        self.weights.iter().filter(|w| **w != 0.0).count()
-    }
-
-    /// Total real tokens (throughput accounting).
-    pub fn real_tokens(&self) -> usize {
-        self.seq_lens.iter().sum()
-    }
-
-    /// `[B, T]` ids and key mask tensors.
-    pub fn tensors(&self, device: &Device) -> Result<(Tensor, Option<Tensor>)> {
-        let ids = Tensor::from_slice(&self.ids, (self.batch, self.seq_len), device)?;
-        let padded = self.seq_lens.iter().any(|&l| l < self.seq_len);
-        let mask = if padded {
-            let m: Vec<u8> = (0..self.batch)
-                .flat_map(|b| (0..self.seq_len).map(move |t| (t < self.seq_lens[b]) as u8))
-                .collect();
-            Some(Tensor::from_vec(m, (self.batch, self.seq_len), device)?)
-        } else {
-            None
-        };
-        Ok((ids, mask))
-    }
+    (rows, targets, weights)
 }
 
 /// The weighted negative log-likelihood SUM of a batch (not yet divided), as a differentiable
 /// scalar, plus the number of counted positions.
 pub fn weighted_nll_sum(
     decoder: &Decoder,
-    batch: &WeightedBatch,
+    batch: &Batch,
     ctx: &mut ForwardContext<'_>,
 ) -> Result<(Tensor, usize)> {
     let device = decoder.device();
-    let (ids, mask) = batch.tensors(device)?;
+    let (ids, mask) = batch_tensors(batch, device)?;
     let hidden = decoder.forward_hidden(&ids, mask.as_ref(), ctx)?;
     let h = decoder.config.hidden_size;
     let (b, t) = (batch.batch, batch.seq_len);
-    // Position t-1 predicts token t.
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    let mut weights = Vec::new();
-    for bi in 0..b {
-        for ti in 1..batch.seq_lens[bi].min(t) {
-            let w = batch.weights[bi * t + ti];
-            if w != 0.0 {
-                rows.push((bi * t + ti - 1) as u32);
-                targets.push(batch.ids[bi * t + ti]);
-                weights.push(w);
-            }
-        }
-    }
+    let (rows, targets, weights) = weighted_positions(batch);
     let count = rows.len();
     if count == 0 {
         return Ok((Tensor::zeros((), DType::F32, device)?, 0));
@@ -129,16 +110,45 @@ pub fn weighted_nll_sum(
 /// The loss of one batch on its own: `weighted_nll_sum / denominator(batch)`.
 pub fn wit_loss(
     decoder: &Decoder,
-    batch: &WeightedBatch,
+    batch: &Batch,
     norm: Normalization,
     ctx: &mut ForwardContext<'_>,
 ) -> Result<(Tensor, usize)> {
     let (sum, count) = weighted_nll_sum(decoder, batch, ctx)?;
-    let denom = batch.denominator(norm);
+    let denom = denominator(batch, norm);
     if denom <= 0.0 {
         return Err(Error::InvalidArgument(
             "batch has no position with a non-zero loss weight".into(),
         ));
     }
     Ok(((sum / denom)?, count))
+}
+
+/// Per-position negative log-likelihood, without gradient, for every position with non-zero
+/// weight in `batch`: `(flat index b*T + t, nll)` in row-major order. Evaluation combines these
+/// under several weightings from one forward pass.
+pub fn position_nll(
+    decoder: &Decoder,
+    batch: &Batch,
+    ctx: &mut ForwardContext<'_>,
+) -> Result<Vec<(usize, f32)>> {
+    let device = decoder.device();
+    let (ids, mask) = batch_tensors(batch, device)?;
+    let hidden = decoder.forward_hidden(&ids, mask.as_ref(), ctx)?.detach();
+    let (rows, targets, _) = weighted_positions(batch);
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let flat = hidden.reshape((batch.batch * batch.seq_len, decoder.config.hidden_size))?;
+    let index: Vec<usize> = rows.iter().map(|&r| r as usize + 1).collect();
+    let count = rows.len();
+    let selected = flat.index_select(&Tensor::from_vec(rows, count, device)?, 0)?;
+    let logp = candle_nn::ops::log_softmax(&decoder.logits(&selected)?, candle_core::D::Minus1)?;
+    let targets = Tensor::from_vec(targets, count, device)?;
+    let picked: Vec<f32> = logp
+        .gather(&targets.unsqueeze(1)?, 1)?
+        .squeeze(1)?
+        .to_dtype(DType::F32)?
+        .to_vec1()?;
+    Ok(index.into_iter().zip(picked.into_iter().map(|lp| -lp)).collect())
 }

@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use peft_wit::generate::{generate, GenerationConfig};
 use peft_wit::lora::peft::load_peft;
-use peft_wit::loss::{wit_loss, Normalization, WeightedBatch};
+use peft_wit::data::Batch;
+use peft_wit::loss::{wit_loss, Normalization};
 use peft_wit::model::decoder::ForwardContext;
 use peft_wit::model::load::{load_gguf, BaseDType, BaseModel};
 
@@ -90,7 +91,7 @@ fn peft_adapter_logits_loss_and_gradients_match_dense_and_quantized() {
                     (0..t).map(move |ti| if ti == 0 || ti >= sl { 0.0 } else if ti < pl { lp } else { lr })
                 })
                 .collect();
-            let batch = WeightedBatch { ids: rows.concat(), weights, seq_lens: seq_lens.clone(), batch: b, seq_len: t };
+            let batch = Batch { ids: rows.concat(), weights, seq_lens: seq_lens.clone(), batch: b, seq_len: t };
             let mut ctx = ForwardContext { adapter: Some(&adapter), ..Default::default() };
             let (loss, count) = wit_loss(&model.decoder, &batch, Normalization::TokenCount, &mut ctx).unwrap();
             let grads = loss.backward().unwrap();

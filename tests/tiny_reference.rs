@@ -5,7 +5,8 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use peft_wit::loss::{wit_loss, Normalization, WeightedBatch};
+use peft_wit::data::Batch;
+use peft_wit::loss::{wit_loss, Normalization};
 use peft_wit::lora::peft::load_peft;
 use peft_wit::model::decoder::ForwardContext;
 use peft_wit::model::load::{load_hf_dir, BaseDType};
@@ -81,7 +82,7 @@ fn peft_adapter_logits_loss_and_gradients_match() {
                     (0..f.seq).map(move |t| if t == 0 || t >= sl { 0.0 } else if t < pl { lp } else { lr })
                 })
                 .collect();
-            let batch = WeightedBatch { ids: f.ids.clone(), weights, seq_lens: seq_lens.clone(), batch: f.batch, seq_len: f.seq };
+            let batch = Batch { ids: f.ids.clone(), weights, seq_lens: seq_lens.clone(), batch: f.batch, seq_len: f.seq };
             let mut ctx = ForwardContext { adapter: Some(&adapter), ..Default::default() };
             let (loss, count) = wit_loss(&model.decoder, &batch, Normalization::TokenCount, &mut ctx).unwrap();
             let grads = loss.backward().unwrap();

@@ -1,0 +1,34 @@
+//! Command definitions; each subcommand lives in its own module and turns flags into a
+//! validated library call.
+
+mod common;
+mod generate;
+mod quickstart;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "peft-wit", version, about = "LoRA fine-tuning under the weighted instruction-tuning (WIT) loss")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch the default model, train standard / IM / WIT adapters on the built-in tasks, compare.
+    Quickstart(quickstart::Args),
+    /// Train one LoRA adapter into the registry.
+    Train(Box<train::Args>),
+    /// Generate text with a base model and optionally an adapter.
+    Generate(generate::Args),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Quickstart(args) => quickstart::run(args),
+        Command::Train(args) => train::run(*args),
+        Command::Generate(args) => generate::run(args),
+    }
+}

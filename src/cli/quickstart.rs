@@ -1,0 +1,147 @@
+//! `peft-wit quickstart`: the README's first command. Fetches the default model if missing,
+//! generates the built-in tasks, trains three loss settings on one loaded base, and prints them
+//! side by side with the untouched base.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use peft_wit::data::write_jsonl;
+use peft_wit::registry::Registry;
+use peft_wit::train::{prepare_data, train, LossPreset, RunOptions, TrainConfig, TrainOutcome};
+
+use super::common::{load_model, stop_on_ctrl_c, table};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Optimizer steps per setting.
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Built-in examples to generate (10% are held out).
+    #[arg(long, default_value_t = 240)]
+    examples: usize,
+    /// Held-out examples answered by greedy generation for exact match.
+    #[arg(long, default_value_t = 12)]
+    generate: usize,
+    #[arg(long, default_value = "f32")]
+    base_dtype: String,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    registry: Option<PathBuf>,
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Runs `scripts/fetch-model.sh` when the default model is missing.
+fn ensure_default_model() -> anyhow::Result<()> {
+    let path = peft_wit::model::resolve::default_model_path();
+    if path.is_file() {
+        return Ok(());
+    }
+    let script = [
+        PathBuf::from("scripts/fetch-model.sh"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-model.sh"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .context("the default model is missing and scripts/fetch-model.sh was not found")?;
+    eprintln!("fetching the default model with {} ...", script.display());
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    anyhow::ensure!(status.success(), "{} failed", script.display());
+    anyhow::ensure!(path.is_file(), "{} did not produce {}", script.display(), path.display());
+    Ok(())
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    ensure_default_model()?;
+    let base = load_model(None, &args.base_dtype, &args.device)?;
+    let registry = Registry::open(args.registry.clone().unwrap_or_else(peft_wit::registry::default_root))?;
+
+    let mut cfg = TrainConfig {
+        base_dtype: args.base_dtype.clone(),
+        device: args.device.clone(),
+        builtin_examples: args.examples,
+        max_steps: Some(args.steps),
+        batch_size: 4,
+        lr: 1e-3,
+        warmup_steps: Some(2),
+        eval_every: 0,
+        checkpoint_every: 0,
+        eval_generate: args.generate,
+        lora_dropout: 0.0,
+        ..TrainConfig::default()
+    };
+    let data = prepare_data(&cfg, &base)?;
+    let data_file = registry.root().join(".runs").join("quickstart-data.jsonl");
+    write_jsonl(&data_file, &peft_wit::data::builtin_examples(args.examples, peft_wit::train::prepare::BUILTIN_DATA_SEED))?;
+    eprintln!(
+        "built-in tasks: {} train / {} held-out examples (written to {})",
+        data.train.len(),
+        data.eval.len(),
+        data_file.display()
+    );
+
+    let settings = [
+        ("qs-standard", LossPreset::Standard, 0.0, 1.0),
+        ("qs-im", LossPreset::Im, 1.0, 1.0),
+        ("qs-wit-p0.2-r0.8", LossPreset::Wit, 0.2, 0.8),
+    ];
+    let mut rows = Vec::new();
+    // The untouched base, for reference.
+    let weights = peft_wit::data::LossWeights::new(0.0, 1.0);
+    let base_losses = peft_wit::train::trainer::evaluate_losses(&base, None, &data.eval, &weights, cfg.normalization, cfg.batch_size)?;
+    let base_gen = peft_wit::eval::generation_scores(&base, None, &data.template, &data.eval_examples, args.generate)?;
+    rows.push(vec![
+        "base".to_string(),
+        "-".into(),
+        "-".into(),
+        fmt(base_losses.map(|m| m.response_loss)),
+        fmt(base_gen.get("exact_match").copied()),
+        "-".into(),
+    ]);
+    let stop = stop_on_ctrl_c();
+    for (name, preset, lp, lr) in settings {
+        cfg.loss = preset;
+        cfg.prompt_weight = lp;
+        cfg.response_weight = lr;
+        cfg.name = Some(name.to_string());
+        let opts = RunOptions {
+            progress: !args.quiet,
+            stop: stop.clone(),
+            resume: false,
+            force: true,
+        };
+        match train(&base, &data, &cfg, &registry, &opts)? {
+            TrainOutcome::Finished { meta, .. } => rows.push(vec![
+                name.to_string(),
+                format!("{lp}"),
+                format!("{lr}"),
+                fmt(meta.metrics.get("response_loss").copied()),
+                fmt(meta.metrics.get("exact_match").copied()),
+                format!("{:.0}s", meta.wall_time_s),
+            ]),
+            TrainOutcome::Interrupted { .. } => anyhow::bail!("interrupted"),
+        }
+    }
+    println!(
+        "\nHeld-out built-in tasks ({} examples; exact match on {}), {} steps per setting:\n",
+        data.eval.len(),
+        args.generate.min(data.eval_examples.len()),
+        args.steps
+    );
+    println!(
+        "{}",
+        table(&["adapter", "λp", "λr", "response loss", "exact match", "train time"], &rows)
+    );
+    println!("adapters are in {}; total time {:.0}s", registry.root().display(), started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn fmt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into())
+}

@@ -1,0 +1,100 @@
+//! Metrics of one adapter (or the bare base) on held-out examples: the response loss that is
+//! comparable across loss weightings, the WIT loss at given weights, and generation scores.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Batch, LossWeights, TokenKind, TokenizedExample};
+use crate::lora::LoraAdapter;
+use crate::loss::{position_nll, Normalization};
+use crate::model::decoder::{Decoder, ForwardContext};
+use crate::Result;
+
+/// Loss metrics over a whole evaluation set (micro-averaged over tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossMetrics {
+    /// Total NLL of response tokens / their count.
+    pub response_loss: f64,
+    pub response_ppl: f64,
+    /// The WIT loss at the given weights, normalised over the whole set.
+    pub wit_loss: f64,
+    pub response_tokens: usize,
+}
+
+impl LossMetrics {
+    pub fn insert_into(&self, map: &mut BTreeMap<String, f64>) {
+        map.insert("response_loss".into(), self.response_loss);
+        map.insert("response_ppl".into(), self.response_ppl);
+        map.insert("wit_loss".into(), self.wit_loss);
+    }
+}
+
+/// Evaluates `examples` in batches of `batch_size` (in length order, to cut padding).
+pub fn loss_metrics(
+    decoder: &Decoder,
+    adapter: Option<&LoraAdapter>,
+    examples: &[TokenizedExample],
+    weights: &LossWeights,
+    normalization: Normalization,
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<LossMetrics> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].len()));
+    // One forward pass scores every position either weighting needs.
+    let any = LossWeights {
+        prompt: if has_prompt_weight(weights) { 1.0 } else { 0.0 },
+        response: 1.0,
+        system: None,
+        user: None,
+    };
+    let (mut resp_sum, mut resp_count) = (0f64, 0usize);
+    let (mut wit_sum, mut wit_denom) = (0f64, 0f64);
+    for chunk in order.chunks(batch_size.max(1)) {
+        let rows: Vec<&TokenizedExample> = chunk.iter().map(|&i| &examples[i]).collect();
+        let batch = Batch::new(&rows, &any, pad_id);
+        let mut ctx = ForwardContext {
+            adapter,
+            ..Default::default()
+        };
+        let nll = position_nll(decoder, &batch, &mut ctx)?;
+        let t = batch.seq_len;
+        for (flat, value) in nll {
+            let (b, pos) = (flat / t, flat % t);
+            let kind = rows[b].kinds[pos];
+            let value = value as f64;
+            if kind == TokenKind::Response {
+                resp_sum += value;
+                resp_count += 1;
+            }
+            let w = weights.weight_of(kind) as f64;
+            if w != 0.0 {
+                wit_sum += w * value;
+                wit_denom += match normalization {
+                    Normalization::TokenCount => 1.0,
+                    Normalization::WeightSum => w,
+                };
+            }
+        }
+    }
+    let response_loss = if resp_count > 0 {
+        resp_sum / resp_count as f64
+    } else {
+        f64::NAN
+    };
+    Ok(LossMetrics {
+        response_loss,
+        response_ppl: response_loss.exp(),
+        wit_loss: if wit_denom > 0.0 {
+            wit_sum / wit_denom
+        } else {
+            f64::NAN
+        },
+        response_tokens: resp_count,
+    })
+}
+
+fn has_prompt_weight(w: &LossWeights) -> bool {
+    w.prompt != 0.0 || w.system.is_some_and(|x| x != 0.0) || w.user.is_some_and(|x| x != 0.0)
+}

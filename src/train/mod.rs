@@ -1,0 +1,11 @@
+//! Training: configuration, data preparation, the loop, optimizer, checkpoints.
+
+pub mod checkpoint;
+pub mod config;
+pub mod optim;
+pub mod prepare;
+pub mod trainer;
+
+pub use config::{LossPreset, TrainConfig};
+pub use prepare::{prepare_data, PreparedData};
+pub use trainer::{train, RunOptions, TrainOutcome};

@@ -1,0 +1,605 @@
+//! The training loop: LoRA on a frozen base under the weighted loss, with gradient accumulation
+//! (one denominator over the whole accumulated batch), AdamW, clipping, schedules, periodic
+//! evaluation, checkpoints, resume, and a registry entry at the end.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::checkpoint::{self, CheckpointState};
+use super::config::TrainConfig;
+use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWParams};
+use super::prepare::PreparedData;
+use crate::data::{length_grouped_batches, Batch, LossWeights, TokenizedExample};
+use crate::eval::{loss_metrics, LossMetrics};
+use crate::fsutil::atomic_write;
+use crate::lora::peft::save_peft;
+use crate::lora::LoraAdapter;
+use crate::loss::{denominator, weighted_nll_sum, Normalization};
+use crate::model::decoder::{Dropout, ForwardContext};
+use crate::model::BaseModel;
+use crate::registry::{AdapterMeta, BaseInfo, DataInfo, LossInfo, Registry};
+use crate::{Error, Result};
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const LOSS_PLOT_FILE: &str = "loss.svg";
+
+/// How a run is driven (not part of the config: it does not change the result).
+#[derive(Clone)]
+pub struct RunOptions {
+    /// Show an indicatif progress bar on stderr.
+    pub progress: bool,
+    /// Set (e.g. by Ctrl-C) to checkpoint and stop after the current step.
+    pub stop: Arc<AtomicBool>,
+    pub resume: bool,
+    pub force: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            progress: false,
+            stop: Arc::new(AtomicBool::new(false)),
+            resume: false,
+            force: false,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum TrainOutcome {
+    /// Trained to the end and registered.
+    Finished { dir: PathBuf, meta: Box<AdapterMeta> },
+    /// Stopped on request after a checkpoint; `--resume` continues it.
+    Interrupted { step: usize, checkpoint: PathBuf },
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MetricsLine {
+    pub step: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_response_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_wit_loss: Option<f64>,
+    pub tokens_seen: u64,
+    pub elapsed_s: f64,
+}
+
+/// Number of optimizer steps a config implies for `n_train` examples.
+pub fn total_steps(cfg: &TrainConfig, n_train: usize) -> usize {
+    if let Some(steps) = cfg.max_steps {
+        return steps;
+    }
+    let batches = n_train.div_ceil(cfg.batch_size.max(1));
+    (cfg.epochs * batches).div_ceil(cfg.grad_accum.max(1)).max(1)
+}
+
+/// The micro-batches of the whole run, as a pure function of (config, step): resuming needs no
+/// saved data position.
+struct DataOrder<'a> {
+    examples: &'a [TokenizedExample],
+    lens: Vec<usize>,
+    batch_size: usize,
+    seed: u64,
+    epoch: Option<(usize, Vec<Vec<usize>>)>,
+}
+
+impl<'a> DataOrder<'a> {
+    fn new(examples: &'a [TokenizedExample], batch_size: usize, seed: u64) -> Self {
+        Self {
+            lens: examples.iter().map(|e| e.len()).collect(),
+            examples,
+            batch_size,
+            seed,
+            epoch: None,
+        }
+    }
+
+    fn batches_per_epoch(&self) -> usize {
+        self.examples.len().div_ceil(self.batch_size)
+    }
+
+    /// Micro-batch number `global` (epochs wrap around, each reshuffled with its own seed).
+    fn micro_batch(&mut self, global: usize) -> Vec<&'a TokenizedExample> {
+        let per_epoch = self.batches_per_epoch();
+        let (epoch, index) = (global / per_epoch, global % per_epoch);
+        if self.epoch.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            let order = length_grouped_batches(
+                &self.lens,
+                self.batch_size,
+                self.seed.wrapping_add(epoch as u64),
+                true,
+            );
+            self.epoch = Some((epoch, order));
+        }
+        let order = &self.epoch.as_ref().map(|(_, o)| o).expect("set above");
+        order[index].iter().map(|&i| &self.examples[i]).collect()
+    }
+}
+
+/// A stable hash of everything that determines the trained weights.
+fn config_hash(cfg: &TrainConfig) -> String {
+    let mut c = cfg.clone();
+    // Bookkeeping fields that do not change the weights.
+    c.name = None;
+    c.registry = None;
+    c.eval_every = 0;
+    c.checkpoint_every = 0;
+    c.log_every = 0;
+    c.eval_generate = 0;
+    let text = serde_json::to_string(&c).unwrap_or_default();
+    hex::encode(&Sha256::digest(text.as_bytes())[..8])
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Dropout masks for `(step, micro-batch)` come from their own seed: reproducible on resume.
+fn dropout_rng(seed: u64, step: usize, micro: usize) -> rand::rngs::StdRng {
+    let mixed = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((step as u64) << 20)
+        .wrapping_add(micro as u64);
+    rand::rngs::StdRng::seed_from_u64(mixed)
+}
+
+/// Evaluates loss metrics of `adapter` on the prepared eval split.
+pub fn evaluate_losses(
+    base: &BaseModel,
+    adapter: Option<&LoraAdapter>,
+    eval: &[TokenizedExample],
+    weights: &LossWeights,
+    normalization: Normalization,
+    batch_size: usize,
+) -> Result<Option<LossMetrics>> {
+    if eval.is_empty() {
+        return Ok(None);
+    }
+    let pad = pad_id(base);
+    Ok(Some(loss_metrics(
+        &base.decoder,
+        adapter,
+        eval,
+        weights,
+        normalization,
+        batch_size,
+        pad,
+    )?))
+}
+
+/// Padding id: the configured eos (padding never enters the loss or attention).
+pub fn pad_id(base: &BaseModel) -> u32 {
+    base.decoder.config.eos_token_id.unwrap_or(0)
+}
+
+/// Trains one adapter into `registry` under the config's name.
+pub fn train(
+    base: &BaseModel,
+    data: &PreparedData,
+    cfg: &TrainConfig,
+    registry: &Registry,
+    opts: &RunOptions,
+) -> Result<TrainOutcome> {
+    cfg.validate()?;
+    let name = cfg.name.clone().unwrap_or_else(|| cfg.default_name());
+    crate::registry::validate_name(&name)?;
+    if registry.contains(&name) && !opts.force {
+        return Err(Error::InvalidArgument(format!(
+            "adapter `{name}` already exists in {} (use --force to overwrite)",
+            registry.root().display()
+        )));
+    }
+    let run_dir = registry.run_dir(&name);
+    let _run_lock = lock_run(&run_dir)?;
+    let existing = checkpoint::latest(&run_dir)?;
+    if existing.is_some() && !opts.resume && !opts.force {
+        return Err(Error::InvalidArgument(format!(
+            "an interrupted run of `{name}` has a checkpoint in {}: use --resume to continue it or --force to start over",
+            run_dir.display()
+        )));
+    }
+    if !opts.resume {
+        clear_run_dir(&run_dir)?;
+    }
+
+    let decoder = &base.decoder;
+    let device = decoder.device();
+    let lora = cfg.lora_config()?;
+    let adapter = LoraAdapter::init(&lora, &decoder.config, cfg.seed, DType::F32, device)?;
+    let params = AdamWParams {
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.adam_eps,
+        weight_decay: cfg.weight_decay,
+    };
+    let mut optimizer = AdamW::new(adapter.named_vars(), params)?;
+    let (lp, lr_w) = cfg.loss_weights();
+    let weights = LossWeights {
+        prompt: lp,
+        response: lr_w,
+        system: cfg.system_weight,
+        user: cfg.user_weight,
+    };
+    let hash = config_hash(cfg);
+
+    let mut start_step = 0;
+    let mut tokens_seen = 0u64;
+    let mut elapsed_before = 0.0;
+    if opts.resume {
+        match &existing {
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "--resume: no checkpoint of `{name}` in {}",
+                    run_dir.display()
+                )))
+            }
+            Some(dir) => {
+                let state = checkpoint::restore(dir, &adapter, &mut optimizer)?;
+                if state.config_hash != hash || state.data_fingerprint != data.fingerprint {
+                    return Err(Error::InvalidArgument(format!(
+                        "--resume: the checkpoint in {} was made with another config or data; resume with the same settings or use --force",
+                        dir.display()
+                    )));
+                }
+                start_step = state.step;
+                tokens_seen = state.tokens_seen;
+                elapsed_before = state.elapsed_s;
+            }
+        }
+    }
+    truncate_metrics(&run_dir, start_step)?;
+
+    let total = total_steps(cfg, data.train.len());
+    let warmup = cfg
+        .warmup_steps
+        .unwrap_or_else(|| (cfg.warmup_ratio * total as f64).ceil() as usize);
+    let mut order = DataOrder::new(&data.train, cfg.batch_size, cfg.seed);
+    let pad = pad_id(base);
+    let bar = progress_bar(opts.progress, total, start_step, &name);
+    let started = Instant::now();
+    let mut smoothed: Option<f64> = None;
+    let mut log = MetricsLog::open(&run_dir)?;
+
+    if start_step == 0 {
+        if let Some(m) = evaluate_losses(base, Some(&adapter), &data.eval, &weights, cfg.normalization, cfg.batch_size)? {
+            log.write(&eval_line(0, &m, tokens_seen, elapsed_before))?;
+            bar.println(format!(
+                "[{name}] step 0: eval response loss {:.4}, WIT loss {:.4}",
+                m.response_loss, m.wit_loss
+            ));
+        }
+    }
+
+    let mut last_step = start_step;
+    for step in start_step..total {
+        let step_start = Instant::now();
+        let micro: Vec<Batch> = (0..cfg.grad_accum)
+            .map(|k| Batch::new(&order.micro_batch(step * cfg.grad_accum + k), &weights, pad))
+            .collect();
+        let denom: f64 = micro.iter().map(|b| denominator(b, cfg.normalization)).sum();
+        if denom <= 0.0 {
+            return Err(Error::InvalidArgument(format!(
+                "step {}: no token has a non-zero loss weight in this batch",
+                step + 1
+            )));
+        }
+        let vars = optimizer.vars().to_vec();
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut loss_value = 0f64;
+        let mut step_tokens = 0u64;
+        for (k, batch) in micro.iter().enumerate() {
+            let mut dropout = Dropout {
+                p: lora.lora_dropout,
+                rng: dropout_rng(cfg.seed, step, k),
+            };
+            let mut ctx = ForwardContext {
+                adapter: Some(&adapter),
+                dropout: Some(&mut dropout),
+                ..Default::default()
+            };
+            let (sum, _) = weighted_nll_sum(decoder, batch, &mut ctx)?;
+            let loss = (sum / denom)?;
+            loss_value += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let store = loss.backward()?;
+            for (i, (_, var)) in vars.iter().enumerate() {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    grads[i] = Some(match grads[i].take() {
+                        None => g.clone(),
+                        Some(acc) => (acc + g)?,
+                    });
+                }
+            }
+            step_tokens += batch.seq_lens.iter().sum::<usize>() as u64;
+        }
+        if !loss_value.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                step: step + 1,
+                value: loss_value as f32,
+            });
+        }
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
+            .collect::<candle_core::Result<_>>()?;
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                step: step + 1,
+                value: grad_norm as f32,
+            });
+        }
+        let lr = learning_rate(cfg.schedule, cfg.lr, step, warmup, total);
+        optimizer.step(&grads, lr)?;
+        tokens_seen += step_tokens;
+        last_step = step + 1;
+
+        let step_secs = step_start.elapsed().as_secs_f64();
+        let tok_s = step_tokens as f64 / step_secs.max(1e-9);
+        smoothed = Some(match smoothed {
+            None => loss_value,
+            Some(s) => 0.9 * s + 0.1 * loss_value,
+        });
+        let elapsed = elapsed_before + started.elapsed().as_secs_f64();
+        bar.set_position(last_step as u64);
+        bar.set_message(format!(
+            "loss {:.4} lr {lr:.2e} {tok_s:.0} tok/s",
+            smoothed.unwrap_or(loss_value)
+        ));
+        if cfg.log_every > 0 && (last_step % cfg.log_every == 0 || last_step == total) {
+            log.write(&MetricsLine {
+                step: last_step,
+                loss: Some(loss_value),
+                lr: Some(lr),
+                grad_norm: Some(grad_norm),
+                tokens_per_s: Some(tok_s),
+                eval_response_loss: None,
+                eval_wit_loss: None,
+                tokens_seen,
+                elapsed_s: elapsed,
+            })?;
+        }
+        if cfg.eval_every > 0 && last_step % cfg.eval_every == 0 && last_step < total {
+            if let Some(m) = evaluate_losses(base, Some(&adapter), &data.eval, &weights, cfg.normalization, cfg.batch_size)? {
+                log.write(&eval_line(last_step, &m, tokens_seen, elapsed))?;
+                bar.println(format!(
+                    "[{name}] step {last_step}: eval response loss {:.4}, WIT loss {:.4}",
+                    m.response_loss, m.wit_loss
+                ));
+            }
+        }
+        let stop = opts.stop.load(Ordering::SeqCst);
+        let periodic = cfg.checkpoint_every > 0 && last_step % cfg.checkpoint_every == 0;
+        if (periodic || stop) && last_step < total {
+            let state = CheckpointState {
+                step: last_step,
+                tokens_seen,
+                elapsed_s: elapsed,
+                config_hash: hash.clone(),
+                data_fingerprint: data.fingerprint.clone(),
+            };
+            let dir = checkpoint::save(&run_dir, &adapter, &optimizer, &state)?;
+            if stop {
+                bar.abandon_with_message(format!("interrupted at step {last_step}; checkpoint saved"));
+                return Ok(TrainOutcome::Interrupted {
+                    step: last_step,
+                    checkpoint: dir,
+                });
+            }
+        }
+    }
+    bar.finish_and_clear();
+
+    let elapsed = elapsed_before + started.elapsed().as_secs_f64();
+    let mut metrics = BTreeMap::new();
+    if let Some(m) = evaluate_losses(base, Some(&adapter), &data.eval, &weights, cfg.normalization, cfg.batch_size)? {
+        log.write(&eval_line(last_step, &m, tokens_seen, elapsed))?;
+        m.insert_into(&mut metrics);
+    }
+    if cfg.eval_generate > 0 {
+        let scores = crate::eval::generation_scores(base, Some(&adapter), &data.template, &data.eval_examples, cfg.eval_generate)?;
+        metrics.extend(scores);
+    }
+    drop(log);
+
+    let meta = AdapterMeta {
+        format_version: 1,
+        name: name.clone(),
+        base: BaseInfo {
+            name: base.name.clone(),
+            fingerprint: Some(base.fingerprint.clone()),
+            architecture: decoder.config.architecture.name().into(),
+            base_dtype: base.base_dtype.name().into(),
+            num_layers: decoder.config.num_hidden_layers,
+            hidden_size: decoder.config.hidden_size,
+        },
+        loss: LossInfo {
+            prompt_weight: lp,
+            response_weight: lr_w,
+            system_weight: cfg.system_weight,
+            user_weight: cfg.user_weight,
+            normalization: cfg.normalization,
+        },
+        data: DataInfo {
+            fingerprint: Some(data.fingerprint.clone()),
+            source: data.source.clone(),
+            template: data.template_name.clone(),
+            train_examples: data.train.len(),
+            eval_examples: data.eval.len(),
+        },
+        lora: lora.clone(),
+        train_config: Some(cfg.clone()),
+        seed: Some(cfg.seed),
+        metrics,
+        steps: last_step,
+        tokens_seen,
+        wall_time_s: elapsed,
+        created_unix: unix_now(),
+    };
+    let staged = run_dir.join("final");
+    if staged.exists() {
+        std::fs::remove_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
+    }
+    save_peft(&adapter, &staged, &base.name)?;
+    meta.write(&staged)?;
+    let metrics_src = run_dir.join(METRICS_FILE);
+    let history = std::fs::read(&metrics_src).map_err(|e| Error::io(&metrics_src, e))?;
+    atomic_write(&staged.join(METRICS_FILE), &history)?;
+    atomic_write(&staged.join(LOSS_PLOT_FILE), loss_plot(&name, &history).as_bytes())?;
+    let toml_text = toml::to_string(cfg).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    atomic_write(&staged.join("train_config.toml"), toml_text.as_bytes())?;
+    let dir = registry.commit(&name, &staged, opts.force)?;
+    clear_run_dir(&run_dir)?;
+    Ok(TrainOutcome::Finished {
+        dir,
+        meta: Box::new(meta),
+    })
+}
+
+fn eval_line(step: usize, m: &LossMetrics, tokens_seen: u64, elapsed_s: f64) -> MetricsLine {
+    MetricsLine {
+        step,
+        loss: None,
+        lr: None,
+        grad_norm: None,
+        tokens_per_s: None,
+        eval_response_loss: Some(m.response_loss),
+        eval_wit_loss: Some(m.wit_loss),
+        tokens_seen,
+        elapsed_s,
+    }
+}
+
+fn progress_bar(show: bool, total: usize, start: usize, name: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total as u64);
+    let style = ProgressStyle::with_template(
+        "{prefix} step {pos}/{len} [{bar:28}] {msg} | {elapsed_precise} ETA {eta_precise}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(name.to_string());
+    bar.set_position(start as u64);
+    bar
+}
+
+/// Only one process may drive a given run.
+fn lock_run(run_dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let path = run_dir.with_extension("lock");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::InvalidArgument(format!(
+            "another process is training {} right now",
+            run_dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+    }
+}
+
+fn clear_run_dir(run_dir: &Path) -> Result<()> {
+    if run_dir.exists() {
+        std::fs::remove_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    }
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))
+}
+
+/// Keeps only metric lines up to the checkpoint a run resumes from (later ones will be redone).
+fn truncate_metrics(run_dir: &Path, step: usize) -> Result<()> {
+    let path = run_dir.join(METRICS_FILE);
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<MetricsLine>(l)
+                .map(|m| m.step <= step && !(m.step == step && step == 0 && m.loss.is_some()))
+                .unwrap_or(false)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    atomic_write(&path, kept.as_bytes())
+}
+
+/// Appends one JSON line per record to `metrics.jsonl`.
+struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    fn open(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join(METRICS_FILE);
+        let file = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(Self { file, path })
+    }
+
+    fn write(&mut self, line: &MetricsLine) -> Result<()> {
+        let text = serde_json::to_string(line).map_err(|source| Error::Json {
+            path: self.path.clone(),
+            source,
+        })?;
+        writeln!(self.file, "{text}").map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// The loss curve (train loss per step, eval response loss) as an SVG.
+pub fn loss_plot(name: &str, metrics_jsonl: &[u8]) -> String {
+    let text = String::from_utf8_lossy(metrics_jsonl);
+    let lines: Vec<MetricsLine> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let train: Vec<(f64, f64)> = lines
+        .iter()
+        .filter_map(|m| Some((m.step as f64, m.loss?)))
+        .collect();
+    let eval: Vec<(f64, f64)> = lines
+        .iter()
+        .filter_map(|m| Some((m.step as f64, m.eval_response_loss?)))
+        .collect();
+    crate::plot::line_chart(
+        &format!("{name}: loss"),
+        "step",
+        "loss",
+        &[
+            ("train WIT loss".to_string(), train),
+            ("eval response loss".to_string(), eval),
+        ],
+    )
+}
