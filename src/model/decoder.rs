@@ -169,10 +169,12 @@ impl Decoder {
         Ok(x)
     }
 
-    /// Logits `[..., V]` (in f32) from pre-norm hidden states `[..., H]`.
+    /// Logits `[..., V]` (in f32; f64 for an f64 model) from pre-norm hidden states `[..., H]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let normed = ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
-        Ok(self.lm_head.forward(&normed)?.to_dtype(DType::F32)?)
+        // f32 whatever the compute dtype, except f64 (gradient checks) keeps its precision.
+        let out_dtype = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        Ok(self.lm_head.forward(&normed)?.to_dtype(out_dtype)?)
     }
 
     /// Full logits `[B, T, V]`.

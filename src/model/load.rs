@@ -389,11 +389,17 @@ pub fn load_gguf(path: &Path, base_dtype: BaseDType, device: &Device) -> Result<
     };
     let bos_token = token_text("tokenizer.ggml.bos_token_id");
     let eos_token = token_text("tokenizer.ggml.eos_token_id");
-    let name = content
-        .metadata
-        .get("general.name")
-        .and_then(|v| v.to_string().ok().cloned())
-        .unwrap_or_else(|| file_stem(path));
+    let is_default = path.file_name().and_then(|n| n.to_str()) == Some(super::resolve::DEFAULT_MODEL_FILE);
+    let name = if is_default {
+        // The default model's Hub id, which PEFT and transformers users load it by.
+        super::resolve::DEFAULT_HUB_ID.to_string()
+    } else {
+        content
+            .metadata
+            .get("general.name")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_else(|| file_stem(path))
+    };
     let permuted_qk = config.architecture != Architecture::Qwen2;
     let source = TensorSource::Gguf {
         content,

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod decoder;
 pub mod load;
+pub mod random;
 pub mod resolve;
 pub mod rope;
 

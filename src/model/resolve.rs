@@ -8,6 +8,8 @@ use crate::{Error, Result};
 
 /// The model `scripts/fetch-model.sh` places under `models/`.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The same model on the Hugging Face Hub.
+pub const DEFAULT_HUB_ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 
 /// The default model path: `$PEFT_WIT_MODELS/<file>` or `models/<file>`.
 pub fn default_model_path() -> PathBuf {

@@ -3,10 +3,19 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+/// At least f32: reductions in half precision lose too much; f64 (gradient checks) stays f64.
+fn wide(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// `x / sqrt(mean(x²) + eps) * weight`, normalised in f32 as transformers does.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
+    let xf = x.to_dtype(wide(dtype))?;
     let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
     normed.to_dtype(dtype)?.broadcast_mul(&weight.to_dtype(dtype)?)
@@ -20,7 +29,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Softmax over the last dimension, in f32.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
-    candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)
+    candle_nn::ops::softmax(&x.to_dtype(wide(dtype))?, D::Minus1)?.to_dtype(dtype)
 }
 
 /// `silu(gate) * up`, the SwiGLU MLP activation.
@@ -30,9 +39,9 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// `Σ_i w_i · -log softmax(logits_i)[target_i]` (a sum; the caller normalises).
 pub fn weighted_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(wide(logits.dtype()))?, D::Minus1)?;
     let picked = logp
         .gather(&targets.unsqueeze(1)?, 1)?
         .squeeze(1)?;
-    (picked * weights)?.sum_all()?.neg()
+    (picked * weights.to_dtype(logp.dtype())?)?.sum_all()?.neg()
 }

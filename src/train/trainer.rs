@@ -472,7 +472,8 @@ pub fn train(
     let toml_text = toml::to_string(cfg).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     atomic_write(&staged.join("train_config.toml"), toml_text.as_bytes())?;
     let dir = registry.commit(&name, &staged, opts.force)?;
-    clear_run_dir(&run_dir)?;
+    std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+    let _ = std::fs::remove_file(run_dir.with_extension("lock"));
     Ok(TrainOutcome::Finished {
         dir,
         meta: Box::new(meta),
