@@ -17,6 +17,7 @@ pub mod model;
 pub mod ops;
 pub mod plot;
 pub mod registry;
+pub mod sweep;
 pub mod tokenizer;
 pub mod train;
 

@@ -224,3 +224,37 @@ fn accumulated_micro_batches_share_one_denominator() {
         / 2.0;
     assert!((mean_of_means - whole_loss).abs() > 1e-4);
 }
+
+#[test]
+fn a_stopped_sweep_resumes_and_skips_finished_cells() {
+    use peft_wit::sweep::run_sweep;
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::open(tmp.path()).unwrap();
+    let (base, data) = (tiny_base(), data());
+    let cfg = config(3);
+    let (ps, rs) = (vec![0.0, 0.5], vec![0.0, 1.0]);
+    let stopping = RunOptions { stop: Arc::new(AtomicBool::new(true)), ..RunOptions::default() };
+    let first = run_sweep(&base, &data, &cfg, &registry, &ps, &rs, "t-", "response_loss", &stopping).unwrap();
+    assert!(first.interrupted);
+    assert_eq!(first.cells[0].status, "invalid (all weights 0)");
+    assert!(first.cells[1].status.starts_with("interrupted"), "{:?}", first.cells[1]);
+    let second = run_sweep(&base, &data, &cfg, &registry, &ps, &rs, "t-", "response_loss", &RunOptions::default()).unwrap();
+    assert!(!second.interrupted);
+    let statuses: Vec<&str> = second.cells.iter().map(|c| c.status.as_str()).collect();
+    assert_eq!(statuses, ["invalid (all weights 0)", "trained", "trained", "trained"]);
+    // The resumed cell equals an uninterrupted training of the same cell.
+    let fresh = tempfile::tempdir().unwrap();
+    let mut one = cfg.clone();
+    one.prompt_weight = 0.5;
+    one.response_weight = 0.0;
+    one.name = Some("t-wit-p0.5-r0".into());
+    run(fresh.path(), &one, &RunOptions::default()).unwrap();
+    assert_eq!(adapter_bytes(fresh.path(), "t-wit-p0.5-r0"), adapter_bytes(tmp.path(), "t-wit-p0.5-r0"));
+    let third = run_sweep(&base, &data, &cfg, &registry, &ps, &rs, "t-", "response_loss", &RunOptions::default()).unwrap();
+    assert!(third.cells[1..].iter().all(|c| c.status == "done earlier"));
+    assert!(third.best.is_some());
+    assert_eq!(third.grid().len(), 2);
+    third.write(&tmp.path().join("report")).unwrap();
+    let svg = std::fs::read_to_string(tmp.path().join("report").join("heatmap.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("stroke=\"red\""));
+}

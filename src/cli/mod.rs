@@ -4,6 +4,7 @@
 mod common;
 mod generate;
 mod quickstart;
+mod sweep;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,8 @@ enum Command {
     Quickstart(quickstart::Args),
     /// Train one LoRA adapter into the registry.
     Train(Box<train::Args>),
+    /// Train one adapter per (λp, λr) cell of a grid, then compare them in a table and heatmap.
+    Sweep(Box<sweep::Args>),
     /// Generate text with a base model and optionally an adapter.
     Generate(generate::Args),
 }
@@ -29,6 +32,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Quickstart(args) => quickstart::run(args),
         Command::Train(args) => train::run(*args),
+        Command::Sweep(args) => sweep::run(*args),
         Command::Generate(args) => generate::run(args),
     }
 }

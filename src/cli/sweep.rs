@@ -1,0 +1,104 @@
+//! `peft-wit sweep`: one adapter per (λp, λr) cell, then a table and a heatmap.
+
+use std::path::PathBuf;
+
+use peft_wit::registry::Registry;
+use peft_wit::sweep::{parse_weights, run_sweep};
+use peft_wit::train::{prepare_data, RunOptions};
+
+use super::common::{load_model, stop_on_ctrl_c, table};
+use super::train::ConfigArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// λp values: a list (0,0.2,0.4) or a range start:end:step (the paper's grid is 0:1:0.2).
+    #[arg(long, default_value = "0:1:0.2")]
+    prompt_weights: String,
+    /// λr values.
+    #[arg(long, default_value = "0.2:1:0.2")]
+    response_weights: String,
+    /// Metric for the heatmap and the best cell (from the held-out eval): response_loss,
+    /// exact_match, rouge_l, ...
+    #[arg(long, default_value = "response_loss")]
+    metric: String,
+    /// Prefix for the cells' registry names (`<prefix>wit-p0.2-r0.8`).
+    #[arg(long, default_value = "")]
+    prefix: String,
+    /// Where sweep.json and heatmap.svg go (default: <registry>/sweeps/<prefix>grid).
+    #[arg(long)]
+    report_dir: Option<PathBuf>,
+    /// Retrain cells that already exist.
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = args.config.resolve()?;
+    let prompt_weights = parse_weights(&args.prompt_weights)?;
+    let response_weights = parse_weights(&args.response_weights)?;
+    let base = load_model(cfg.model.as_deref(), &cfg.base_dtype, &cfg.device)?;
+    let data = prepare_data(&cfg, &base)?;
+    if !args.quiet {
+        for line in &data.report {
+            eprintln!("data: {line}");
+        }
+    }
+    let registry = Registry::open(cfg.registry.clone().unwrap_or_else(peft_wit::registry::default_root))?;
+    let opts = RunOptions {
+        progress: !args.quiet,
+        stop: stop_on_ctrl_c(),
+        resume: false,
+        force: args.force,
+    };
+    let started = std::time::Instant::now();
+    let result = run_sweep(
+        &base,
+        &data,
+        &cfg,
+        &registry,
+        &prompt_weights,
+        &response_weights,
+        &args.prefix,
+        &args.metric,
+        &opts,
+    )?;
+    let report_dir = args
+        .report_dir
+        .unwrap_or_else(|| registry.root().join("sweeps").join(format!("{}grid", args.prefix)));
+    result.write(&report_dir)?;
+    let metric_names = ["response_loss", "wit_loss", "exact_match", "rouge_l"];
+    let rows: Vec<Vec<String>> = result
+        .cells
+        .iter()
+        .map(|c| {
+            let mut row = vec![
+                c.name.clone(),
+                format!("{}", c.prompt_weight),
+                format!("{}", c.response_weight),
+                c.status.clone(),
+            ];
+            for m in metric_names {
+                let mark = if Some(&c.name) == result.best.as_ref() && m == args.metric { " *" } else { "" };
+                row.push(c.metrics.get(m).map(|v| format!("{v:.4}{mark}")).unwrap_or_else(|| "-".into()));
+            }
+            row
+        })
+        .collect();
+    let mut header = vec!["adapter", "λp", "λr", "status"];
+    header.extend(metric_names);
+    println!("{}", table(&header, &rows));
+    if let Some(best) = &result.best {
+        println!("best by {}: {best}", args.metric);
+    }
+    println!(
+        "heatmap: {}  ({:.0}s){}",
+        report_dir.join("heatmap.svg").display(),
+        started.elapsed().as_secs_f64(),
+        if result.interrupted { "; interrupted: run the same command again to continue" } else { "" }
+    );
+    Ok(())
+}

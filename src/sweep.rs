@@ -1,0 +1,228 @@
+//! A sweep over the (λp, λr) grid: one adapter per cell in the registry, the base model and the
+//! tokenized data loaded once, finished cells skipped (so a stopped sweep resumes), and a
+//! heatmap of the chosen metric with the best cell marked, like the WIT paper's Figure 2.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::{atomic_write, atomic_write_json};
+use crate::model::BaseModel;
+use crate::registry::{AdapterMeta, Registry};
+use crate::train::config::fmt_weight;
+use crate::train::{train, LossPreset, PreparedData, RunOptions, TrainConfig, TrainOutcome};
+use crate::{Error, Result};
+
+/// One cell of the grid.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SweepCell {
+    pub prompt_weight: f32,
+    pub response_weight: f32,
+    pub name: String,
+    /// `trained`, `skipped (done)`, `invalid`, or `interrupted`.
+    pub status: String,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The whole grid's results.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SweepResult {
+    pub metric: String,
+    pub prompt_weights: Vec<f32>,
+    pub response_weights: Vec<f32>,
+    pub cells: Vec<SweepCell>,
+    /// Name of the best cell under `metric` (lower is better for losses, higher otherwise).
+    pub best: Option<String>,
+    pub interrupted: bool,
+}
+
+/// Whether a larger value of `metric` is better.
+pub fn higher_is_better(metric: &str) -> bool {
+    !(metric.contains("loss") || metric.contains("ppl") || metric.contains("sensitivity"))
+}
+
+/// Parses `0,0.2,0.4` (or `0:1:0.2` for a range with step) into weights.
+pub fn parse_weights(spec: &str) -> Result<Vec<f32>> {
+    let bad = |m: String| Error::InvalidArgument(format!("weight list `{spec}`: {m}"));
+    let parts: Vec<&str> = spec.split(':').collect();
+    let values: Vec<f32> = if parts.len() == 3 {
+        let nums: Vec<f64> = parts
+            .iter()
+            .map(|p| p.trim().parse::<f64>().map_err(|e| bad(e.to_string())))
+            .collect::<Result<_>>()?;
+        let (start, end, step) = (nums[0], nums[1], nums[2]);
+        if step <= 0.0 || end < start {
+            return Err(bad("range needs start <= end and step > 0".into()));
+        }
+        let n = ((end - start) / step + 1e-9).floor() as usize;
+        (0..=n).map(|i| (start + i as f64 * step) as f32).collect()
+    } else {
+        spec.split(',')
+            .map(|p| p.trim().parse::<f32>().map_err(|e| bad(e.to_string())))
+            .collect::<Result<_>>()?
+    };
+    if values.is_empty() || values.iter().any(|v| !v.is_finite() || *v < 0.0) {
+        return Err(bad("weights must be finite and non-negative".into()));
+    }
+    Ok(values)
+}
+
+/// The registry name of a cell.
+pub fn cell_name(prefix: &str, p: f32, r: f32) -> String {
+    format!("{prefix}wit-p{}-r{}", fmt_weight(p), fmt_weight(r))
+}
+
+/// Trains every missing cell, then collects all cells' metrics from their sidecars.
+#[allow(clippy::too_many_arguments)]
+pub fn run_sweep(
+    base: &BaseModel,
+    data: &PreparedData,
+    base_config: &TrainConfig,
+    registry: &Registry,
+    prompt_weights: &[f32],
+    response_weights: &[f32],
+    prefix: &str,
+    metric: &str,
+    opts: &RunOptions,
+) -> Result<SweepResult> {
+    let mut cells = Vec::new();
+    let mut interrupted = false;
+    for &r in response_weights {
+        for &p in prompt_weights {
+            let name = cell_name(prefix, p, r);
+            let mut cell = SweepCell {
+                prompt_weight: p,
+                response_weight: r,
+                name: name.clone(),
+                status: String::new(),
+                metrics: BTreeMap::new(),
+            };
+            if p == 0.0 && r == 0.0 {
+                cell.status = "invalid (all weights 0)".into();
+                cells.push(cell);
+                continue;
+            }
+            if interrupted {
+                cell.status = "not run".into();
+                cells.push(cell);
+                continue;
+            }
+            if registry.contains(&name) && !opts.force {
+                cell.status = "done earlier".into();
+                cell.metrics = AdapterMeta::read(&registry.path(&name))?.metrics;
+                cells.push(cell);
+                continue;
+            }
+            let mut cfg = base_config.clone();
+            cfg.loss = LossPreset::Wit;
+            cfg.prompt_weight = p;
+            cfg.response_weight = r;
+            cfg.name = Some(name.clone());
+            // A cell stopped mid-way continues from its checkpoint.
+            let resume = crate::train::checkpoint::latest(&registry.run_dir(&name))?.is_some();
+            let cell_opts = RunOptions {
+                resume: resume && !opts.force,
+                ..opts.clone()
+            };
+            match train(base, data, &cfg, registry, &cell_opts)? {
+                TrainOutcome::Finished { meta, .. } => {
+                    cell.status = "trained".into();
+                    cell.metrics = meta.metrics.clone();
+                }
+                TrainOutcome::Interrupted { step, .. } => {
+                    cell.status = format!("interrupted at step {step}");
+                    interrupted = true;
+                }
+            }
+            cells.push(cell);
+        }
+    }
+    let better = |a: f64, b: f64| {
+        if higher_is_better(metric) {
+            a > b
+        } else {
+            a < b
+        }
+    };
+    let mut best: Option<(&SweepCell, f64)> = None;
+    for cell in &cells {
+        if let Some(&v) = cell.metrics.get(metric) {
+            if v.is_finite() && best.is_none_or(|(_, b)| better(v, b)) {
+                best = Some((cell, v));
+            }
+        }
+    }
+    Ok(SweepResult {
+        metric: metric.to_string(),
+        prompt_weights: prompt_weights.to_vec(),
+        response_weights: response_weights.to_vec(),
+        best: best.map(|(c, _)| c.name.clone()),
+        cells,
+        interrupted,
+    })
+}
+
+impl SweepResult {
+    /// `values[row = response weight][col = prompt weight]` of the metric (NaN where missing).
+    pub fn grid(&self) -> Vec<Vec<f64>> {
+        self.response_weights
+            .iter()
+            .map(|&r| {
+                self.prompt_weights
+                    .iter()
+                    .map(|&p| {
+                        self.cells
+                            .iter()
+                            .find(|c| c.prompt_weight == p && c.response_weight == r)
+                            .and_then(|c| c.metrics.get(&self.metric).copied())
+                            .unwrap_or(f64::NAN)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    pub fn heatmap_svg(&self) -> String {
+        let best = self.best.as_ref().and_then(|name| {
+            let cell = self.cells.iter().find(|c| &c.name == name)?;
+            let row = self.response_weights.iter().position(|&r| r == cell.response_weight)?;
+            let col = self.prompt_weights.iter().position(|&p| p == cell.prompt_weight)?;
+            Some((row, col))
+        });
+        crate::plot::heatmap(
+            &format!("{} over the loss-weight grid (best outlined)", self.metric),
+            "response weight λr",
+            "prompt weight λp",
+            &self.response_weights.iter().map(|w| fmt_weight(*w)).collect::<Vec<_>>(),
+            &self.prompt_weights.iter().map(|w| fmt_weight(*w)).collect::<Vec<_>>(),
+            &self.grid(),
+            best,
+        )
+    }
+
+    /// Writes `sweep.json` and `heatmap.svg` into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        atomic_write_json(&dir.join("sweep.json"), self)?;
+        atomic_write(&dir.join("heatmap.svg"), self.heatmap_svg().as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_lists_and_ranges() {
+        assert_eq!(parse_weights("0,0.2,1").unwrap(), vec![0.0, 0.2, 1.0]);
+        let r = parse_weights("0:1:0.2").unwrap();
+        assert_eq!(r.len(), 6);
+        assert!((r[5] - 1.0).abs() < 1e-6);
+        assert!(parse_weights("a,b").is_err());
+        assert!(parse_weights("-1").is_err());
+        assert_eq!(cell_name("", 0.2, 1.0), "wit-p0.2-r1");
+        assert!(!higher_is_better("response_loss"));
+        assert!(higher_is_better("exact_match"));
+    }
+}
