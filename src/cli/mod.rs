@@ -2,6 +2,7 @@
 //! validated library call.
 
 mod common;
+mod eval;
 mod generate;
 mod quickstart;
 mod sweep;
@@ -24,6 +25,8 @@ enum Command {
     Train(Box<train::Args>),
     /// Train one adapter per (λp, λr) cell of a grid, then compare them in a table and heatmap.
     Sweep(Box<sweep::Args>),
+    /// Evaluate adapters (and the base) side by side on one loaded base.
+    Eval(Box<eval::Args>),
     /// Generate text with a base model and optionally an adapter.
     Generate(generate::Args),
 }
@@ -33,6 +36,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quickstart(args) => quickstart::run(args),
         Command::Train(args) => train::run(*args),
         Command::Sweep(args) => sweep::run(*args),
+        Command::Eval(args) => eval::run(*args),
         Command::Generate(args) => generate::run(args),
     }
 }

@@ -10,7 +10,7 @@ use crate::model::BaseModel;
 use crate::{Error, Result};
 
 /// One scored generation.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ScoredGeneration {
     pub prompt: String,
     pub reference: String,

@@ -1,8 +1,12 @@
-//! Evaluation: loss metrics, generation-based scores, side-by-side comparison of adapters.
+//! Evaluation: loss metrics, generation scores, side-by-side comparison of adapters, reports.
 
+pub mod compare;
 pub mod generation;
 pub mod metrics;
+pub mod report;
 pub mod scoring;
 
+pub use compare::{evaluate_adapter, AdapterResult, EvalData, EvalSpec};
 pub use generation::{generate_answers, generation_scores, ScoredGeneration};
 pub use metrics::{loss_metrics, LossMetrics};
+pub use report::EvalReport;

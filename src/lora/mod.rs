@@ -3,6 +3,7 @@
 pub mod adapter;
 pub mod config;
 pub mod frozen;
+pub mod load;
 pub mod peft;
 
 pub use adapter::{LoraAdapter, LoraPair};

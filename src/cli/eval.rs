@@ -1,0 +1,171 @@
+//! `peft-wit eval`: several adapters side by side on one loaded base.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use peft_wit::data::{self, FieldMap, Format, LoadOptions, LossWeights, OnBadRow};
+use peft_wit::eval::{evaluate_adapter, EvalData, EvalReport, EvalSpec};
+use peft_wit::fsutil::atomic_write;
+use peft_wit::lora::load::load_for_base;
+use peft_wit::registry::Registry;
+use peft_wit::train::prepare::build_template;
+
+use super::common::{load_model, table, ModelArgs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated registry names or PEFT adapter directories.
+    #[arg(long, value_delimiter = ',')]
+    adapters: Vec<String>,
+    /// Every adapter in the registry.
+    #[arg(long)]
+    all: bool,
+    /// Include the base model without adapter (as `base`).
+    #[arg(long)]
+    base: bool,
+    #[arg(long)]
+    registry: Option<PathBuf>,
+    /// Evaluation data (JSONL/JSON in any supported format), or `builtin` for the built-in tasks.
+    #[arg(long)]
+    data: String,
+    #[arg(long)]
+    prompt_field: Option<String>,
+    #[arg(long)]
+    response_field: Option<String>,
+    /// Use at most this many examples.
+    #[arg(long, default_value_t = 200)]
+    limit: usize,
+    /// Templates to compare (chat, alpaca, raw, or Jinja files); the first is the main one.
+    #[arg(long, value_delimiter = ',', default_value = "chat")]
+    templates: Vec<String>,
+    /// Examples answered by greedy generation for exact match / contains / ROUGE-L.
+    #[arg(long, default_value_t = 8)]
+    generate: usize,
+    /// Examples for the prompt-sensitivity index (with 2+ templates).
+    #[arg(long, default_value_t = 4)]
+    sensitivity: usize,
+    /// Loss weights of the `wit_loss` column.
+    #[arg(long, default_value_t = 0.0)]
+    prompt_weight: f32,
+    #[arg(long, default_value_t = 1.0)]
+    response_weight: f32,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1024)]
+    max_seq_len: usize,
+    /// Accept adapters whose sidecar names another base fingerprint.
+    #[arg(long)]
+    allow_other_base: bool,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Self-contained HTML report.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let registry = Registry::open(args.registry.clone().unwrap_or_else(peft_wit::registry::default_root))?;
+    let mut names = args.adapters.clone();
+    if args.all {
+        names.extend(registry.names()?);
+    }
+    anyhow::ensure!(!names.is_empty() || args.base, "nothing to evaluate: give --adapters, --all or --base");
+    let load_started = Instant::now();
+    let base = load_model(
+        args.model.model.as_deref(),
+        args.model.base_dtype.as_deref().unwrap_or("f32"),
+        args.model.device.as_deref().unwrap_or("cpu"),
+    )?;
+    let base_load_seconds = load_started.elapsed().as_secs_f64();
+
+    let mut examples = if args.data == "builtin" {
+        data::builtin_examples(args.limit, peft_wit::train::prepare::BUILTIN_DATA_SEED + 1)
+    } else {
+        let field_map = match (&args.prompt_field, &args.response_field) {
+            (None, None) => None,
+            (p, r) => Some(FieldMap::new(
+                p.clone().unwrap_or_else(|| "prompt".into()),
+                r.clone().unwrap_or_else(|| "response".into()),
+            )),
+        };
+        let opts = LoadOptions { format: Format::Auto, field_map, on_bad_row: OnBadRow::Skip };
+        let (examples, report) = data::load_examples(std::path::Path::new(&args.data), &opts)?;
+        eprintln!("data: {report}");
+        examples
+    };
+    examples.truncate(args.limit);
+    let templates = args
+        .templates
+        .iter()
+        .map(|t| Ok((t.clone(), build_template(t, &base)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let spec = EvalSpec {
+        templates,
+        weights: LossWeights::new(args.prompt_weight, args.response_weight),
+        normalization: peft_wit::loss::Normalization::TokenCount,
+        batch_size: args.batch_size,
+        max_seq_len: args.max_seq_len,
+        generate: args.generate,
+        sensitivity_examples: args.sensitivity,
+    };
+    let eval_data = EvalData::new(&base, examples, &spec)?;
+    let n_examples = eval_data.examples.len();
+
+    let mut results = Vec::new();
+    if args.base {
+        eprintln!("evaluating base ...");
+        results.push(evaluate_adapter(&base, "base", None, &eval_data, &spec)?);
+    }
+    for name in &names {
+        let dir = registry.resolve(name)?;
+        let adapter = load_for_base(&dir, &base, args.allow_other_base)
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
+        eprintln!("evaluating {name} ...");
+        results.push(evaluate_adapter(&base, name, Some(&adapter), &eval_data, &spec)?);
+    }
+    let report = EvalReport {
+        model: base.name.clone(),
+        data: args.data.clone(),
+        examples: n_examples,
+        templates: args.templates.clone(),
+        base_load_seconds,
+        adapters: results,
+    };
+    let columns: Vec<String> = report
+        .metric_names()
+        .into_iter()
+        .filter(|m| !m.ends_with("_mean") && !m.ends_with("_std"))
+        .collect();
+    let mut header = vec!["adapter".to_string()];
+    header.extend(columns.iter().cloned());
+    let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
+    println!("{}", table(&header_refs, &report.table_rows(&columns)));
+    println!("(* best per column; base loaded once in {base_load_seconds:.1}s; per adapter: {})",
+        report.adapters.iter().map(|a| format!("{} {:.1}s", a.name, a.seconds)).collect::<Vec<_>>().join(", "));
+    if let Some(first) = report.adapters.first() {
+        for (k, g) in first.generations.iter().enumerate().take(3) {
+            println!("\n--- example {} ---\nprompt: {}\nreference: {}", k + 1, g.prompt.chars().take(200).collect::<String>(), g.reference);
+            for a in &report.adapters {
+                if let Some(out) = a.generations.get(k) {
+                    println!("{:>20}: {}", a.name, out.output.replace('\n', " "));
+                }
+            }
+        }
+    }
+    if let Some(path) = &args.json {
+        atomic_write(path, report.to_json().as_bytes())?;
+    }
+    if let Some(path) = &args.csv {
+        atomic_write(path, report.to_csv().as_bytes())?;
+    }
+    if let Some(path) = &args.report {
+        atomic_write(path, report.to_html().as_bytes())?;
+        eprintln!("report: {}", path.display());
+    }
+    Ok(())
+}
