@@ -5,6 +5,7 @@
 //! - [`lora`]: trainable low-rank adapters in PEFT's format.
 //! - [`loss`]: the weighted prompt/response loss.
 
+pub mod bench;
 pub mod data;
 pub mod device;
 pub mod error;

@@ -1,6 +1,7 @@
 //! Command definitions; each subcommand lives in its own module and turns flags into a
 //! validated library call.
 
+mod bench;
 mod common;
 mod eval;
 mod generate;
@@ -29,6 +30,9 @@ enum Command {
     Eval(Box<eval::Args>),
     /// Generate text with a base model and optionally an adapter.
     Generate(generate::Args),
+    /// Throughput and memory benchmarks.
+    #[command(subcommand)]
+    Bench(bench::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -38,5 +42,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sweep(args) => sweep::run(*args),
         Command::Eval(args) => eval::run(*args),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

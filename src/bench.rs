@@ -1,0 +1,143 @@
+//! Throughput and memory benchmarks of the training step, forward-only evaluation and
+//! generation, on the same workload the PyTorch + PEFT script in `benches/` runs.
+
+use std::time::Instant;
+
+use candle_core::DType;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::data::Batch;
+use crate::generate::{generate, GenerationConfig};
+use crate::lora::{LoraAdapter, LoraConfig};
+use crate::loss::{position_nll, weighted_nll_sum};
+use crate::model::decoder::ForwardContext;
+use crate::model::BaseModel;
+use crate::train::optim::{AdamW, AdamWParams};
+use crate::Result;
+
+/// The workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchSpec {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub rank: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub generate_tokens: usize,
+}
+
+/// What was measured (tokens/s are medians of the timed repetitions).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub model: String,
+    pub base_dtype: String,
+    pub spec: BenchSpec,
+    pub train_tokens_per_s: f64,
+    pub train_step_s: Vec<f64>,
+    pub eval_tokens_per_s: f64,
+    pub generate_tokens_per_s: f64,
+    /// Peak resident set size of the process so far (VmHWM), in MB.
+    pub peak_rss_mb: Option<f64>,
+    pub threads: usize,
+}
+
+/// Peak RSS from `/proc/self/status` (Linux), in MB.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        f64::NAN
+    } else {
+        s[s.len() / 2]
+    }
+}
+
+/// Random ids with every position after the first weighted 1 (the loss of `labels = input_ids`).
+fn random_batch(vocab: usize, spec: &BenchSpec, seed: u64) -> Batch {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = spec.batch_size * spec.seq_len;
+    let ids: Vec<u32> = (0..n).map(|_| rng.random_range(3..vocab as u32)).collect();
+    let weights: Vec<f32> = (0..n).map(|i| if i % spec.seq_len == 0 { 0.0 } else { 1.0 }).collect();
+    Batch {
+        ids,
+        weights,
+        seq_lens: vec![spec.seq_len; spec.batch_size],
+        batch: spec.batch_size,
+        seq_len: spec.seq_len,
+    }
+}
+
+/// Runs the training-step, eval and generation benchmarks.
+pub fn run(base: &BaseModel, spec: &BenchSpec, mut on_step: impl FnMut(&str, f64)) -> Result<BenchResult> {
+    let decoder = &base.decoder;
+    let lora = LoraConfig {
+        r: spec.rank,
+        lora_alpha: 2.0 * spec.rank as f64,
+        lora_dropout: 0.0,
+        ..Default::default()
+    };
+    let adapter = LoraAdapter::init(&lora, &decoder.config, 0, DType::F32, decoder.device())?;
+    let mut optimizer = AdamW::new(adapter.named_vars(), AdamWParams::default())?;
+    let tokens = (spec.batch_size * spec.seq_len) as f64;
+    let mut step_times = Vec::new();
+    for step in 0..spec.warmup + spec.steps {
+        let batch = random_batch(decoder.config.vocab_size, spec, step as u64);
+        let started = Instant::now();
+        let mut ctx = ForwardContext { adapter: Some(&adapter), ..Default::default() };
+        let (sum, count) = weighted_nll_sum(decoder, &batch, &mut ctx)?;
+        let loss = (sum / count as f64)?;
+        let grads = loss.backward()?;
+        let g: Vec<_> = optimizer
+            .vars()
+            .iter()
+            .map(|(_, v)| grads.get(v.as_tensor()).cloned().map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
+            .collect::<candle_core::Result<_>>()?;
+        drop(grads);
+        optimizer.step(&g, 1e-4)?;
+        let secs = started.elapsed().as_secs_f64();
+        on_step(if step < spec.warmup { "warmup" } else { "train" }, tokens / secs);
+        if step >= spec.warmup {
+            step_times.push(secs);
+        }
+    }
+    let mut eval_rates = Vec::new();
+    for rep in 0..spec.steps.clamp(1, 3) {
+        let batch = random_batch(decoder.config.vocab_size, spec, 1000 + rep as u64);
+        let started = Instant::now();
+        let mut ctx = ForwardContext { adapter: Some(&adapter), ..Default::default() };
+        position_nll(decoder, &batch, &mut ctx)?;
+        let rate = tokens / started.elapsed().as_secs_f64();
+        on_step("eval", rate);
+        eval_rates.push(rate);
+    }
+    let generate_tokens_per_s = if spec.generate_tokens > 0 {
+        let prompt: Vec<u32> = random_batch(decoder.config.vocab_size, spec, 7).ids[..32.min(spec.seq_len)].to_vec();
+        let config = GenerationConfig { max_new_tokens: spec.generate_tokens, ..Default::default() };
+        let started = Instant::now();
+        let out = generate(decoder, Some(&adapter), &prompt, &config, |_| {})?;
+        let rate = out.len() as f64 / started.elapsed().as_secs_f64();
+        on_step("generate", rate);
+        rate
+    } else {
+        f64::NAN
+    };
+    Ok(BenchResult {
+        model: base.name.clone(),
+        base_dtype: base.base_dtype.name().into(),
+        spec: spec.clone(),
+        train_tokens_per_s: tokens / median(&step_times),
+        train_step_s: step_times,
+        eval_tokens_per_s: median(&eval_rates),
+        generate_tokens_per_s,
+        peak_rss_mb: peak_rss_mb(),
+        threads: rayon::current_num_threads(),
+    })
+}

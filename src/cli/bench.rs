@@ -1,0 +1,66 @@
+//! `peft-wit bench train`: tokens/s and peak RSS of the training step (plus forward-only eval
+//! and generation) on a fixed workload; compare with `benches/torch_peft.py`.
+
+use peft_wit::bench::{run as run_bench, BenchSpec};
+
+use super::common::{load_model, ModelArgs};
+
+#[derive(clap::Subcommand)]
+pub enum Args {
+    /// Benchmark LoRA training steps on random tokens.
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Tokens to generate for the generation figure (0 skips it).
+    #[arg(long, default_value_t = 32)]
+    generate_tokens: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let Args::Train(args) = args;
+    let base = load_model(
+        args.model.model.as_deref(),
+        args.model.base_dtype.as_deref().unwrap_or("f32"),
+        args.model.device.as_deref().unwrap_or("cpu"),
+    )?;
+    let spec = BenchSpec {
+        batch_size: args.batch_size,
+        seq_len: args.seq_len,
+        rank: args.rank,
+        steps: args.steps,
+        warmup: args.warmup,
+        generate_tokens: args.generate_tokens,
+    };
+    let result = run_bench(&base, &spec, |phase, rate| eprintln!("{phase}: {rate:.1} tokens/s"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        println!(
+            "peft-wit {} base, batch {}x{}, LoRA r{} on 7 projections, {} threads:",
+            result.base_dtype, spec.batch_size, spec.seq_len, spec.rank, result.threads
+        );
+        println!("  train step (fwd+bwd+AdamW): {:.1} tokens/s (median of {})", result.train_tokens_per_s, spec.steps);
+        println!("  forward-only eval:          {:.1} tokens/s", result.eval_tokens_per_s);
+        println!("  generation (KV cache):      {:.1} tokens/s", result.generate_tokens_per_s);
+        println!("  peak RSS:                   {:.0} MB", result.peak_rss_mb.unwrap_or(f64::NAN));
+    }
+    Ok(())
+}
