@@ -258,3 +258,25 @@ fn a_stopped_sweep_resumes_and_skips_finished_cells() {
     let svg = std::fs::read_to_string(tmp.path().join("report").join("heatmap.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("stroke=\"red\""));
 }
+
+#[test]
+fn eval_of_a_trained_adapter_equals_the_trainers_own_eval() {
+    use peft_wit::eval::loss_metrics;
+    use peft_wit::lora::peft::load_peft;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(4);
+    let meta = match run(tmp.path(), &cfg, &RunOptions::default()).unwrap() {
+        TrainOutcome::Finished { meta, .. } => meta,
+        other => panic!("{other:?}"),
+    };
+    let base = tiny_base();
+    let adapter = load_peft(&tmp.path().join("tiny"), &base.decoder.config, DType::F32, &Device::Cpu).unwrap();
+    let weights = LossWeights::new(0.2, 0.8);
+    let m = loss_metrics(&base.decoder, Some(&adapter), &data().eval, &weights, Normalization::TokenCount, 4, 2).unwrap();
+    let logged = meta.metrics["response_loss"];
+    assert!((m.response_loss - logged).abs() < 1e-9, "{} vs {logged}", m.response_loss);
+    assert!((m.wit_loss - meta.metrics["wit_loss"]).abs() < 1e-9);
+    // The last eval line of metrics.jsonl is the same number.
+    let last_eval = metrics(tmp.path(), "tiny").iter().rev().find_map(|l| l.eval_response_loss).unwrap();
+    assert_eq!(last_eval, logged);
+}
