@@ -60,6 +60,7 @@ fn is_hub_id(spec: &str) -> bool {
     };
     let ok = |s: &str| {
         !s.is_empty()
+            && !s.starts_with('.')
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
