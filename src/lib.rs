@@ -3,5 +3,6 @@
 
 pub mod data;
 pub mod error;
+pub mod ops;
 
 pub use error::{Error, Result};

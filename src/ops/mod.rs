@@ -1,0 +1,95 @@
+//! Fused, differentiable ops for training on CPU.
+//!
+//! candle 0.11.1's fused `rms_norm`, `softmax_last_dim` and `rope*` have no backward (their
+//! gradients silently vanish) and the composed equivalents are slow on CPU. Every public
+//! function here dispatches: CPU tensors in f32/f64 run a rayon-parallel CustomOp with a
+//! hand-written backward; any other device or dtype runs the composed, autograd-friendly
+//! implementation in [`composed`] (which is also the reference the tests compare against).
+
+pub mod composed;
+mod kernel;
+mod nll;
+mod rms_norm;
+mod rope;
+mod silu_mul;
+mod softmax;
+#[cfg(test)]
+mod tests;
+
+use candle_core::{DType, Result, Tensor};
+
+/// True when every tensor is on the CPU and in the same float dtype the fused kernels support.
+fn fused(ts: &[&Tensor]) -> bool {
+    let dt = ts[0].dtype();
+    matches!(dt, DType::F32 | DType::F64)
+        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dt)
+}
+
+/// RMS norm over the last dim (Llama/HF): `y = x / sqrt(mean(x²) + eps) * weight`.
+///
+/// `x`: `[..., H]`, `weight`: `[H]`, same dtype. f16/bf16 inputs (composed path) are
+/// normalised in f32, cast back, then multiplied by the weight, as HF does.
+/// Gradients: dL/dx always; dL/dweight only when `weight` is a `Var` or depends on one
+/// (a frozen weight gets none, which saves a reduction and a stored tensor).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused(&[x, weight]) {
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, rms_norm::RmsNormOp { eps })
+    } else {
+        composed::rms_norm(x, weight, eps)
+    }
+}
+
+/// HF rotary embedding (non-interleaved, "rotate_half"), same contract as
+/// `candle_nn::rotary_emb::rope_slow`: `x` `[B, H, T, D]`, `cos`/`sin` `[T', D/2]` with
+/// `T' >= T` (the first T rows are used), all the same dtype.
+/// Gradient: dL/dx only; `cos`/`sin` are treated as constants (no gradient, even if tracked).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused(&[x, cos, sin]) {
+        rope::check_dims(x.dims(), cos.dims(), sin.dims())?;
+        x.contiguous()?
+            .apply_op3(&cos.contiguous()?, &sin.contiguous()?, rope::RopeOp)
+    } else {
+        composed::rope(x, cos, sin)
+    }
+}
+
+/// Softmax over the last dim. `-inf` entries give exactly 0; a row that is entirely `-inf`
+/// gives NaN (as the composed version does). Gradient: dL/dx.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fused(&[x]) {
+        x.contiguous()?.apply_op1(softmax::SoftmaxOp)
+    } else {
+        composed::softmax_last_dim(x)
+    }
+}
+
+/// SwiGLU activation `silu(gate) * up`; `gate` and `up` have the same shape and dtype (no
+/// broadcasting). Gradients: to both inputs (each only if it is a `Var` or depends on one).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused(&[gate, up]) {
+        gate.contiguous()?
+            .apply_op2(&up.contiguous()?, silu_mul::SiluMulOp)
+    } else {
+        composed::silu_mul(gate, up)
+    }
+}
+
+/// Weighted token NLL, summed (not averaged): `Σ_i w_i · (logsumexp(logits_i) − logits_i[t_i])`.
+///
+/// `logits`: `[N, V]` f32 (f64 also fused), `targets`: `[N]` u32 (< V, checked), `weights`:
+/// `[N]` same dtype as logits. Returns a scalar (shape `[]`) in the logits dtype; the sum is
+/// accumulated in f64. Rows with weight 0 are skipped (their logits may be anything finite).
+/// Gradient: dL/dlogits only (targets and weights are constants).
+pub fn weighted_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    if fused(&[logits, weights]) && targets.device().is_cpu() && targets.dtype() == DType::U32 {
+        nll::check_dims(logits.dims(), targets.dims(), weights.dims())?;
+        logits.contiguous()?.apply_op3(
+            &targets.contiguous()?,
+            &weights.contiguous()?,
+            nll::WeightedNllOp::new(),
+        )
+    } else {
+        composed::weighted_nll(logits, targets, weights)
+    }
+}
