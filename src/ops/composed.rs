@@ -48,3 +48,43 @@ pub fn weighted_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Resu
         .neg()?
         .sum_all()
 }
+
+/// Composed causal attention with the same contract as [`super::causal_attention`]
+/// (fully-masked query rows give 0, not NaN).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let hkv = k.dim(1)?;
+    let (k, v) = if hkv != h {
+        let rep = h / hkv;
+        let expand =
+            |x: &Tensor| -> Result<Tensor> { Tensor::cat(&vec![x; rep], 2)?.reshape((b, h, t, d)) };
+        (expand(k)?, expand(v)?)
+    } else {
+        (k.clone(), v.clone())
+    };
+    // allowed[b, 1, i, j] = (j <= i) · key_valid[b, j], as 0/1 in the compute dtype.
+    let dev = q.device();
+    let causal: Vec<u8> = (0..t * t).map(|x| u8::from(x % t <= x / t)).collect();
+    let causal = Tensor::from_vec(causal, (1, 1, t, t), dev)?.to_dtype(q.dtype())?;
+    let allowed = match key_padding {
+        Some(kp) => {
+            let kp = kp.to_dtype(DType::F32)?;
+            let kv = kp.ne(&kp.zeros_like()?)?.to_dtype(q.dtype())?;
+            let kv = kv.reshape((b, 1, 1, t))?;
+            causal.broadcast_mul(&kv)?
+        }
+        None => causal,
+    };
+    // A large finite bias instead of -inf keeps fully-masked rows finite; they are then
+    // zeroed by the multiplicative mask.
+    let bias = ((allowed.ones_like()? - &allowed)? * -1e30)?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+    let p = softmax_last_dim(&scores)?.broadcast_mul(&allowed)?;
+    p.matmul(&v)
+}

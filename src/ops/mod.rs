@@ -6,6 +6,7 @@
 //! hand-written backward; any other device or dtype runs the composed, autograd-friendly
 //! implementation in [`composed`] (which is also the reference the tests compare against).
 
+mod attention;
 pub mod composed;
 mod kernel;
 mod nll;
@@ -91,5 +92,54 @@ pub fn weighted_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Resu
         )
     } else {
         composed::weighted_nll(logits, targets, weights)
+    }
+}
+
+/// Causal self-attention `softmax(scale·q·kᵀ + mask)·v`, fused (no [B, H, T, T] tensor enters
+/// the autograd graph on the fused path).
+///
+/// `q`: `[B, H, T, D]`; `k`, `v`: `[B, Hkv, T, D]` with `H % Hkv == 0` (grouped-query
+/// attention: query head `h` uses kv head `h / (H / Hkv)`, as HF's `repeat_kv`); all the same
+/// dtype. Query `i` attends to keys `j <= i` that are not padding. `key_padding`: optional
+/// `[B, T]` of any dtype, nonzero = real token, 0 = padding. A query row with no valid key
+/// (e.g. a left-padded position) outputs 0 and passes no gradient (instead of NaN).
+/// Returns `[B, H, T, D]`. Gradients: to q, k and v (each only if it can reach a `Var`).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let dims = attention::check_dims(q.dims(), k.dims(), v.dims())?;
+    if let Some(kp) = key_padding {
+        let (b, t) = (q.dims()[0], q.dims()[2]);
+        if kp.dims() != [b, t] {
+            candle_core::bail!(
+                "causal_attention: key_padding must be [{b}, {t}], got {:?}",
+                kp.dims()
+            );
+        }
+    }
+    let _ = dims;
+    if fused(&[q, k, v]) {
+        let key_valid = match key_padding {
+            Some(kp) => Some(
+                kp.to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(|x| x != 0.0)
+                    .collect(),
+            ),
+            None => None,
+        };
+        q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            attention::AttentionOp::new(scale, key_valid),
+        )
+    } else {
+        composed::causal_attention(q, k, v, key_padding, scale)
     }
 }

@@ -405,3 +405,81 @@ fn composed_path_for_other_dtypes() -> Result<()> {
     assert_eq!(f.dims(), &[4, 32]);
     Ok(())
 }
+
+/// q [B, H, T, D], k/v [B, Hkv, T, D] and a right-padded key mask (batch 1 has 5 pads).
+fn attention_inputs(
+    rng: &mut Rng,
+    dt: DType,
+    h: usize,
+    hkv: usize,
+    t: usize,
+    d: usize,
+) -> Result<[Tensor; 4]> {
+    let q = rng.tensor(&[2, h, t, d], 1.5, dt)?;
+    let k = rng.tensor(&[2, hkv, t, d], 1.5, dt)?;
+    let v = rng.tensor(&[2, hkv, t, d], 1.0, dt)?;
+    let kp: Vec<u32> = (0..2 * t)
+        .map(|i| u32::from(i < t || i % t < t - 5))
+        .collect();
+    Ok([q, k, v, Tensor::from_vec(kp, (2, t), &Device::Cpu)?])
+}
+
+#[test]
+fn causal_attention_matches_composed() -> Result<()> {
+    let mut rng = Rng(13);
+    for (h, hkv, pad) in [(9, 3, true), (4, 4, false)] {
+        let [q, k, v, kp] = attention_inputs(&mut rng, DType::F32, h, hkv, 37, 64)?;
+        let kp = pad.then_some(kp);
+        let r = rng.tensor(&[2, h, 37, 64], 1.0, DType::F32)?;
+        let scale = 1.0 / 8.0;
+        compare(
+            &format!("causal_attention h={h} hkv={hkv} pad={pad}"),
+            &[q, k, v],
+            &r,
+            &|x| super::causal_attention(&x[0], &x[1], &x[2], kp.as_ref(), scale),
+            &|x| composed::causal_attention(&x[0], &x[1], &x[2], kp.as_ref(), scale),
+            1e-5,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn causal_attention_fully_masked_rows_are_zero() -> Result<()> {
+    // Left padding: query 0 of batch 0 has no valid key.
+    let mut rng = Rng(14);
+    let [q, k, v, _] = attention_inputs(&mut rng, DType::F32, 2, 2, 6, 8)?;
+    let kp = Tensor::new(&[[0u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], &Device::Cpu)?;
+    let r = rng.tensor(&[2, 2, 6, 8], 1.0, DType::F32)?;
+    compare(
+        "causal_attention left pad",
+        &[q.clone(), k.clone(), v.clone()],
+        &r,
+        &|x| super::causal_attention(&x[0], &x[1], &x[2], Some(&kp), 0.3),
+        &|x| composed::causal_attention(&x[0], &x[1], &x[2], Some(&kp), 0.3),
+        1e-5,
+    )?;
+    let y = super::causal_attention(&q, &k, &v, Some(&kp), 0.3)?;
+    assert_eq!(max_abs(&y.get(0)?.narrow(1, 0, 1)?)?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn causal_attention_finite_difference_f64() -> Result<()> {
+    let mut rng = Rng(15);
+    let [q, k, v, kp] = attention_inputs(&mut rng, DType::F64, 4, 2, 9, 8)?;
+    let r = rng.tensor(&[2, 4, 9, 8], 1.0, DType::F64)?;
+    let f = |x: &[Tensor]| super::causal_attention(&x[0], &x[1], &x[2], Some(&kp), 0.35);
+    let ins = [q, k, v];
+    for i in 0..3 {
+        finite_diff(
+            &format!("causal_attention input {i}"),
+            &ins,
+            i,
+            &r,
+            &f,
+            &mut rng,
+        )?;
+    }
+    Ok(())
+}
