@@ -7,49 +7,44 @@ use std::time::Instant;
 
 type OpFn<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
 
-fn median_ms(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..2 {
-        f()?;
-    }
-    let mut ts = Vec::new();
-    for _ in 0..10 {
-        let t = Instant::now();
-        f()?;
-        ts.push(t.elapsed().as_secs_f64() * 1e3);
-    }
+fn median(mut ts: Vec<f64>) -> f64 {
     ts.sort_by(|a, b| a.total_cmp(b));
-    Ok((ts[4] + ts[5]) / 2.0)
+    let n = ts.len();
+    (ts[(n - 1) / 2] + ts[n / 2]) / 2.0
 }
 
-/// Medians in ms: (forward, backward of a prebuilt graph, backward of the harness alone).
-/// The loss is Σ y·r (r random, so the incoming gradient is dense) unless y is a scalar; the
-/// harness column is the same loss on y = first input, i.e. what `backward()` costs besides the
-/// op (the mul's backward, candle's gradient accumulation, allocations).
-fn time(inputs: &[Var], r: &Tensor, f: OpFn) -> Result<(f64, f64, f64)> {
-    let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
-    let fwd = median_ms(|| f(&ts).map(|_| ()))?;
-    let loss_of = |y: Tensor| -> Result<Tensor> {
-        if y.rank() == 0 {
-            Ok(y)
-        } else {
-            (y * r)?.sum_all()
+fn ms(f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Medians (ms) of interleaved runs, so load from other processes hits all variants alike.
+fn medians(fs: &mut [&mut dyn FnMut() -> Result<()>]) -> Result<Vec<f64>> {
+    const RUNS: usize = 11;
+    let mut ts = vec![Vec::new(); fs.len()];
+    for run in 0..RUNS + 2 {
+        for (f, t) in fs.iter_mut().zip(ts.iter_mut()) {
+            let v = ms(*f)?;
+            if run >= 2 {
+                t.push(v); // the first two runs are warm-up
+            }
         }
-    };
-    let loss = loss_of(f(&ts)?)?;
-    let bwd = median_ms(|| loss.backward().map(|_| ()))?;
-    let harness = if r.rank() == 0 {
-        0.0
+    }
+    Ok(ts.into_iter().map(median).collect())
+}
+
+fn loss_of(y: Tensor, r: &Tensor) -> Result<Tensor> {
+    if y.rank() == 0 {
+        Ok(y)
     } else {
-        let base = loss_of(ts[0].clone())?;
-        median_ms(|| base.backward().map(|_| ()))?
-    };
-    Ok((fwd, bwd, harness))
+        (y * r)?.sum_all()
+    }
 }
 
-fn randn(dims: &[usize], scale: f64) -> Result<Tensor> {
-    Tensor::randn(0f32, scale as f32, dims, &Device::Cpu)
-}
-
+/// Fused vs composed: forward, backward() of a prebuilt graph, and the harness: the same loss
+/// Σ y·r on y = first input, i.e. what backward() costs besides the op (the mul's backward,
+/// candle's gradient accumulation, allocations). Op-only backward = backward() − harness.
 fn row(name: &str, shape: &str, inputs: &[Var], r: &Tensor, fused: OpFn, comp: OpFn) -> Result<()> {
     // OPS_BENCH=name restricts the run to the ops whose name contains it (for profiling).
     if let Ok(only) = std::env::var("OPS_BENCH") {
@@ -57,9 +52,27 @@ fn row(name: &str, shape: &str, inputs: &[Var], r: &Tensor, fused: OpFn, comp: O
             return Ok(());
         }
     }
-    let (ff, fb, h) = time(inputs, r, fused)?;
-    let (cf, cb, _) = time(inputs, r, comp)?;
-    // Op-only backward: backward() minus the harness (clamped to stay positive in noise).
+    let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+    let f = medians(&mut [&mut || fused(&ts).map(|_| ()), &mut || {
+        comp(&ts).map(|_| ())
+    }])?;
+    let (lf, lc) = (loss_of(fused(&ts)?, r)?, loss_of(comp(&ts)?, r)?);
+    let scalar = r.rank() == 0;
+    // Scalar ops (the loss) need no harness: backward() starts at them.
+    let lh = if scalar {
+        None
+    } else {
+        Some(loss_of(ts[0].clone(), r)?)
+    };
+    let b = medians(&mut [
+        &mut || lf.backward().map(|_| ()),
+        &mut || lc.backward().map(|_| ()),
+        &mut || match &lh {
+            Some(l) => l.backward().map(|_| ()),
+            None => Ok(()),
+        },
+    ])?;
+    let (ff, cf, fb, cb, h) = (f[0], f[1], b[0], b[1], if scalar { 0.0 } else { b[2] });
     let (fo, co) = ((fb - h).max(0.01), (cb - h).max(0.01));
     println!(
         "| {name} | {shape} | {ff:.2} | {cf:.2} | {:.1}× | {fb:.2} | {cb:.2} | {h:.2} | {fo:.2} | {co:.2} | {:.1}× | {:.1}× |",
@@ -68,6 +81,10 @@ fn row(name: &str, shape: &str, inputs: &[Var], r: &Tensor, fused: OpFn, comp: O
         (cf + co) / (ff + fo),
     );
     Ok(())
+}
+
+fn randn(dims: &[usize], scale: f64) -> Result<Tensor> {
+    Tensor::randn(0f32, scale as f32, dims, &Device::Cpu)
 }
 
 fn main() -> Result<()> {
@@ -125,6 +142,58 @@ fn main() -> Result<()> {
         &r,
         &|x| ops::softmax_last_dim(&x[0]),
         &|x| composed::softmax_last_dim(&x[0]),
+    )?;
+
+    // Attention as in SmolLM2-135M: 9 query heads, 3 kv heads, head dim 64; batch 1 right-padded.
+    let q = Var::from_tensor(&randn(&[4, 9, t, d], 1.0)?)?;
+    let k = Var::from_tensor(&randn(&[4, 3, t, d], 1.0)?)?;
+    let v = Var::from_tensor(&randn(&[4, 3, t, d], 1.0)?)?;
+    let kp = Tensor::new(
+        (0..4 * t as u32)
+            .map(|i| u32::from(i < t as u32 || i % (t as u32) < 200))
+            .collect::<Vec<_>>(),
+        &Device::Cpu,
+    )?
+    .reshape((4, t))?;
+    let r = randn(&[4, 9, t, d], 1.0)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    row(
+        "causal_attention",
+        "q [4, 9, 256, 64], kv [4, 3, 256, 64]",
+        &[q.clone(), k.clone(), v.clone()],
+        &r,
+        &|x| ops::causal_attention(&x[0], &x[1], &x[2], Some(&kp), scale),
+        &|x| composed::causal_attention(&x[0], &x[1], &x[2], Some(&kp), scale),
+    )?;
+    // The alternative without the fused attention: candle matmuls + the fused softmax.
+    let mask = {
+        let causal: Vec<f32> = (0..t * t)
+            .map(|k| {
+                if k % t > k / t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, t, t), &Device::Cpu)?;
+        let pad = kp.to_dtype(DType::F32)?.reshape((4, 1, 1, t))?;
+        let pad = ((pad - 1.0)? * 1e30)?; // 0 for real keys, -1e30 for padding
+        causal.broadcast_add(&pad)?
+    };
+    row(
+        "attention: matmul + fused softmax",
+        "same",
+        &[q, k, v],
+        &r,
+        &|x| ops::causal_attention(&x[0], &x[1], &x[2], Some(&kp), scale),
+        &|x| {
+            let rep = |t: &Tensor| -> Result<Tensor> {
+                Tensor::cat(&[t, t, t], 2)?.reshape((4, 9, 256, 64))
+            };
+            let s = (x[0].matmul(&rep(&x[1])?.t()?)? * scale)?.broadcast_add(&mask)?;
+            ops::softmax_last_dim(&s)?.matmul(&rep(&x[2])?)
+        },
     )?;
 
     let g = Var::from_tensor(&randn(&[1024, 1536], 2.0)?)?;

@@ -6,7 +6,9 @@
 //! recomputes the probabilities from it (flash-attention style), so nothing [T, T]-sized is
 //! stored between passes.
 
-use super::kernel::{contiguous_slice, max, tensor_from_vec, with_cpu_slices, Elem};
+use super::kernel::{
+    contiguous_slice, dot, max, simd_fn, sum, tensor_from_vec, with_cpu_slices, Elem,
+};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -131,50 +133,57 @@ fn valid(kv: Option<&[bool]>, i: usize, j: usize) -> bool {
     j <= i && kv.is_none_or(|kv| kv[j])
 }
 
-/// Turns raw scores `s` (T×T) into probabilities in place; returns per-row lse.
-fn probs<T: Elem>(s: &mut [T], t: usize, scale: T, kv: Option<&[bool]>, lse: &mut [f64]) {
-    for (i, row) in s.chunks_exact_mut(t).enumerate() {
-        for (j, x) in row.iter_mut().enumerate() {
-            *x = if valid(kv, i, j) {
-                *x * scale
-            } else {
-                T::NEG_INF
-            };
+simd_fn! {
+    // Turns raw scores `s` (T×T) into probabilities in place; writes per-row lse.
+    fn probs<T: Elem>(s: &mut [T], t: usize, scale: T, kv: Option<&[bool]>, lse: &mut [f64]) {
+        for (i, row) in s.chunks_exact_mut(t).enumerate() {
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = if valid(kv, i, j) { *x * scale } else { T::NEG_INF };
+            }
+            let m = max(&row[..=i]);
+            if m == T::NEG_INF {
+                row.fill(T::ZERO);
+                lse[i] = f64::INFINITY;
+                continue;
+            }
+            for x in row[..=i].iter_mut() {
+                *x = (*x - m).vexp();
+            }
+            let total = sum(&row[..=i]);
+            row[i + 1..].fill(T::ZERO);
+            let inv = T::ONE / total;
+            for x in row[..=i].iter_mut() {
+                *x *= inv;
+            }
+            lse[i] = m.to_f64() + total.to_f64().ln();
         }
-        let m = max(&row[..=i]);
-        if m == T::NEG_INF {
-            row.fill(T::ZERO);
-            lse[i] = f64::INFINITY;
-            continue;
-        }
-        let mut sum = T::ZERO;
-        for x in row[..=i].iter_mut() {
-            *x = (*x - m).vexp();
-            sum += *x;
-        }
-        row[i + 1..].fill(T::ZERO);
-        let inv = T::ONE / sum;
-        for x in row[..=i].iter_mut() {
-            *x *= inv;
-        }
-        lse[i] = m.to_f64() + sum.to_f64().ln();
     }
 }
 
-/// Recomputes probabilities from raw scores and the stored lse.
-fn probs_from_lse<T: Elem>(s: &mut [T], t: usize, scale: T, kv: Option<&[bool]>, lse: &[f64]) {
-    for (i, row) in s.chunks_exact_mut(t).enumerate() {
-        if lse[i].is_infinite() {
-            row.fill(T::ZERO);
-            continue;
+simd_fn! {
+    // Recomputes probabilities from raw scores and the stored lse.
+    fn probs_from_lse<T: Elem>(s: &mut [T], t: usize, scale: T, kv: Option<&[bool]>, lse: &[f64]) {
+        for (i, row) in s.chunks_exact_mut(t).enumerate() {
+            if lse[i].is_infinite() {
+                row.fill(T::ZERO);
+                continue;
+            }
+            let l = T::from_f64(lse[i]);
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = if valid(kv, i, j) { (*x * scale - l).vexp() } else { T::ZERO };
+            }
         }
-        let l = T::from_f64(lse[i]);
-        for (j, x) in row.iter_mut().enumerate() {
-            *x = if valid(kv, i, j) {
-                (*x * scale - l).vexp()
-            } else {
-                T::ZERO
-            };
+    }
+}
+
+simd_fn! {
+    // dS = scale · P ⊙ (dP − Σ_j P dP), in place over dP.
+    fn softmax_grad<T: Elem>(p: &[T], dp: &mut [T], t: usize, scale: T) {
+        for (pr, dr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+            let c = dot(pr, dr);
+            for (x, pv) in dr.iter_mut().zip(pr) {
+                *x = *pv * (*x - c) * scale;
+            }
         }
     }
 }
@@ -263,12 +272,7 @@ impl AttentionOp {
                             gemm(dv, t, d, t, mat(&p, 1, t), mat(gh, d, 1), true)?;
                             // dP = dO Vᵀ; dS = scale · P ⊙ (dP − Σ_j P dP)
                             gemm(&mut dp, t, t, d, mat(gh, d, 1), mat(vh, 1, d), false)?;
-                            for (pr, dr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
-                                let c = super::kernel::dot(pr, dr);
-                                for (x, pv) in dr.iter_mut().zip(pr) {
-                                    *x = *pv * (*x - c) * scale;
-                                }
-                            }
+                            softmax_grad(&p, &mut dp, t, scale);
                             // dQ = dS K; dK += dSᵀ Q
                             let dqh = &mut dq[r * td..(r + 1) * td];
                             gemm(dqh, t, d, t, mat(&dp, t, 1), mat(kh, d, 1), false)?;
