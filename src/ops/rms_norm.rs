@@ -76,8 +76,8 @@ fn fwd<T: Elem>(
     let x = contiguous_slice::<T>(xs, xl)?;
     let w = contiguous_slice::<T>(ws, wl)?;
     let mut y = vec![T::ZERO; x.len()];
-    if h > 0 {
-        let rows = rows_per_task(x.len() / h, h) * h;
+    if let Some(n_rows) = x.len().checked_div(h) {
+        let rows = rows_per_task(n_rows, h) * h;
         x.par_chunks(rows)
             .zip(y.par_chunks_mut(rows))
             .for_each(|(x, y)| fwd_rows(x, w, y, eps));
@@ -98,8 +98,8 @@ fn bwd<T: Elem>(
         let (x, w, g) = (s[0], s[1], s[2]);
         let mut dx = vec![T::ZERO; x.len()];
         let mut dw = None;
-        if h > 0 {
-            let rows = rows_per_task(x.len() / h, h) * h;
+        if let Some(n_rows) = x.len().checked_div(h) {
+            let rows = rows_per_task(n_rows, h) * h;
             let chunks = x
                 .par_chunks(rows)
                 .zip(g.par_chunks(rows))

@@ -50,9 +50,9 @@ pub(crate) fn check_dims(x: &[usize], cos: &[usize], sin: &[usize]) -> Result<(u
 fn apply<T: Elem>(x: &[T], cos: &[T], sin: &[T], t: usize, d: usize, inverse: bool) -> Vec<T> {
     let mut y = vec![T::ZERO; x.len()];
     let block = t * d;
-    if block > 0 {
+    if let Some(n_blocks) = x.len().checked_div(block) {
         // (b, h) blocks are independent; group small ones so tasks stay ≥ ~16K elements.
-        let per = super::kernel::rows_per_task(x.len() / block, block) * block;
+        let per = super::kernel::rows_per_task(n_blocks, block) * block;
         let (cos, sin) = (&cos[..t * d / 2], &sin[..t * d / 2]);
         x.par_chunks(per)
             .zip(y.par_chunks_mut(per))

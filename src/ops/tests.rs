@@ -53,7 +53,7 @@ fn grads(
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let vars = inputs
         .iter()
-        .map(|t| Var::from_tensor(t))
+        .map(Var::from_tensor)
         .collect::<Result<Vec<_>>>()?;
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = f(&ts)?;
@@ -253,7 +253,7 @@ fn softmax_matches_composed() -> Result<()> {
     let r = rng.tensor(&[2, 9, 37, 37], 1.0, DType::F32)?;
     compare(
         "softmax",
-        &[x.clone()],
+        std::slice::from_ref(&x),
         &r,
         &|t| super::softmax_last_dim(&t[0]),
         &|t| composed::softmax_last_dim(&t[0]),
