@@ -88,7 +88,13 @@ fn randn(dims: &[usize], scale: f64) -> Result<Tensor> {
 }
 
 fn main() -> Result<()> {
-    println!("threads: {}", rayon::current_num_threads());
+    // OPS_TUNE_MALLOC=1 measures with `ops::tune_glibc_malloc()` applied.
+    let tuned =
+        std::env::var("OPS_TUNE_MALLOC").is_ok_and(|v| v == "1") && ops::tune_glibc_malloc();
+    println!(
+        "threads: {}, glibc malloc tuned: {tuned}",
+        rayon::current_num_threads()
+    );
     println!("| op | shape | fused fwd | composed fwd | fwd speed-up | fused backward() | composed backward() | harness backward() | fused op bwd | composed op bwd | bwd speed-up | fwd+bwd speed-up |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
 

@@ -6,6 +6,7 @@
 //! hand-written backward; any other device or dtype runs the composed, autograd-friendly
 //! implementation in [`composed`] (which is also the reference the tests compare against).
 
+mod alloc;
 mod attention;
 pub mod composed;
 mod kernel;
@@ -17,6 +18,7 @@ mod softmax;
 #[cfg(test)]
 mod tests;
 
+pub use alloc::tune_glibc_malloc;
 use candle_core::{DType, Result, Tensor};
 
 /// True when every tensor is on the CPU and in the same float dtype the fused kernels support.
