@@ -13,6 +13,10 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
+/// Query rows per causal block: blocks skip the keys after their last query (~37% fewer
+/// flops at T = 256 than full T×T products).
+const QBLOCK: usize = 64;
+
 pub(crate) struct AttentionOp {
     pub scale: f64,
     /// [B, T] key validity (true = may be attended to); None = all valid.
@@ -134,16 +138,18 @@ fn valid(kv: Option<&[bool]>, i: usize, j: usize) -> bool {
 }
 
 simd_fn! {
-    // Turns raw scores `s` (T×T) into probabilities in place; writes per-row lse.
-    fn probs<T: Elem>(s: &mut [T], t: usize, scale: T, kv: Option<&[bool]>, lse: &mut [f64]) {
-        for (i, row) in s.chunks_exact_mut(t).enumerate() {
+    // Turns raw scores of queries i0.. against keys 0..nk (rows of length nk) into
+    // probabilities in place; writes per-row lse.
+    fn probs<T: Elem>(s: &mut [T], nk: usize, i0: usize, scale: T, kv: Option<&[bool]>, lse: &mut [f64]) {
+        for (r, row) in s.chunks_exact_mut(nk).enumerate() {
+            let i = i0 + r;
             for (j, x) in row.iter_mut().enumerate() {
                 *x = if valid(kv, i, j) { *x * scale } else { T::NEG_INF };
             }
             let m = max(&row[..=i]);
             if m == T::NEG_INF {
                 row.fill(T::ZERO);
-                lse[i] = f64::INFINITY;
+                lse[r] = f64::INFINITY;
                 continue;
             }
             for x in row[..=i].iter_mut() {
@@ -155,20 +161,21 @@ simd_fn! {
             for x in row[..=i].iter_mut() {
                 *x *= inv;
             }
-            lse[i] = m.to_f64() + total.to_f64().ln();
+            lse[r] = m.to_f64() + total.to_f64().ln();
         }
     }
 }
 
 simd_fn! {
     // Recomputes probabilities from raw scores and the stored lse.
-    fn probs_from_lse<T: Elem>(s: &mut [T], t: usize, scale: T, kv: Option<&[bool]>, lse: &[f64]) {
-        for (i, row) in s.chunks_exact_mut(t).enumerate() {
-            if lse[i].is_infinite() {
+    fn probs_from_lse<T: Elem>(s: &mut [T], nk: usize, i0: usize, scale: T, kv: Option<&[bool]>, lse: &[f64]) {
+        for (r, row) in s.chunks_exact_mut(nk).enumerate() {
+            let i = i0 + r;
+            if lse[r].is_infinite() {
                 row.fill(T::ZERO);
                 continue;
             }
-            let l = T::from_f64(lse[i]);
+            let l = T::from_f64(lse[r]);
             for (j, x) in row.iter_mut().enumerate() {
                 *x = if valid(kv, i, j) { (*x * scale - l).vexp() } else { T::ZERO };
             }
@@ -215,13 +222,21 @@ impl AttentionOp {
                     let kv = self.key_valid(task / hkv, t);
                     let kh = &k[task * td..(task + 1) * td];
                     let vh = &v[task * td..(task + 1) * td];
-                    let mut sc = vec![T::ZERO; t * t];
+                    let mut sc = vec![T::ZERO; QBLOCK.min(t) * t];
                     for r in 0..rep {
                         let qh = &q[(task * rep + r) * td..(task * rep + r + 1) * td];
-                        gemm(&mut sc, t, t, d, mat(qh, d, 1), mat(kh, 1, d), false)?;
-                        probs(&mut sc, t, scale, kv, &mut lse[r * t..(r + 1) * t]);
                         let oh = &mut o[r * td..(r + 1) * td];
-                        gemm(oh, t, d, t, mat(&sc, t, 1), mat(vh, d, 1), false)?;
+                        let lse = &mut lse[r * t..(r + 1) * t];
+                        // Causal: query block i0..i1 only sees keys 0..i1.
+                        for i0 in (0..t).step_by(QBLOCK) {
+                            let (i1, nq) = ((i0 + QBLOCK).min(t), (QBLOCK).min(t - i0));
+                            let sc = &mut sc[..nq * i1];
+                            let qb = mat(&qh[i0 * d..], d, 1);
+                            gemm(sc, nq, i1, d, qb, mat(kh, 1, d), false)?;
+                            probs(sc, i1, i0, scale, kv, &mut lse[i0..i1]);
+                            let ob = &mut oh[i0 * d..i1 * d];
+                            gemm(ob, nq, d, i1, mat(sc, i1, 1), mat(vh, d, 1), false)?;
+                        }
                     }
                     Ok(())
                 })?;
@@ -261,22 +276,29 @@ impl AttentionOp {
                         let kv = self.key_valid(task / hkv, t);
                         let kh = &k[task * td..(task + 1) * td];
                         let vh = &v[task * td..(task + 1) * td];
-                        let mut p = vec![T::ZERO; t * t];
-                        let mut dp = vec![T::ZERO; t * t];
+                        let mut p = vec![T::ZERO; QBLOCK.min(t) * t];
+                        let mut dp = vec![T::ZERO; QBLOCK.min(t) * t];
                         for r in 0..rep {
                             let off = (task * rep + r) * td;
                             let (qh, gh) = (&q[off..off + td], &go[off..off + td]);
-                            gemm(&mut p, t, t, d, mat(qh, d, 1), mat(kh, 1, d), false)?;
-                            probs_from_lse(&mut p, t, scale, kv, &lse[r * t..(r + 1) * t]);
-                            // dV += Pᵀ dO
-                            gemm(dv, t, d, t, mat(&p, 1, t), mat(gh, d, 1), true)?;
-                            // dP = dO Vᵀ; dS = scale · P ⊙ (dP − Σ_j P dP)
-                            gemm(&mut dp, t, t, d, mat(gh, d, 1), mat(vh, 1, d), false)?;
-                            softmax_grad(&p, &mut dp, t, scale);
-                            // dQ = dS K; dK += dSᵀ Q
                             let dqh = &mut dq[r * td..(r + 1) * td];
-                            gemm(dqh, t, d, t, mat(&dp, t, 1), mat(kh, d, 1), false)?;
-                            gemm(dk, t, d, t, mat(&dp, 1, t), mat(qh, d, 1), true)?;
+                            let lse = &lse[r * t..(r + 1) * t];
+                            for i0 in (0..t).step_by(QBLOCK) {
+                                let (i1, nq) = ((i0 + QBLOCK).min(t), QBLOCK.min(t - i0));
+                                let (p, dp) = (&mut p[..nq * i1], &mut dp[..nq * i1]);
+                                let (qb, gb) = (mat(&qh[i0 * d..], d, 1), mat(&gh[i0 * d..], d, 1));
+                                gemm(p, nq, i1, d, qb, mat(kh, 1, d), false)?;
+                                probs_from_lse(p, i1, i0, scale, kv, &lse[i0..i1]);
+                                // dV[..i1] += Pᵀ dO
+                                gemm(&mut dv[..i1 * d], i1, d, nq, mat(p, 1, i1), gb, true)?;
+                                // dP = dO Vᵀ; dS = scale · P ⊙ (dP − Σ_j P dP)
+                                gemm(dp, nq, i1, d, gb, mat(vh, 1, d), false)?;
+                                softmax_grad(p, dp, i1, scale);
+                                // dQ = dS K; dK[..i1] += dSᵀ Q
+                                let dqb = &mut dqh[i0 * d..i1 * d];
+                                gemm(dqb, nq, d, i1, mat(dp, i1, 1), mat(kh, d, 1), false)?;
+                                gemm(&mut dk[..i1 * d], i1, d, nq, mat(dp, 1, i1), qb, true)?;
+                            }
                         }
                         Ok(())
                     })?;

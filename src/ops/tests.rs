@@ -427,13 +427,14 @@ fn attention_inputs(
 #[test]
 fn causal_attention_matches_composed() -> Result<()> {
     let mut rng = Rng(13);
-    for (h, hkv, pad) in [(9, 3, true), (4, 4, false)] {
-        let [q, k, v, kp] = attention_inputs(&mut rng, DType::F32, h, hkv, 37, 64)?;
+    // T = 150 spans three causal query blocks (the last one partial).
+    for (h, hkv, t, pad) in [(9, 3, 37, true), (4, 4, 37, false), (9, 3, 150, true)] {
+        let [q, k, v, kp] = attention_inputs(&mut rng, DType::F32, h, hkv, t, 64)?;
         let kp = pad.then_some(kp);
-        let r = rng.tensor(&[2, h, 37, 64], 1.0, DType::F32)?;
+        let r = rng.tensor(&[2, h, t, 64], 1.0, DType::F32)?;
         let scale = 1.0 / 8.0;
         compare(
-            &format!("causal_attention h={h} hkv={hkv} pad={pad}"),
+            &format!("causal_attention h={h} hkv={hkv} t={t} pad={pad}"),
             &[q, k, v],
             &r,
             &|x| super::causal_attention(&x[0], &x[1], &x[2], kp.as_ref(), scale),
@@ -467,8 +468,9 @@ fn causal_attention_fully_masked_rows_are_zero() -> Result<()> {
 #[test]
 fn causal_attention_finite_difference_f64() -> Result<()> {
     let mut rng = Rng(15);
-    let [q, k, v, kp] = attention_inputs(&mut rng, DType::F64, 4, 2, 9, 8)?;
-    let r = rng.tensor(&[2, 4, 9, 8], 1.0, DType::F64)?;
+    // T = 70 > one causal query block, so the block bookkeeping is differentiated too.
+    let [q, k, v, kp] = attention_inputs(&mut rng, DType::F64, 4, 2, 70, 4)?;
+    let r = rng.tensor(&[2, 4, 70, 4], 1.0, DType::F64)?;
     let f = |x: &[Tensor]| super::causal_attention(&x[0], &x[1], &x[2], Some(&kp), 0.35);
     let ins = [q, k, v];
     for i in 0..3 {
