@@ -237,5 +237,16 @@ fn main() -> Result<()> {
         &|x| ops::weighted_nll(&x[0], &targets, &weights),
         &|x| composed::weighted_nll(&x[0], &targets, &weights),
     )?;
+    // lm_head + loss: hidden [1024, 576] (trainable path) against a frozen [49152, 576] weight.
+    let hidden = Var::from_tensor(&randn(&[n, 576], 1.0)?)?;
+    let lm_head = randn(&[v, 576], 0.05)?;
+    row(
+        "weighted_nll_linear vs matmul + fused weighted_nll",
+        "h [1024, 576], W [49152, 576]",
+        &[hidden],
+        &unit,
+        &|x| ops::weighted_nll_linear(&x[0], &lm_head, &targets, &weights),
+        &|x| ops::weighted_nll(&x[0].matmul(&lm_head.t()?)?, &targets, &weights),
+    )?;
     Ok(())
 }

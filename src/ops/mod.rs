@@ -11,6 +11,7 @@ mod attention;
 pub mod composed;
 mod kernel;
 mod nll;
+mod nll_linear;
 mod rms_norm;
 mod rope;
 mod silu_mul;
@@ -143,5 +144,40 @@ pub fn causal_attention(
         )
     } else {
         composed::causal_attention(q, k, v, key_padding, scale)
+    }
+}
+
+/// Output projection fused with [`weighted_nll`]: the same scalar as
+/// `weighted_nll(&hidden.matmul(&weight.t()?)?, targets, weights)` without materialising the
+/// `[N, V]` logits or their gradient.
+///
+/// `hidden`: `[N, H]`, `weight`: `[V, H]` (lm_head / tied embedding layout, no bias), same
+/// dtype; `targets`: `[N]` u32; `weights`: `[N]`. Gradient: dL/dhidden only. The fused path
+/// requires a constant `weight` (not a Var and not derived from one); otherwise, and off CPU,
+/// it falls back to matmul + [`weighted_nll`], which also yields dL/dweight. On the fused path
+/// the forward pass does the backward matmul as well (~2× the forward flops of a plain
+/// projection) when `hidden` needs a gradient, and backward is a scalar multiply.
+pub fn weighted_nll_linear(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor> {
+    nll_linear::check_dims(hidden.dims(), weight.dims(), targets.elem_count())?;
+    if fused(&[hidden, weight]) && !weight.track_op() && targets.dtype() == DType::U32 {
+        nll::check_dims(
+            &[hidden.dims()[0], weight.dims()[0]],
+            targets.dims(),
+            weights.dims(),
+        )?;
+        let op = nll_linear::NllLinearOp::new(
+            targets.to_vec1::<u32>()?,
+            weights.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+            hidden.track_op(),
+        );
+        hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
+    } else {
+        let logits = hidden.matmul(&weight.t()?)?;
+        weighted_nll(&logits, targets, weights)
     }
 }

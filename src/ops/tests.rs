@@ -485,3 +485,36 @@ fn causal_attention_finite_difference_f64() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn weighted_nll_linear_matches_composed() -> Result<()> {
+    let mut rng = Rng(16);
+    // 600 rows: two full 256-row blocks and a partial one.
+    let (_, t, w) = nll_inputs(&mut rng, 600, 384, DType::F32)?;
+    let h = rng.tensor(&[600, 64], 1.0, DType::F32)?;
+    let wt = rng.tensor(&[384, 64], 0.5, DType::F32)?;
+    let r = Tensor::new(0.7f32, &Device::Cpu)?;
+    compare(
+        "weighted_nll_linear",
+        &[h.clone()],
+        &r,
+        &|x| super::weighted_nll_linear(&x[0], &wt, &t, &w),
+        &|x| composed::weighted_nll(&x[0].matmul(&wt.t()?)?, &t, &w),
+        1e-5,
+    )?;
+    // A trainable weight takes the composed path and gets its gradient.
+    let (hv, wv) = (Var::from_tensor(&h)?, Var::from_tensor(&wt)?);
+    let g = super::weighted_nll_linear(&hv, &wv, &t, &w)?.backward()?;
+    assert!(g.get(&hv).is_some() && g.get(&wv).is_some());
+    Ok(())
+}
+
+#[test]
+fn weighted_nll_linear_finite_difference_f64() -> Result<()> {
+    let mut rng = Rng(17);
+    let (_, t, w) = nll_inputs(&mut rng, 40, 29, DType::F64)?;
+    let h = rng.tensor(&[40, 6], 1.0, DType::F64)?;
+    let wt = rng.tensor(&[29, 6], 1.0, DType::F64)?;
+    let f = |x: &[Tensor]| super::weighted_nll_linear(&x[0], &wt, &t, &w);
+    finite_diff("weighted_nll_linear", &[h], 0, &scalar_one()?, &f, &mut rng)
+}
