@@ -496,7 +496,7 @@ fn weighted_nll_linear_matches_composed() -> Result<()> {
     let r = Tensor::new(0.7f32, &Device::Cpu)?;
     compare(
         "weighted_nll_linear",
-        &[h.clone()],
+        std::slice::from_ref(&h),
         &r,
         &|x| super::weighted_nll_linear(&x[0], &wt, &t, &w),
         &|x| composed::weighted_nll(&x[0].matmul(&wt.t()?)?, &t, &w),
