@@ -1,5 +1,7 @@
 //! Fused vs composed forward and forward+backward times for the ops in `peft_wit::ops`.
-//! Run: `cargo bench --bench ops` (medians of 10 runs after 2 warm-ups).
+//! Run: `cargo bench --bench ops` (medians of 11 interleaved runs after 2 warm-ups).
+//! `OPS_BENCH=<substring>` runs only matching rows; `OPS_TUNE_MALLOC=1` applies
+//! `ops::tune_glibc_malloc()` first.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use peft_wit::ops::{self, composed};
