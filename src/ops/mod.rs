@@ -1,47 +1,183 @@
-//! Differentiable building blocks of the decoder. These composed versions are the reference
-//! implementations; candle's fused `rms_norm`, `softmax_last_dim` and `rope` have no backward.
+//! Fused, differentiable ops for training on CPU.
+//!
+//! candle 0.11.1's fused `rms_norm`, `softmax_last_dim` and `rope*` have no backward (their
+//! gradients silently vanish) and the composed equivalents are slow on CPU. Every public
+//! function here dispatches: CPU tensors in f32/f64 run a rayon-parallel CustomOp with a
+//! hand-written backward; any other device or dtype runs the composed, autograd-friendly
+//! implementation in [`composed`] (which is also the reference the tests compare against).
 
-use candle_core::{DType, Result, Tensor, D};
+mod alloc;
+mod attention;
+pub mod composed;
+mod kernel;
+mod nll;
+mod nll_linear;
+mod rms_norm;
+mod rope;
+mod silu_mul;
+mod softmax;
+#[cfg(test)]
+mod tests;
 
-/// At least f32: reductions in half precision lose too much; f64 (gradient checks) stays f64.
-fn wide(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
+pub use alloc::tune_glibc_malloc;
+use candle_core::{DType, Result, Tensor};
+
+/// True when every tensor is on the CPU and in the same float dtype the fused kernels support.
+fn fused(ts: &[&Tensor]) -> bool {
+    let dt = ts[0].dtype();
+    matches!(dt, DType::F32 | DType::F64)
+        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dt)
+}
+
+/// RMS norm over the last dim (Llama/HF): `y = x / sqrt(mean(x²) + eps) * weight`.
+///
+/// `x`: `[..., H]`, `weight`: `[H]`, same dtype. f16/bf16 inputs (composed path) are
+/// normalised in f32, cast back, then multiplied by the weight, as HF does.
+/// Gradients: dL/dx always; dL/dweight only when `weight` is a `Var` or depends on one
+/// (a frozen weight gets none, which saves a reduction and a stored tensor).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused(&[x, weight]) {
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, rms_norm::RmsNormOp { eps })
     } else {
-        DType::F32
+        composed::rms_norm(x, weight, eps)
     }
 }
 
-/// `x / sqrt(mean(x²) + eps) * weight`, normalised in f32 as transformers does.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = x.to_dtype(wide(dtype))?;
-    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(&weight.to_dtype(dtype)?)
-}
-
-/// HF rotary embedding (rotate_half layout); x `[B, H, T, D]`, cos/sin `[T, D/2]`.
+/// HF rotary embedding (non-interleaved, "rotate_half"), same contract as
+/// `candle_nn::rotary_emb::rope_slow`: `x` `[B, H, T, D]`, `cos`/`sin` `[T', D/2]` with
+/// `T' >= T` (the first T rows are used), all the same dtype.
+/// Gradient: dL/dx only; `cos`/`sin` are treated as constants (no gradient, even if tracked).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    candle_nn::rotary_emb::rope_slow(x, &cos.to_dtype(x.dtype())?, &sin.to_dtype(x.dtype())?)
+    if fused(&[x, cos, sin]) {
+        rope::check_dims(x.dims(), cos.dims(), sin.dims())?;
+        x.contiguous()?
+            .apply_op3(&cos.contiguous()?, &sin.contiguous()?, rope::RopeOp)
+    } else {
+        composed::rope(x, cos, sin)
+    }
 }
 
-/// Softmax over the last dimension, in f32.
+/// Softmax over the last dim. `-inf` entries give exactly 0; a row that is entirely `-inf`
+/// gives NaN (as the composed version does). Gradient: dL/dx.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    candle_nn::ops::softmax(&x.to_dtype(wide(dtype))?, D::Minus1)?.to_dtype(dtype)
+    if fused(&[x]) {
+        x.contiguous()?.apply_op1(softmax::SoftmaxOp)
+    } else {
+        composed::softmax_last_dim(x)
+    }
 }
 
-/// `silu(gate) * up`, the SwiGLU MLP activation.
+/// SwiGLU activation `silu(gate) * up`; `gate` and `up` have the same shape and dtype (no
+/// broadcasting). Gradients: to both inputs (each only if it is a `Var` or depends on one).
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.silu()? * up
+    if fused(&[gate, up]) {
+        gate.contiguous()?
+            .apply_op2(&up.contiguous()?, silu_mul::SiluMulOp)
+    } else {
+        composed::silu_mul(gate, up)
+    }
 }
 
-/// `Σ_i w_i · -log softmax(logits_i)[target_i]` (a sum; the caller normalises).
+/// Weighted token NLL, summed (not averaged): `Σ_i w_i · (logsumexp(logits_i) − logits_i[t_i])`.
+///
+/// `logits`: `[N, V]` f32 (f64 also fused), `targets`: `[N]` u32 (< V, checked), `weights`:
+/// `[N]` same dtype as logits. Returns a scalar (shape `[]`) in the logits dtype; the sum is
+/// accumulated in f64. Rows with weight 0 are skipped (their logits may be anything finite).
+/// Gradient: dL/dlogits only (targets and weights are constants).
 pub fn weighted_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(wide(logits.dtype()))?, D::Minus1)?;
-    let picked = logp
-        .gather(&targets.unsqueeze(1)?, 1)?
-        .squeeze(1)?;
-    (picked * weights.to_dtype(logp.dtype())?)?.sum_all()?.neg()
+    if fused(&[logits, weights]) && targets.device().is_cpu() && targets.dtype() == DType::U32 {
+        nll::check_dims(logits.dims(), targets.dims(), weights.dims())?;
+        logits.contiguous()?.apply_op3(
+            &targets.contiguous()?,
+            &weights.contiguous()?,
+            nll::WeightedNllOp::new(),
+        )
+    } else {
+        composed::weighted_nll(logits, targets, weights)
+    }
+}
+
+/// Causal self-attention `softmax(scale·q·kᵀ + mask)·v`, fused (no [B, H, T, T] tensor enters
+/// the autograd graph on the fused path).
+///
+/// `q`: `[B, H, T, D]`; `k`, `v`: `[B, Hkv, T, D]` with `H % Hkv == 0` (grouped-query
+/// attention: query head `h` uses kv head `h / (H / Hkv)`, as HF's `repeat_kv`); all the same
+/// dtype. Query `i` attends to keys `j <= i` that are not padding. `key_padding`: optional
+/// `[B, T]` of any dtype, nonzero = real token, 0 = padding. A query row with no valid key
+/// (e.g. a left-padded position) outputs 0 and passes no gradient (instead of NaN).
+/// Returns `[B, H, T, D]`. Gradients: to q, k and v (each only if it can reach a `Var`).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let dims = attention::check_dims(q.dims(), k.dims(), v.dims())?;
+    if let Some(kp) = key_padding {
+        let (b, t) = (q.dims()[0], q.dims()[2]);
+        if kp.dims() != [b, t] {
+            candle_core::bail!(
+                "causal_attention: key_padding must be [{b}, {t}], got {:?}",
+                kp.dims()
+            );
+        }
+    }
+    let _ = dims;
+    if fused(&[q, k, v]) {
+        let key_valid = match key_padding {
+            Some(kp) => Some(
+                kp.to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(|x| x != 0.0)
+                    .collect(),
+            ),
+            None => None,
+        };
+        q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            attention::AttentionOp::new(scale, key_valid),
+        )
+    } else {
+        composed::causal_attention(q, k, v, key_padding, scale)
+    }
+}
+
+/// Output projection fused with [`weighted_nll`]: the same scalar as
+/// `weighted_nll(&hidden.matmul(&weight.t()?)?, targets, weights)` without materialising the
+/// `[N, V]` logits or their gradient.
+///
+/// `hidden`: `[N, H]`, `weight`: `[V, H]` (lm_head / tied embedding layout, no bias), same
+/// dtype; `targets`: `[N]` u32; `weights`: `[N]`. Gradient: dL/dhidden only. The fused path
+/// requires a constant `weight` (not a Var and not derived from one); otherwise, and off CPU,
+/// it falls back to matmul + [`weighted_nll`], which also yields dL/dweight. On the fused path
+/// the forward pass does the backward matmul as well (~2× the forward flops of a plain
+/// projection) when `hidden` needs a gradient, and backward is a scalar multiply.
+pub fn weighted_nll_linear(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor> {
+    nll_linear::check_dims(hidden.dims(), weight.dims(), targets.elem_count())?;
+    if fused(&[hidden, weight]) && !weight.track_op() && targets.dtype() == DType::U32 {
+        nll::check_dims(
+            &[hidden.dims()[0], weight.dims()[0]],
+            targets.dims(),
+            weights.dims(),
+        )?;
+        let op = nll_linear::NllLinearOp::new(
+            targets.to_vec1::<u32>()?,
+            weights.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+            hidden.track_op(),
+        );
+        hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
+    } else {
+        let logits = hidden.matmul(&weight.t()?)?;
+        weighted_nll(&logits, targets, weights)
+    }
 }

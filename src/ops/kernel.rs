@@ -1,0 +1,204 @@
+//! Shared CPU helpers: element trait, vectorisable exp, row chunking, storage access and
+//! runtime SIMD dispatch (the crate is built for baseline x86-64, so hot loops are compiled
+//! a second time with AVX2+FMA and picked at run time).
+
+use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor, WithDType};
+
+/// Float element types the fused CPU kernels support (f32 for training, f64 for grad checks).
+pub(crate) trait Elem: WithDType {
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INF: Self;
+    /// exp that the compiler can vectorise (f32: Cephes polynomial, ~2 ulp).
+    fn vexp(self) -> Self;
+    /// Plain `if` max: vectorises (`f32::max` has NaN semantics that do not always).
+    #[inline(always)]
+    fn vmax(self, o: Self) -> Self {
+        if o > self {
+            o
+        } else {
+            self
+        }
+    }
+}
+
+impl Elem for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    #[inline(always)]
+    fn vexp(self) -> Self {
+        exp_f32(self)
+    }
+}
+
+impl Elem for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    #[inline(always)]
+    fn vexp(self) -> Self {
+        self.exp()
+    }
+}
+
+/// Branch-free expf (Cephes): round via the 1.5·2^23 trick (no `floor` call, which is a libm
+/// call on baseline x86-64), degree-6 polynomial, scale by 2^n built in the exponent bits.
+/// Inputs below ln(2^-126) (including -inf) give exactly 0; NaN propagates.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const HI: f32 = 88.376_26;
+    const LO: f32 = -87.336_55;
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = if x > HI { HI } else { x };
+    let xc = if xc < LO { LO } else { xc };
+    let z = xc * LOG2E + MAGIC;
+    let n = z - MAGIC;
+    let ni = (z.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * (r * r) + r + 1.0;
+    let scale = f32::from_bits(((ni + 127) << 23) as u32);
+    let out = y * scale;
+    if x < LO {
+        0.0
+    } else {
+        out
+    }
+}
+
+/// Wraps a kernel so it is compiled twice (baseline and AVX2+FMA) and dispatched at run time.
+/// The body must be `#[inline(always)]`-able code; `a * b + c` is left as written (no fusion),
+/// so results are identical up to vector-width reassociation inside reductions.
+macro_rules! simd_fn {
+    ($vis:vis fn $name:ident<$T:ident: Elem>($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $vis fn $name<$T: Elem>($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp<$T: Elem>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2<$T: Elem>($($arg: $ty),*) $(-> $ret)? { imp::<$T>($($arg),*) }
+                if $crate::ops::kernel::has_avx2() {
+                    // SAFETY: the CPU supports avx2+fma (checked at run time just above).
+                    return unsafe { avx2::<$T>($($arg),*) };
+                }
+            }
+            imp::<$T>($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+const LANES: usize = 16;
+
+/// Σ a·b with independent lane accumulators so the loop vectorises.
+#[inline(always)]
+pub(crate) fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::ZERO; LANES];
+    let ca = a.chunks_exact(LANES);
+    let cb = b.chunks_exact(LANES);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += xa[l] * xb[l];
+        }
+    }
+    let mut s = T::ZERO;
+    for (x, y) in ra.iter().zip(rb) {
+        s += *x * *y;
+    }
+    acc.iter().fold(s, |s, v| s + *v)
+}
+
+/// Σ a with lane accumulators.
+#[inline(always)]
+pub(crate) fn sum<T: Elem>(a: &[T]) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let ca = a.chunks_exact(LANES);
+    let r = ca.remainder();
+    for x in ca {
+        for l in 0..LANES {
+            acc[l] += x[l];
+        }
+    }
+    let s = r.iter().fold(T::ZERO, |s, v| s + *v);
+    acc.iter().fold(s, |s, v| s + *v)
+}
+
+/// max a with lane accumulators.
+#[inline(always)]
+pub(crate) fn max<T: Elem>(a: &[T]) -> T {
+    let mut acc = [T::NEG_INF; LANES];
+    let ca = a.chunks_exact(LANES);
+    let r = ca.remainder();
+    for x in ca {
+        for l in 0..LANES {
+            acc[l] = acc[l].vmax(x[l]);
+        }
+    }
+    let m = r.iter().fold(T::NEG_INF, |m, v| m.vmax(*v));
+    acc.iter().fold(m, |m, v| m.vmax(*v))
+}
+
+/// Rows per rayon task: big enough to amortise scheduling (≥ ~16K elements), small enough to
+/// give every thread a few tasks.
+pub(crate) fn rows_per_task(n_rows: usize, row_len: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let min_rows = (16 * 1024usize).div_ceil(row_len.max(1));
+    let balanced = n_rows.div_ceil(4 * threads);
+    balanced.max(min_rows).clamp(1, n_rows.max(1))
+}
+
+/// The contiguous data of a CPU storage under `layout`.
+pub(crate) fn contiguous_slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
+    let data = T::cpu_storage_as_slice(s)?;
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("fused op: input must be contiguous"),
+    }
+}
+
+/// Runs `f` on the contiguous CPU data of several same-dtype tensors.
+pub(crate) fn with_cpu_slices<T: WithDType, R>(
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> Result<R>,
+) -> Result<R> {
+    let cs = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = cs.iter().map(|t| t.storage_and_layout()).collect();
+    let slices = guards
+        .iter()
+        .map(|(s, l)| match &**s {
+            Storage::Cpu(cpu) => contiguous_slice::<T>(cpu, l),
+            _ => bail!("fused op: expected a CPU tensor"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    f(&slices)
+}
+
+/// Builds a CPU tensor from an owned buffer (no copy).
+pub(crate) fn tensor_from_vec<T: WithDType>(v: Vec<T>, dims: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(v, dims, &candle_core::Device::Cpu)
+}

@@ -1,0 +1,231 @@
+//! Fused output projection + weighted NLL: Σ_i w_i · (logsumexp(h_i·Wᵀ) − h_i·W[t_i]).
+//!
+//! The [N, V] logits never become a candle tensor. Because dL/dlogits = g · w_i ·
+//! (softmax − onehot) is linear in the incoming scalar g, the forward pass computes
+//! dL/dh / g = w ⊙ (softmax − onehot) · W block by block (while the logits block is hot) and
+//! backward only scales it: no stored logits, no [N, V] gradient, and no dW product for the
+//! frozen projection.
+
+use super::kernel::{contiguous_slice, max, simd_fn, tensor_from_vec, Elem};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Rows per block: 256 × V logits of scratch (50 MB at V = 49152, f32). Large blocks matter:
+/// each gemm call packs the whole [V, H] weight, so small blocks re-pack it many times.
+const ROWS: usize = 256;
+
+pub(crate) struct NllLinearOp {
+    pub targets: Vec<u32>,
+    pub weights: Vec<f64>,
+    /// Precompute dL/dh (only when `hidden` can reach a Var).
+    pub need_grad: bool,
+    /// dL/dh for an incoming gradient of 1, [N, H].
+    grad: OnceLock<Tensor>,
+}
+
+impl NllLinearOp {
+    pub(crate) fn new(targets: Vec<u32>, weights: Vec<f64>, need_grad: bool) -> Self {
+        Self {
+            targets,
+            weights,
+            need_grad,
+            grad: OnceLock::new(),
+        }
+    }
+}
+
+/// hidden [N, H], weight [V, H]; returns (N, H, V).
+pub(crate) fn check_dims(
+    h: &[usize],
+    w: &[usize],
+    n_targets: usize,
+) -> Result<(usize, usize, usize)> {
+    let ([n, hd], [v, wh]) = (h, w) else {
+        bail!("weighted_nll_linear: hidden must be [N, H] and weight [V, H], got {h:?}, {w:?}");
+    };
+    if hd != wh || *v == 0 || *n != n_targets {
+        bail!(
+            "weighted_nll_linear: hidden {h:?}, weight {w:?}, {n_targets} targets are incompatible"
+        );
+    }
+    Ok((*n, *hd, *v))
+}
+
+simd_fn! {
+    // Per row: loss term, and (if `grad`) the row turned into w·(softmax − onehot) in place.
+    fn rows_loss<T: Elem>(logits: &mut [T], t: &[u32], w: &[f64], v: usize, grad: bool) -> f64 {
+        let mut loss = 0.0;
+        for (i, row) in logits.chunks_exact_mut(v).enumerate() {
+            if w[i] == 0.0 {
+                row.fill(T::ZERO);
+                continue;
+            }
+            let m = max(row);
+            let target = row[t[i] as usize].to_f64();
+            let mut s = T::ZERO;
+            if grad {
+                for x in row.iter_mut() {
+                    *x = (*x - m).vexp();
+                    s += *x;
+                }
+            } else {
+                for x in row.iter() {
+                    s += (*x - m).vexp();
+                }
+            }
+            loss += w[i] * (m.to_f64() + s.to_f64().ln() - target);
+            if grad {
+                let c = T::from_f64(w[i]) / s;
+                for x in row.iter_mut() {
+                    *x *= c;
+                }
+                row[t[i] as usize] -= T::from_f64(w[i]);
+            }
+        }
+        loss
+    }
+}
+
+/// `c[m×n] = a[m×k] · b` with b given by (row stride, col stride); bounds checked by callers'
+/// shapes (all slices are exact blocks of validated tensors).
+#[allow(clippy::too_many_arguments)]
+fn gemm<T: Elem>(
+    c: &mut [T],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    b: &[T],
+    b_rs: usize,
+    b_cs: usize,
+) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let ok = c.len() >= m * n
+        && (m == 0 || k == 0 || a.len() > (m - 1) * k + (k - 1))
+        && (k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    if !ok {
+        bail!("weighted_nll_linear: internal gemm bounds");
+    }
+    if m == 0 || n == 0 || k == 0 {
+        c[..m * n].fill(T::ZERO);
+        return Ok(());
+    }
+    // SAFETY: operand bounds checked above; `c` is a distinct mutable borrow.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::ZERO,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
+impl NllLinearOp {
+    fn fwd<T: Elem>(
+        &self,
+        hs: &CpuStorage,
+        hl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, hd, v) = check_dims(hl.dims(), wl.dims(), self.targets.len())?;
+        if self.weights.len() != n {
+            bail!(
+                "weighted_nll_linear: {} weights for {n} rows",
+                self.weights.len()
+            );
+        }
+        if let Some(bad) = self.targets.iter().find(|&&t| t as usize >= v) {
+            bail!("weighted_nll_linear: target {bad} out of range for vocabulary {v}");
+        }
+        let h = contiguous_slice::<T>(hs, hl)?;
+        let w = contiguous_slice::<T>(ws, wl)?;
+        let need_grad = self.need_grad;
+        let mut dh = vec![T::ZERO; if need_grad { n * hd } else { 0 }];
+        let mut logits = vec![T::ZERO; ROWS.min(n) * v];
+        let mut total = 0.0f64;
+        // Row blocks in sequence; the gemms and the per-row softmax are parallel inside.
+        for r0 in (0..n).step_by(ROWS) {
+            let m = ROWS.min(n - r0);
+            let lg = &mut logits[..m * v];
+            // logits = h_blk · Wᵀ (W is [V, H] row-major: Wᵀ has row stride 1, col stride H).
+            gemm(lg, m, v, hd, &h[r0 * hd..(r0 + m) * hd], w, 1, hd)?;
+            let (t, wt) = (&self.targets[r0..r0 + m], &self.weights[r0..r0 + m]);
+            let per = super::kernel::rows_per_task(m, v);
+            total += lg
+                .par_chunks_mut(per * v)
+                .zip(t.par_chunks(per).zip(wt.par_chunks(per)))
+                .map(|(lg, (t, wt))| rows_loss(lg, t, wt, v, need_grad))
+                .sum::<f64>();
+            if need_grad {
+                // dh_blk = (w ⊙ (softmax − onehot)) · W
+                gemm(&mut dh[r0 * hd..(r0 + m) * hd], m, hd, v, lg, w, hd, 1)?;
+            }
+        }
+        if need_grad {
+            let _ = self.grad.set(tensor_from_vec(dh, &[n, hd])?);
+        }
+        Ok((
+            T::to_cpu_storage_owned(vec![T::from_f64(total)]),
+            Shape::from(()),
+        ))
+    }
+}
+
+impl CustomOp2 for NllLinearOp {
+    fn name(&self) -> &'static str {
+        "peft-weighted-nll-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.fwd::<f32>(s1, l1, s2, l2),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => self.fwd::<f64>(s1, l1, s2, l2),
+            _ => bail!("weighted_nll_linear: fused op supports f32/f64 with matching dtypes"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _h: &Tensor,
+        _w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // The public function only takes this path for a weight that cannot reach a Var.
+        let dh = self.grad.get().ok_or_else(|| {
+            candle_core::Error::Msg("weighted_nll_linear: no precomputed gradient".into())
+        })?;
+        let g = g.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        Ok((Some(dh.affine(g, 0.0)?), None))
+    }
+}

@@ -1,0 +1,520 @@
+//! Fused vs composed (forward and backward) and finite-difference checks for every op.
+
+use super::{composed, kernel};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+/// Small deterministic RNG (CPU seeding is unavailable in candle).
+struct Rng(u64);
+
+impl Rng {
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in [-scale, scale].
+    fn tensor(&mut self, dims: &[usize], scale: f64, dt: DType) -> Result<Tensor> {
+        let n: usize = dims.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|_| (2.0 * self.next_f64() - 1.0) * scale)
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dt)
+    }
+}
+
+fn max_abs(t: &Tensor) -> Result<f64> {
+    t.to_dtype(DType::F64)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()
+}
+
+/// max |a − b| / max(1, max |b|).
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    assert_eq!(a.dims(), b.dims());
+    let d = max_abs(&(a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?)?;
+    Ok(d / max_abs(b)?.max(1.0))
+}
+
+fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) -> Result<()> {
+    let e = rel_err(a, b)?;
+    assert!(e <= tol, "{what}: error {e:e} > {tol:e}");
+    Ok(())
+}
+
+/// Runs `f` on Vars built from `inputs`, returns (output, grads of Σ f(x)·r).
+fn grads(
+    inputs: &[Tensor],
+    r: &Tensor,
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars = inputs
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<Result<Vec<_>>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts)?;
+    let loss = y.broadcast_mul(r)?.sum_all()?;
+    let g = loss.backward()?;
+    let gs = ts
+        .iter()
+        .map(|t| {
+            g.get(t)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((y, gs))
+}
+
+/// Fused vs composed: forward within `ftol`, all grads within 1e-4 (relative).
+fn compare(
+    name: &str,
+    inputs: &[Tensor],
+    r: &Tensor,
+    fused: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    reference: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    ftol: f64,
+) -> Result<()> {
+    let (yf, gf) = grads(inputs, r, fused)?;
+    let (yr, gr) = grads(inputs, r, reference)?;
+    assert_close(&format!("{name} forward"), &yf, &yr, ftol)?;
+    for (i, (a, b)) in gf.iter().zip(&gr).enumerate() {
+        assert_close(&format!("{name} grad {i}"), a, b, 1e-4)?;
+    }
+    Ok(())
+}
+
+/// Central finite differences in f64 on `n` random coordinates of input `which`.
+fn finite_diff(
+    name: &str,
+    inputs: &[Tensor],
+    which: usize,
+    r: &Tensor,
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    rng: &mut Rng,
+) -> Result<()> {
+    let (_, g) = grads(inputs, r, f)?;
+    let g = g[which].flatten_all()?.to_vec1::<f64>()?;
+    let base = inputs[which].flatten_all()?.to_vec1::<f64>()?;
+    let dims = inputs[which].dims().to_vec();
+    let loss = |v: Vec<f64>| -> Result<f64> {
+        let mut ins = inputs.to_vec();
+        ins[which] = Tensor::from_vec(v, dims.as_slice(), &Device::Cpu)?;
+        f(&ins)?.broadcast_mul(r)?.sum_all()?.to_scalar::<f64>()
+    };
+    let h = 1e-6;
+    for _ in 0..12 {
+        let k = (rng.next_f64() * base.len() as f64) as usize % base.len();
+        let (mut p, mut m) = (base.clone(), base.clone());
+        p[k] += h;
+        m[k] -= h;
+        let num = (loss(p)? - loss(m)?) / (2.0 * h);
+        let err = (num - g[k]).abs() / g[k].abs().max(1.0);
+        assert!(err < 1e-6, "{name}: fd {num} vs analytic {} at {k}", g[k]);
+    }
+    Ok(())
+}
+
+fn scalar_one() -> Result<Tensor> {
+    Tensor::new(1f64, &Device::Cpu)
+}
+
+#[test]
+fn exp_f32_matches_std() {
+    let mut worst = 0f64;
+    let mut x = -104.0f32;
+    while x < 88.0 {
+        let (a, b) = (kernel::exp_f32(x) as f64, (x as f64).exp());
+        if b > f32::MIN_POSITIVE as f64 {
+            worst = worst.max((a - b).abs() / b);
+        }
+        x += 0.0137;
+    }
+    assert!(worst < 3e-7, "worst relative error {worst:e}");
+    assert_eq!(kernel::exp_f32(f32::NEG_INFINITY), 0.0);
+    assert!(kernel::exp_f32(f32::NAN).is_nan());
+}
+
+#[test]
+fn rms_norm_matches_composed() -> Result<()> {
+    let mut rng = Rng(1);
+    let x = rng.tensor(&[2, 37, 576], 2.0, DType::F32)?;
+    let w = (rng.tensor(&[576], 0.5, DType::F32)? + 1.0)?;
+    let r = rng.tensor(&[2, 37, 576], 1.0, DType::F32)?;
+    compare(
+        "rms_norm",
+        &[x, w],
+        &r,
+        &|t| super::rms_norm(&t[0], &t[1], 1e-5),
+        &|t| composed::rms_norm(&t[0], &t[1], 1e-5),
+        1e-5,
+    )
+}
+
+#[test]
+fn rms_norm_frozen_weight_gets_no_grad() -> Result<()> {
+    let mut rng = Rng(2);
+    let x = Var::from_tensor(&rng.tensor(&[5, 64], 1.0, DType::F32)?)?;
+    let w = rng.tensor(&[64], 1.0, DType::F32)?;
+    let g = super::rms_norm(&x, &w, 1e-6)?.sum_all()?.backward()?;
+    assert!(g.get(&x).is_some() && g.get(&w).is_none());
+    Ok(())
+}
+
+#[test]
+fn rms_norm_finite_difference_f64() -> Result<()> {
+    let mut rng = Rng(3);
+    let x = rng.tensor(&[3, 7, 40], 2.0, DType::F64)?;
+    let w = rng.tensor(&[40], 1.5, DType::F64)?;
+    let r = rng.tensor(&[3, 7, 40], 1.0, DType::F64)?;
+    let f = |t: &[Tensor]| super::rms_norm(&t[0], &t[1], 1e-6);
+    let ins = [x, w];
+    finite_diff("rms_norm dx", &ins, 0, &r, &f, &mut rng)?;
+    finite_diff("rms_norm dw", &ins, 1, &r, &f, &mut rng)
+}
+
+/// cos/sin tables like Llama's, with more rows than T (the op uses the first T).
+fn rope_tables(t: usize, d: usize, dt: DType) -> Result<(Tensor, Tensor)> {
+    let half = d / 2;
+    let mut c = Vec::new();
+    let mut s = Vec::new();
+    for p in 0..t {
+        for i in 0..half {
+            let th = p as f64 / 10000f64.powf(2.0 * i as f64 / d as f64);
+            c.push(th.cos());
+            s.push(th.sin());
+        }
+    }
+    let c = Tensor::from_vec(c, (t, half), &Device::Cpu)?.to_dtype(dt)?;
+    let s = Tensor::from_vec(s, (t, half), &Device::Cpu)?.to_dtype(dt)?;
+    Ok((c, s))
+}
+
+#[test]
+fn rope_matches_composed() -> Result<()> {
+    let mut rng = Rng(4);
+    let x = rng.tensor(&[2, 9, 37, 64], 1.0, DType::F32)?;
+    let r = rng.tensor(&[2, 9, 37, 64], 1.0, DType::F32)?;
+    let (c, s) = rope_tables(50, 64, DType::F32)?;
+    compare(
+        "rope",
+        &[x],
+        &r,
+        &|t| super::rope(&t[0], &c, &s),
+        &|t| composed::rope(&t[0], &c, &s),
+        1e-5,
+    )?;
+    // A non-contiguous input (q after a transpose) goes through the same path.
+    let xt = rng
+        .tensor(&[2, 37, 9, 64], 1.0, DType::F32)?
+        .transpose(1, 2)?;
+    assert_close(
+        "rope strided",
+        &super::rope(&xt, &c, &s)?,
+        &composed::rope(&xt, &c, &s)?,
+        1e-6,
+    )
+}
+
+#[test]
+fn rope_finite_difference_f64() -> Result<()> {
+    let mut rng = Rng(5);
+    let x = rng.tensor(&[2, 3, 11, 16], 1.0, DType::F64)?;
+    let r = rng.tensor(&[2, 3, 11, 16], 1.0, DType::F64)?;
+    let (c, s) = rope_tables(11, 16, DType::F64)?;
+    let f = |t: &[Tensor]| super::rope(&t[0], &c, &s);
+    finite_diff("rope", &[x], 0, &r, &f, &mut rng)
+}
+
+/// Scores with a causal mask (-inf above the diagonal) like attention produces.
+fn masked_scores(rng: &mut Rng, b: usize, h: usize, t: usize, dt: DType) -> Result<Tensor> {
+    let x = rng.tensor(&[b, h, t, t], 4.0, dt)?;
+    let mask: Vec<f64> = (0..t * t)
+        .map(|k| {
+            if k % t > k / t {
+                f64::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?.to_dtype(dt)?;
+    x.broadcast_add(&mask)
+}
+
+#[test]
+fn softmax_matches_composed() -> Result<()> {
+    let mut rng = Rng(6);
+    let x = masked_scores(&mut rng, 2, 9, 37, DType::F32)?;
+    let r = rng.tensor(&[2, 9, 37, 37], 1.0, DType::F32)?;
+    compare(
+        "softmax",
+        std::slice::from_ref(&x),
+        &r,
+        &|t| super::softmax_last_dim(&t[0]),
+        &|t| composed::softmax_last_dim(&t[0]),
+        1e-5,
+    )?;
+    // Masked entries are exactly zero.
+    let y = super::softmax_last_dim(&x)?;
+    let masked = y.i_masked(&x)?;
+    assert_eq!(masked, 0.0);
+    Ok(())
+}
+
+/// Σ |y| over the entries where x is -inf.
+trait MaskedSum {
+    fn i_masked(&self, x: &Tensor) -> Result<f64>;
+}
+
+impl MaskedSum for Tensor {
+    fn i_masked(&self, x: &Tensor) -> Result<f64> {
+        let ys = self.flatten_all()?.to_vec1::<f32>()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        Ok(ys
+            .iter()
+            .zip(&xs)
+            .filter(|(_, x)| x.is_infinite())
+            .map(|(y, _)| y.abs() as f64)
+            .sum())
+    }
+}
+
+#[test]
+fn softmax_finite_difference_f64() -> Result<()> {
+    let mut rng = Rng(7);
+    let x = rng.tensor(&[3, 5, 13], 3.0, DType::F64)?;
+    let r = rng.tensor(&[3, 5, 13], 1.0, DType::F64)?;
+    let f = |t: &[Tensor]| super::softmax_last_dim(&t[0]);
+    finite_diff("softmax", &[x], 0, &r, &f, &mut rng)
+}
+
+#[test]
+fn silu_mul_matches_composed() -> Result<()> {
+    let mut rng = Rng(8);
+    // Enough elements for several rayon chunks, and gates far into both tails.
+    let g = rng.tensor(&[37, 1536], 12.0, DType::F32)?;
+    let u = rng.tensor(&[37, 1536], 2.0, DType::F32)?;
+    let r = rng.tensor(&[37, 1536], 1.0, DType::F32)?;
+    compare(
+        "silu_mul",
+        &[g, u],
+        &r,
+        &|t| super::silu_mul(&t[0], &t[1]),
+        &|t| composed::silu_mul(&t[0], &t[1]),
+        1e-5,
+    )
+}
+
+#[test]
+fn silu_mul_finite_difference_f64() -> Result<()> {
+    let mut rng = Rng(9);
+    let g = rng.tensor(&[7, 30], 5.0, DType::F64)?;
+    let u = rng.tensor(&[7, 30], 2.0, DType::F64)?;
+    let r = rng.tensor(&[7, 30], 1.0, DType::F64)?;
+    let f = |t: &[Tensor]| super::silu_mul(&t[0], &t[1]);
+    let ins = [g, u];
+    finite_diff("silu_mul d gate", &ins, 0, &r, &f, &mut rng)?;
+    finite_diff("silu_mul d up", &ins, 1, &r, &f, &mut rng)
+}
+
+fn nll_inputs(rng: &mut Rng, n: usize, v: usize, dt: DType) -> Result<(Tensor, Tensor, Tensor)> {
+    let logits = rng.tensor(&[n, v], 8.0, dt)?;
+    let t: Vec<u32> = (0..n)
+        .map(|_| (rng.next_f64() * v as f64) as u32 % v as u32)
+        .collect();
+    let w: Vec<f64> = (0..n)
+        .map(|i| {
+            if i % 4 == 1 {
+                0.0
+            } else {
+                rng.next_f64() * 2.0
+            }
+        })
+        .collect();
+    Ok((
+        logits,
+        Tensor::from_vec(t, n, &Device::Cpu)?,
+        Tensor::from_vec(w, n, &Device::Cpu)?.to_dtype(dt)?,
+    ))
+}
+
+#[test]
+fn weighted_nll_matches_composed() -> Result<()> {
+    let mut rng = Rng(10);
+    let (l, t, w) = nll_inputs(&mut rng, 50, 384, DType::F32)?;
+    let r = Tensor::new(1.7f32, &Device::Cpu)?;
+    compare(
+        "weighted_nll",
+        &[l],
+        &r,
+        &|x| super::weighted_nll(&x[0], &t, &w),
+        &|x| composed::weighted_nll(&x[0], &t, &w),
+        1e-5,
+    )?;
+    // Zero-weight rows get an exactly-zero gradient.
+    let lv = Var::from_tensor(&rng.tensor(&[8, 16], 1.0, DType::F32)?)?;
+    let t8 = Tensor::new(&[1u32, 2, 3, 4, 5, 6, 7, 0], &Device::Cpu)?;
+    let w8 = Tensor::new(&[0f32, 1., 0., 1., 0., 1., 0., 1.], &Device::Cpu)?;
+    let g = super::weighted_nll(&lv, &t8, &w8)?.backward()?;
+    let g = g.get(&lv).expect("grad").sum(D::Minus1)?.to_vec1::<f32>()?;
+    assert!(g.iter().all(|s| s.abs() < 1e-6));
+    Ok(())
+}
+
+#[test]
+fn weighted_nll_finite_difference_f64() -> Result<()> {
+    let mut rng = Rng(11);
+    let (l, t, w) = nll_inputs(&mut rng, 9, 37, DType::F64)?;
+    let f = |x: &[Tensor]| super::weighted_nll(&x[0], &t, &w);
+    finite_diff("weighted_nll", &[l], 0, &scalar_one()?, &f, &mut rng)
+}
+
+#[test]
+fn bad_inputs_are_errors() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((2, 8), DType::F32, &dev)?;
+    assert!(super::rms_norm(&x, &Tensor::zeros(7, DType::F32, &dev)?, 1e-6).is_err());
+    let (c, s) = rope_tables(4, 8, DType::F32)?;
+    let q = Tensor::zeros((1, 2, 5, 8), DType::F32, &dev)?;
+    assert!(super::rope(&q, &c, &s).is_err(), "T larger than the table");
+    assert!(super::silu_mul(&x, &Tensor::zeros((8, 2), DType::F32, &dev)?).is_err());
+    let t = Tensor::new(&[0u32, 8], &dev)?;
+    let w = Tensor::ones(2, DType::F32, &dev)?;
+    assert!(
+        super::weighted_nll(&x, &t, &w).is_err(),
+        "target out of range"
+    );
+    assert!(super::weighted_nll(&x, &t.narrow(0, 0, 1)?, &w).is_err());
+    Ok(())
+}
+
+#[test]
+fn composed_path_for_other_dtypes() -> Result<()> {
+    // bf16 is not fused on CPU: it must still run (and differentiate) via the composed path.
+    let mut rng = Rng(12);
+    let x = rng.tensor(&[4, 32], 1.0, DType::BF16)?;
+    let w = Tensor::ones(32, DType::BF16, &Device::Cpu)?;
+    let y = super::rms_norm(&x, &w, 1e-6)?;
+    assert_eq!(y.dtype(), DType::BF16);
+    let f = super::softmax_last_dim(&x)?;
+    assert_eq!(f.dims(), &[4, 32]);
+    Ok(())
+}
+
+/// q [B, H, T, D], k/v [B, Hkv, T, D] and a right-padded key mask (batch 1 has 5 pads).
+fn attention_inputs(
+    rng: &mut Rng,
+    dt: DType,
+    h: usize,
+    hkv: usize,
+    t: usize,
+    d: usize,
+) -> Result<[Tensor; 4]> {
+    let q = rng.tensor(&[2, h, t, d], 1.5, dt)?;
+    let k = rng.tensor(&[2, hkv, t, d], 1.5, dt)?;
+    let v = rng.tensor(&[2, hkv, t, d], 1.0, dt)?;
+    let kp: Vec<u32> = (0..2 * t)
+        .map(|i| u32::from(i < t || i % t < t - 5))
+        .collect();
+    Ok([q, k, v, Tensor::from_vec(kp, (2, t), &Device::Cpu)?])
+}
+
+#[test]
+fn causal_attention_matches_composed() -> Result<()> {
+    let mut rng = Rng(13);
+    // T = 150 spans three causal query blocks (the last one partial).
+    for (h, hkv, t, pad) in [(9, 3, 37, true), (4, 4, 37, false), (9, 3, 150, true)] {
+        let [q, k, v, kp] = attention_inputs(&mut rng, DType::F32, h, hkv, t, 64)?;
+        let kp = pad.then_some(kp);
+        let r = rng.tensor(&[2, h, t, 64], 1.0, DType::F32)?;
+        let scale = 1.0 / 8.0;
+        compare(
+            &format!("causal_attention h={h} hkv={hkv} t={t} pad={pad}"),
+            &[q, k, v],
+            &r,
+            &|x| super::causal_attention(&x[0], &x[1], &x[2], kp.as_ref(), scale),
+            &|x| composed::causal_attention(&x[0], &x[1], &x[2], kp.as_ref(), scale),
+            1e-5,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn causal_attention_fully_masked_rows_are_zero() -> Result<()> {
+    // Left padding: query 0 of batch 0 has no valid key.
+    let mut rng = Rng(14);
+    let [q, k, v, _] = attention_inputs(&mut rng, DType::F32, 2, 2, 6, 8)?;
+    let kp = Tensor::new(&[[0u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], &Device::Cpu)?;
+    let r = rng.tensor(&[2, 2, 6, 8], 1.0, DType::F32)?;
+    compare(
+        "causal_attention left pad",
+        &[q.clone(), k.clone(), v.clone()],
+        &r,
+        &|x| super::causal_attention(&x[0], &x[1], &x[2], Some(&kp), 0.3),
+        &|x| composed::causal_attention(&x[0], &x[1], &x[2], Some(&kp), 0.3),
+        1e-5,
+    )?;
+    let y = super::causal_attention(&q, &k, &v, Some(&kp), 0.3)?;
+    assert_eq!(max_abs(&y.get(0)?.narrow(1, 0, 1)?)?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn causal_attention_finite_difference_f64() -> Result<()> {
+    let mut rng = Rng(15);
+    // T = 70 > one causal query block, so the block bookkeeping is differentiated too.
+    let [q, k, v, kp] = attention_inputs(&mut rng, DType::F64, 4, 2, 70, 4)?;
+    let r = rng.tensor(&[2, 4, 70, 4], 1.0, DType::F64)?;
+    let f = |x: &[Tensor]| super::causal_attention(&x[0], &x[1], &x[2], Some(&kp), 0.35);
+    let ins = [q, k, v];
+    for i in 0..3 {
+        finite_diff(
+            &format!("causal_attention input {i}"),
+            &ins,
+            i,
+            &r,
+            &f,
+            &mut rng,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn weighted_nll_linear_matches_composed() -> Result<()> {
+    let mut rng = Rng(16);
+    // 600 rows: two full 256-row blocks and a partial one.
+    let (_, t, w) = nll_inputs(&mut rng, 600, 384, DType::F32)?;
+    let h = rng.tensor(&[600, 64], 1.0, DType::F32)?;
+    let wt = rng.tensor(&[384, 64], 0.5, DType::F32)?;
+    let r = Tensor::new(0.7f32, &Device::Cpu)?;
+    compare(
+        "weighted_nll_linear",
+        std::slice::from_ref(&h),
+        &r,
+        &|x| super::weighted_nll_linear(&x[0], &wt, &t, &w),
+        &|x| composed::weighted_nll(&x[0].matmul(&wt.t()?)?, &t, &w),
+        1e-5,
+    )?;
+    // A trainable weight takes the composed path and gets its gradient.
+    let (hv, wv) = (Var::from_tensor(&h)?, Var::from_tensor(&wt)?);
+    let g = super::weighted_nll_linear(&hv, &wv, &t, &w)?.backward()?;
+    assert!(g.get(&hv).is_some() && g.get(&wv).is_some());
+    Ok(())
+}
+
+#[test]
+fn weighted_nll_linear_finite_difference_f64() -> Result<()> {
+    let mut rng = Rng(17);
+    let (_, t, w) = nll_inputs(&mut rng, 40, 29, DType::F64)?;
+    let h = rng.tensor(&[40, 6], 1.0, DType::F64)?;
+    let wt = rng.tensor(&[29, 6], 1.0, DType::F64)?;
+    let f = |x: &[Tensor]| super::weighted_nll_linear(&x[0], &wt, &t, &w);
+    finite_diff("weighted_nll_linear", &[h], 0, &scalar_one()?, &f, &mut rng)
+}
