@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ./scripts/fetch-model.sh
-cargo test --release --all-targets "$@"
+cargo test --release "$@"

@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Batch;
 use crate::model::decoder::{Decoder, ForwardContext};
-use crate::ops;
 use crate::{Error, Result};
 
 /// What the weighted sum is divided by.
@@ -100,10 +99,9 @@ pub fn weighted_nll_sum(
     let flat = hidden.reshape((b * t, h))?;
     let rows = Tensor::from_vec(rows, count, device)?;
     let selected = flat.index_select(&rows, 0)?;
-    let logits = decoder.logits(&selected)?;
     let targets = Tensor::from_vec(targets, count, device)?;
     let weights = Tensor::from_vec(weights, count, device)?;
-    let sum = ops::weighted_nll(&logits, &targets, &weights)?;
+    let sum = decoder.weighted_nll_from_hidden(&selected, &targets, &weights)?;
     Ok((sum, count))
 }
 
@@ -141,14 +139,20 @@ pub fn position_nll(
     }
     let flat = hidden.reshape((batch.batch * batch.seq_len, decoder.config.hidden_size))?;
     let index: Vec<usize> = rows.iter().map(|&r| r as usize + 1).collect();
-    let count = rows.len();
-    let selected = flat.index_select(&Tensor::from_vec(rows, count, device)?, 0)?;
-    let logp = candle_nn::ops::log_softmax(&decoder.logits(&selected)?, candle_core::D::Minus1)?;
-    let targets = Tensor::from_vec(targets, count, device)?;
-    let picked: Vec<f32> = logp
-        .gather(&targets.unsqueeze(1)?, 1)?
-        .squeeze(1)?
-        .to_dtype(DType::F32)?
-        .to_vec1()?;
-    Ok(index.into_iter().zip(picked.into_iter().map(|lp| -lp)).collect())
+    // Chunks bound the [rows, vocab] logits held at once.
+    const CHUNK: usize = 256;
+    let mut nll = Vec::with_capacity(rows.len());
+    for (r, t) in rows.chunks(CHUNK).zip(targets.chunks(CHUNK)) {
+        let n = r.len();
+        let selected = flat.index_select(&Tensor::from_slice(r, n, device)?, 0)?;
+        let logp = candle_nn::ops::log_softmax(&decoder.logits(&selected)?, candle_core::D::Minus1)?;
+        let t = Tensor::from_slice(t, n, device)?;
+        let picked: Vec<f32> = logp
+            .gather(&t.unsqueeze(1)?, 1)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
+        nll.extend(picked.into_iter().map(|lp| -lp));
+    }
+    Ok(index.into_iter().zip(nll).collect())
 }

@@ -6,6 +6,8 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
+    // Reuse large tensor buffers instead of faulting in fresh zeroed pages for every op.
+    peft_wit::ops::tune_glibc_malloc();
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

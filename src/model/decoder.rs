@@ -87,6 +87,14 @@ pub struct ForwardContext<'a> {
     pub cache: Option<&'a mut KvCache>,
 }
 
+/// How attention is masked in one forward pass.
+enum AttentionMask<'a> {
+    /// Fused causal attention with an optional `[B, T]` key-padding mask.
+    Fused(Option<&'a Tensor>),
+    /// An additive `[B, 1, T, offset + T]` bias (`None`: attend to everything).
+    Bias(Option<Tensor>),
+}
+
 /// The decoder with its frozen weights.
 pub struct Decoder {
     pub config: ModelConfig,
@@ -111,7 +119,10 @@ impl Decoder {
         device: &Device,
     ) -> Result<Self> {
         let max_positions = config.max_position_embeddings.clamp(1, 1 << 16);
-        let rope = RopeTables::new(&config, max_positions, device)?;
+        let mut rope = RopeTables::new(&config, max_positions, device)?;
+        // The fused rope wants tables in the activation dtype.
+        rope.cos = rope.cos.to_dtype(dtype)?;
+        rope.sin = rope.sin.to_dtype(dtype)?;
         Ok(Self {
             config,
             embed_tokens,
@@ -161,10 +172,16 @@ impl Decoder {
             .embedding(&ids.flatten_all()?)?
             .reshape((b, t, self.config.hidden_size))?
             .to_dtype(self.dtype)?;
-        let mask = self.attention_bias(b, t, offset, attention_mask)?;
+        // Without a cache, attention runs fused (causal + key padding inside the op); the
+        // incremental path with a cache builds an additive mask instead.
+        let attention = if ctx.cache.is_some() {
+            AttentionMask::Bias(self.attention_bias(b, t, offset, attention_mask)?)
+        } else {
+            AttentionMask::Fused(attention_mask)
+        };
         let (cos, sin) = self.rope.slice(offset, t)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(layer, block, &x, mask.as_ref(), &cos, &sin, ctx)?;
+            x = self.block_forward(layer, block, &x, &attention, &cos, &sin, ctx)?;
         }
         Ok(x)
     }
@@ -175,6 +192,29 @@ impl Decoder {
         // f32 whatever the compute dtype, except f64 (gradient checks) keeps its precision.
         let out_dtype = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
         Ok(self.lm_head.forward(&normed)?.to_dtype(out_dtype)?)
+    }
+
+    /// `Σ_i w_i · −log p(target_i)` from pre-norm hidden rows `[N, H]`: the final norm, the
+    /// output projection and the weighted NLL, fused when the output weight is dense so the
+    /// `[N, V]` logits are never kept for backward.
+    pub fn weighted_nll_from_hidden(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+    ) -> Result<Tensor> {
+        let normed = ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
+        match &self.lm_head {
+            FrozenWeight::Dense(w) if w.dtype() == normed.dtype() => {
+                let weights = weights.to_dtype(normed.dtype())?;
+                Ok(ops::weighted_nll_linear(&normed, w, targets, &weights)?)
+            }
+            _ => {
+                let logits = self.lm_head.forward(&normed)?;
+                let weights = weights.to_dtype(logits.dtype())?;
+                Ok(ops::weighted_nll(&logits, targets, &weights)?)
+            }
+        }
     }
 
     /// Full logits `[B, T, V]`.
@@ -254,7 +294,7 @@ impl Decoder {
         layer: usize,
         block: &Block,
         x: &Tensor,
-        mask: Option<&Tensor>,
+        attention: &AttentionMask<'_>,
         cos: &Tensor,
         sin: &Tensor,
         ctx: &mut ForwardContext<'_>,
@@ -280,19 +320,21 @@ impl Decoder {
             }
             cache.layers[layer] = Some((k.clone(), v.clone()));
         }
-        let n_rep = nh / nkv;
-        let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = ops::softmax_last_dim(&scores)?;
-        let attn = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
+        let attn = match attention {
+            AttentionMask::Fused(key_padding) => ops::causal_attention(&q, &k, &v, *key_padding, scale)?,
+            AttentionMask::Bias(bias) => {
+                let n_rep = nh / nkv;
+                let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
+                let v = candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?;
+                let mut scores = (q.matmul(&k.t()?)? * scale)?;
+                if let Some(bias) = bias {
+                    scores = scores.broadcast_add(bias)?;
+                }
+                ops::softmax_last_dim(&scores)?.matmul(&v)?
+            }
+        };
+        let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         let attn = self.project(layer, 3, block, &attn, ctx)?;
         let x = (x + attn)?;
 
