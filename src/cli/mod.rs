@@ -1,6 +1,7 @@
 //! Command definitions; each subcommand lives in its own module and turns flags into a
 //! validated library call.
 
+mod adapters;
 mod common;
 mod generate;
 mod quickstart;
@@ -23,6 +24,8 @@ enum Command {
     Train(Box<train::Args>),
     /// Generate text with a base model and optionally an adapter.
     Generate(generate::Args),
+    /// List, show, remove, import and compare the registry's adapters.
+    Adapters(adapters::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -30,5 +33,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quickstart(args) => quickstart::run(args),
         Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),
+        Command::Adapters(args) => adapters::run(args),
     }
 }
