@@ -594,9 +594,16 @@ fn damaged_entries_and_runs_in_progress_are_listed() {
         "{out}"
     );
     assert!(out.contains("in progress (step 1)"), "{out}");
-    // A damaged entry can still be removed.
+    // A damaged entry can still be shown and removed, even one whose name is not a valid name.
     reg.remove("truncated").unwrap();
     assert!(!reg.path("truncated").exists());
+    std::fs::create_dir_all(reg.path("hand made")).unwrap();
+    assert!(!reg.entry("hand made").unwrap().is_healthy());
+    reg.remove("hand made").unwrap();
+    assert!(matches!(
+        reg.remove("not there"),
+        Err(Error::InvalidArgument(_))
+    ));
 }
 
 // ---------------------------------------------------------------- concurrency

@@ -143,7 +143,9 @@ fn entry_row(e: &EntryInfo) -> Vec<String> {
         rank(e).map(|r| r.to_string()).unwrap_or_else(dash),
         targets(e).unwrap_or_else(dash),
         m.map(|m| data(&m.data)).unwrap_or_else(dash),
-        m.map(|m| m.steps.to_string()).unwrap_or_else(dash),
+        m.filter(|m| m.train_config.is_some())
+            .map(|m| m.steps.to_string())
+            .unwrap_or_else(dash),
         metric(e, "response_loss"),
         metric(e, "exact_match"),
         human_size(e.size_bytes),

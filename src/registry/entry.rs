@@ -54,7 +54,7 @@ impl Registry {
 
     /// One entry; an error only when there is no such folder (damage is reported in `problems`).
     pub fn entry(&self, name: &str) -> Result<EntryInfo> {
-        super::validate_name(name)?;
+        self.check_existing_name(name)?;
         if !self.path(name).is_dir() {
             return Err(Error::InvalidArgument(format!(
                 "no adapter `{name}` in {}",

@@ -228,7 +228,7 @@ impl Registry {
     /// Removes an entry: under the lock it is renamed into `.runs/` (so it vanishes from the
     /// registry at once and whole), then deleted.
     pub fn remove(&self, name: &str) -> Result<()> {
-        validate_name(name)?;
+        self.check_existing_name(name)?;
         let _lock = self.lock()?;
         let dest = self.path(name);
         if !dest.is_dir() {
@@ -240,6 +240,21 @@ impl Registry {
         let trash = self.trash_path(name);
         std::fs::rename(&dest, &trash).map_err(|e| Error::io(&dest, e))?;
         std::fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))
+    }
+
+    /// A valid name, or the name of a folder already in the registry (hand-made folders with odd
+    /// names are listed as damaged, so they must be removable too).
+    pub(crate) fn check_existing_name(&self, name: &str) -> Result<()> {
+        match validate_name(name) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if self.names()?.iter().any(|n| n == name) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 
     /// A fresh hidden folder name under `.runs/` (hidden names are never listed as runs).
