@@ -1,6 +1,7 @@
 //! Command definitions; each subcommand lives in its own module and turns flags into a
 //! validated library call.
 
+mod adapters;
 mod bench;
 mod common;
 mod eval;
@@ -30,6 +31,8 @@ enum Command {
     Eval(Box<eval::Args>),
     /// Generate text with a base model and optionally an adapter.
     Generate(generate::Args),
+    /// List, show, remove, import and compare the registry's adapters.
+    Adapters(adapters::Args),
     /// Throughput and memory benchmarks.
     #[command(subcommand)]
     Bench(bench::Args),
@@ -42,6 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sweep(args) => sweep::run(*args),
         Command::Eval(args) => eval::run(*args),
         Command::Generate(args) => generate::run(args),
+        Command::Adapters(args) => adapters::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

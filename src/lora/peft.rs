@@ -84,7 +84,7 @@ impl PeftAdapterConfig {
     }
 
     /// Refuses PEFT variants whose weights mean something other than plain `W + s·B·A`.
-    fn check_supported(&self, dir: &Path) -> Result<()> {
+    pub(crate) fn check_supported(&self, dir: &Path) -> Result<()> {
         let refuse = |message: String| {
             Err(Error::UnsupportedAdapter {
                 path: dir.to_path_buf(),
@@ -132,7 +132,7 @@ impl PeftAdapterConfig {
         Ok(())
     }
 
-    fn layers_to_transform(&self, dir: &Path) -> Result<Option<Vec<usize>>> {
+    pub(crate) fn layers_to_transform(&self, dir: &Path) -> Result<Option<Vec<usize>>> {
         let bad = || Error::AdapterMismatch {
             path: dir.to_path_buf(),
             message: "layers_to_transform must be an integer or a list of integers".into(),
@@ -282,7 +282,7 @@ fn check_shape(
 
 /// `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}[.default].weight`
 /// → (layer, projection index, 0 for A / 1 for B).
-fn parse_peft_key(key: &str) -> Option<(usize, usize, usize)> {
+pub(crate) fn parse_peft_key(key: &str) -> Option<(usize, usize, usize)> {
     let rest = key.strip_prefix("base_model.model.model.layers.")?;
     let rest = rest.strip_suffix(".weight")?;
     let rest = rest.strip_suffix(".default").unwrap_or(rest);

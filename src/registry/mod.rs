@@ -3,6 +3,14 @@
 //! `<root>/.runs/<name>/` and the finished adapter is moved into place by a rename, under a lock
 //! so that several processes can train into one registry at once.
 
+mod diff;
+mod entry;
+mod import;
+
+pub use diff::{diff, AdapterDiff, DiffTotals, LayerDiff, ModuleDiff, Presence};
+pub use entry::{EntryInfo, FileInfo, RunInfo};
+pub use import::{import, read_adapter};
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -68,13 +76,40 @@ pub struct BaseInfo {
     pub hidden_size: usize,
 }
 
+/// The loss an adapter was trained under. Imported adapters do not know theirs: their weights are
+/// NaN (written as JSON `null`), see [`LossInfo::unknown`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LossInfo {
+    #[serde(deserialize_with = "f32_or_nan")]
     pub prompt_weight: f32,
+    #[serde(deserialize_with = "f32_or_nan")]
     pub response_weight: f32,
     pub system_weight: Option<f32>,
     pub user_weight: Option<f32>,
     pub normalization: crate::loss::Normalization,
+}
+
+impl LossInfo {
+    /// For adapters trained elsewhere: the weights are unknown.
+    pub fn unknown() -> Self {
+        Self {
+            prompt_weight: f32::NAN,
+            response_weight: f32::NAN,
+            system_weight: None,
+            user_weight: None,
+            normalization: crate::loss::Normalization::default(),
+        }
+    }
+
+    /// Whether the loss weights were recorded (false for imported adapters).
+    pub fn is_known(&self) -> bool {
+        self.prompt_weight.is_finite() && self.response_weight.is_finite()
+    }
+}
+
+/// serde_json writes NaN as `null`; read it back as NaN so unknown weights round-trip.
+fn f32_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -130,7 +165,10 @@ impl Registry {
 
     pub fn contains(&self, name: &str) -> bool {
         self.path(name).join(SIDECAR_FILE).is_file()
-            || self.path(name).join(crate::lora::peft::CONFIG_FILE).is_file()
+            || self
+                .path(name)
+                .join(crate::lora::peft::CONFIG_FILE)
+                .is_file()
     }
 
     /// An exclusive lock on the registry (blocks until other processes release it).
@@ -159,7 +197,10 @@ impl Registry {
                     self.root.display()
                 )));
             }
-            let trash = self.root.join(".runs").join(format!(".{name}.replaced.{}", std::process::id()));
+            let trash = self
+                .root
+                .join(".runs")
+                .join(format!(".{name}.replaced.{}", std::process::id()));
             std::fs::rename(&dest, &trash).map_err(|e| Error::io(&dest, e))?;
             std::fs::rename(staged, &dest).map_err(|e| Error::io(&dest, e))?;
             std::fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))?;
@@ -182,6 +223,49 @@ impl Registry {
         }
         names.sort();
         Ok(names)
+    }
+
+    /// Removes an entry: under the lock it is renamed into `.runs/` (so it vanishes from the
+    /// registry at once and whole), then deleted.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        self.check_existing_name(name)?;
+        let _lock = self.lock()?;
+        let dest = self.path(name);
+        if !dest.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "no adapter `{name}` in {}",
+                self.root.display()
+            )));
+        }
+        let trash = self.trash_path(name);
+        std::fs::rename(&dest, &trash).map_err(|e| Error::io(&dest, e))?;
+        std::fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))
+    }
+
+    /// A valid name, or the name of a folder already in the registry (hand-made folders with odd
+    /// names are listed as damaged, so they must be removable too).
+    pub(crate) fn check_existing_name(&self, name: &str) -> Result<()> {
+        match validate_name(name) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if self.names()?.iter().any(|n| n == name) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// A fresh hidden folder name under `.runs/` (hidden names are never listed as runs).
+    pub(crate) fn trash_path(&self, name: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        self.root
+            .join(".runs")
+            .join(format!(".{name}.trash.{}.{nanos}", std::process::id()))
     }
 
     /// Resolves `--adapter`: a registry name, or a path to a PEFT directory.
@@ -227,7 +311,10 @@ mod tests {
                 assert!(err.to_string().contains("--force"), "{err}");
             }
             reg.commit("x", &staged, true).unwrap();
-            assert_eq!(std::fs::read_to_string(reg.path("x").join("f")).unwrap(), format!("{round}"));
+            assert_eq!(
+                std::fs::read_to_string(reg.path("x").join("f")).unwrap(),
+                format!("{round}")
+            );
         }
         assert_eq!(reg.names().unwrap(), vec!["x".to_string()]);
     }
