@@ -2,7 +2,9 @@
 //! validated library call.
 
 mod common;
+mod export;
 mod generate;
+mod merge;
 mod quickstart;
 mod train;
 
@@ -23,6 +25,12 @@ enum Command {
     Train(Box<train::Args>),
     /// Generate text with a base model and optionally an adapter.
     Generate(generate::Args),
+    /// Merge an adapter into its base: a Hugging Face directory or a GGUF file.
+    Merge(Box<merge::Args>),
+    /// Export an adapter: llama.cpp LoRA GGUF (gguf-lora) or a clean PEFT directory (peft).
+    Export(export::Args),
+    /// Combine weighted adapters (`a:0.5,b:0.5`) into a new registry adapter.
+    MergeAdapters(merge::CombineArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -30,5 +38,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quickstart(args) => quickstart::run(args),
         Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),
+        Command::Merge(args) => merge::run(*args),
+        Command::Export(args) => export::run(args),
+        Command::MergeAdapters(args) => merge::run_combine(args),
     }
 }
