@@ -36,10 +36,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !matches!(format.as_str(), "gguf-lora" | "peft") {
         anyhow::bail!("unknown --format `{format}` (gguf-lora, peft)");
     }
-    let registry = Registry::open(args.registry.clone().unwrap_or_else(peft_wit::registry::default_root))?;
+    let registry = Registry::open(
+        args.registry
+            .clone()
+            .unwrap_or_else(peft_wit::registry::default_root),
+    )?;
     let dir = registry.resolve(&args.adapter)?;
     let location = peft_wit::model::resolve_model(args.model.as_deref())?;
-    let config = read_model_config(&location).with_context(|| format!("reading the config of {location:?}"))?;
+    let config = read_model_config(&location)
+        .with_context(|| format!("reading the config of {location:?}"))?;
     if format == "peft" {
         export_peft_dir(&dir, &config, &args.out, args.force)?;
     } else {
@@ -47,6 +52,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("loading adapter {}", dir.display()))?;
         write_gguf_lora(&adapter, &config, &args.out, args.f16, args.force)?;
     }
-    eprintln!("exported {} -> {} ({format})", dir.display(), args.out.display());
+    eprintln!(
+        "exported {} -> {} ({format})",
+        dir.display(),
+        args.out.display()
+    );
     Ok(())
 }

@@ -7,8 +7,8 @@ use anyhow::Context;
 use peft_wit::export::combine::{commit_combined, parse_weighted_specs};
 use peft_wit::export::hf::parse_dtype;
 use peft_wit::export::{
-    combine_adapters, load_adapter, parse_size, write_hf_dir, write_merged_gguf, CombineMethod, GgufQuant,
-    HfExportOptions, WeightedAdapter,
+    combine_adapters, load_adapter, parse_size, write_hf_dir, write_merged_gguf, CombineMethod,
+    GgufQuant, HfExportOptions, WeightedAdapter,
 };
 use peft_wit::registry::{AdapterMeta, Registry, SIDECAR_FILE};
 
@@ -58,7 +58,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "gguf" => (None, Some(args.quant.parse::<GgufQuant>()?)),
         other => anyhow::bail!("unknown --format `{other}` (hf, gguf)"),
     };
-    let registry = Registry::open(args.registry.clone().unwrap_or_else(peft_wit::registry::default_root))?;
+    let registry = Registry::open(
+        args.registry
+            .clone()
+            .unwrap_or_else(peft_wit::registry::default_root),
+    )?;
     let dir = registry.resolve(&args.adapter)?;
     let base = load_model(
         args.model.model.as_deref(),
@@ -112,7 +116,11 @@ pub fn run_combine(args: CombineArgs) -> anyhow::Result<()> {
     }
     peft_wit::registry::validate_name(&args.out)?;
     let specs = parse_weighted_specs(&args.adapters)?;
-    let registry = Registry::open(args.registry.clone().unwrap_or_else(peft_wit::registry::default_root))?;
+    let registry = Registry::open(
+        args.registry
+            .clone()
+            .unwrap_or_else(peft_wit::registry::default_root),
+    )?;
     let location = peft_wit::model::resolve_model(args.model.as_deref())?;
     let config = peft_wit::export::read_model_config(&location)?;
     let mut adapters = Vec::new();
@@ -136,18 +144,14 @@ pub fn run_combine(args: CombineArgs) -> anyhow::Result<()> {
     let inputs: Vec<WeightedAdapter<'_>> = adapters
         .iter()
         .zip(&specs)
-        .map(|(adapter, (_, weight))| WeightedAdapter { adapter, weight: *weight })
+        .map(|(adapter, (_, weight))| WeightedAdapter {
+            adapter,
+            weight: *weight,
+        })
         .collect();
     let combined = combine_adapters(&inputs, method, args.rank)?;
     let path = commit_combined(
-        &registry,
-        &args.out,
-        &combined,
-        &config,
-        &base_name,
-        &sources,
-        method,
-        args.force,
+        &registry, &args.out, &combined, &config, &base_name, &sources, method, args.force,
     )?;
     eprintln!(
         "combined {} adapters ({}, r = {}) -> {}",

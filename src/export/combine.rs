@@ -66,11 +66,15 @@ pub fn parse_weighted_specs(spec: &str) -> Result<Vec<(String, f64)>> {
     let mut out = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (name, weight) = match part.rsplit_once(':') {
-            Some((name, w)) if w.trim().parse::<f64>().is_ok() => (name.trim(), w.trim().parse::<f64>().unwrap_or(1.0)),
+            Some((name, w)) if w.trim().parse::<f64>().is_ok() => {
+                (name.trim(), w.trim().parse::<f64>().unwrap_or(1.0))
+            }
             _ => (part, 1.0),
         };
         if !weight.is_finite() {
-            return Err(Error::InvalidArgument(format!("weight of `{name}` is not finite")));
+            return Err(Error::InvalidArgument(format!(
+                "weight of `{name}` is not finite"
+            )));
         }
         out.push((name.to_string(), weight));
     }
@@ -113,17 +117,28 @@ pub fn combine_adapters(
         CombineMethod::Svd => rank.unwrap_or_else(|| ranks.iter().copied().max().unwrap_or(1)),
     };
     if new_rank == 0 {
-        return Err(Error::InvalidArgument("the combined rank must be positive".into()));
+        return Err(Error::InvalidArgument(
+            "the combined rank must be positive".into(),
+        ));
     }
     // The union of adapted layers and projections: PEFT needs one rank everywhere, so modules an
     // input lacks contribute zeros.
     let used_layers: Vec<usize> = (0..layers)
-        .filter(|&l| inputs.iter().any(|i| (0..PROJECTIONS.len()).any(|p| i.adapter.pair(l, p).is_some())))
+        .filter(|&l| {
+            inputs
+                .iter()
+                .any(|i| (0..PROJECTIONS.len()).any(|p| i.adapter.pair(l, p).is_some()))
+        })
         .collect();
     let used_projs: Vec<usize> = (0..PROJECTIONS.len())
-        .filter(|&p| inputs.iter().any(|i| (0..layers).any(|l| i.adapter.pair(l, p).is_some())))
+        .filter(|&p| {
+            inputs
+                .iter()
+                .any(|i| (0..layers).any(|l| i.adapter.pair(l, p).is_some()))
+        })
         .collect();
-    let mut rows: Vec<Vec<Option<LoraPair>>> = (0..layers).map(|_| vec![None; PROJECTIONS.len()]).collect();
+    let mut rows: Vec<Vec<Option<LoraPair>>> =
+        (0..layers).map(|_| vec![None; PROJECTIONS.len()]).collect();
     for &l in &used_layers {
         for &p in &used_projs {
             rows[l][p] = Some(combine_pair(inputs, l, p, method, new_rank)?);
@@ -133,7 +148,12 @@ pub fn combine_adapters(
         r: new_rank,
         lora_alpha: new_rank as f64,
         lora_dropout: first.adapter.config.lora_dropout,
-        target_modules: TargetModules::Names(used_projs.iter().map(|&p| PROJECTIONS[p].to_string()).collect()),
+        target_modules: TargetModules::Names(
+            used_projs
+                .iter()
+                .map(|&p| PROJECTIONS[p].to_string())
+                .collect(),
+        ),
         use_rslora: false,
         layers_to_transform: (used_layers.len() != layers).then_some(used_layers),
         init: LoraInit::Kaiming,
@@ -156,11 +176,18 @@ fn pair_dims(inputs: &[WeightedAdapter<'_>], l: usize, p: usize) -> Result<(usiz
             }
         }
     }
-    Err(Error::InvalidArgument(format!("no adapter has {}", PROJECTIONS[p])))
+    Err(Error::InvalidArgument(format!(
+        "no adapter has {}",
+        PROJECTIONS[p]
+    )))
 }
 
 /// Each input's `(A, wᵢ·sᵢ·B)` in f32 on the CPU (zeros where it has no pair).
-fn factors(inputs: &[WeightedAdapter<'_>], l: usize, p: usize) -> Result<Vec<(Tensor, Tensor, f64)>> {
+fn factors(
+    inputs: &[WeightedAdapter<'_>],
+    l: usize,
+    p: usize,
+) -> Result<Vec<(Tensor, Tensor, f64)>> {
     let (inp, out) = pair_dims(inputs, l, p)?;
     let cpu = Device::Cpu;
     inputs
@@ -221,7 +248,10 @@ fn combine_pair(
             (a_sum, b_sum)
         }
         CombineMethod::Svd => {
-            let a_cat = Tensor::cat(&parts.iter().map(|(a, _, _)| a.clone()).collect::<Vec<_>>(), 0)?;
+            let a_cat = Tensor::cat(
+                &parts.iter().map(|(a, _, _)| a.clone()).collect::<Vec<_>>(),
+                0,
+            )?;
             let b_cat = Tensor::cat(
                 &parts
                     .iter()
@@ -272,7 +302,9 @@ pub fn commit_combined(
             .join(",")
     );
     let meta = combined_meta(name, adapter, model, base_name, sources, recipe)?;
-    let staged = registry.run_dir(name).join(format!("merge-{}", std::process::id()));
+    let staged = registry
+        .run_dir(name)
+        .join(format!("merge-{}", std::process::id()));
     super::remove_any(&staged)?;
     let write = |dir: &Path| -> Result<()> {
         save_peft(adapter, dir, base_name)?;
@@ -295,18 +327,29 @@ fn combined_meta(
     sources: &[(String, f64, Option<AdapterMeta>)],
     recipe: String,
 ) -> Result<AdapterMeta> {
-    let metas: Vec<(&AdapterMeta, f64)> = sources.iter().filter_map(|(_, w, m)| m.as_ref().map(|m| (m, *w))).collect();
-    let fingerprints: Vec<&String> = metas.iter().filter_map(|(m, _)| m.base.fingerprint.as_ref()).collect();
+    let metas: Vec<(&AdapterMeta, f64)> = sources
+        .iter()
+        .filter_map(|(_, w, m)| m.as_ref().map(|m| (m, *w)))
+        .collect();
+    let fingerprints: Vec<&String> = metas
+        .iter()
+        .filter_map(|(m, _)| m.base.fingerprint.as_ref())
+        .collect();
     if fingerprints.windows(2).any(|w| w[0] != w[1]) {
         return Err(Error::AdapterMismatch {
             path: Default::default(),
-            message: "the adapters were trained on different base models (fingerprints differ)".into(),
+            message: "the adapters were trained on different base models (fingerprints differ)"
+                .into(),
         });
     }
     let total: f64 = metas.iter().map(|(_, w)| w.abs()).sum();
     let avg = |f: &dyn Fn(&AdapterMeta) -> f32, default: f32| -> f32 {
         if total > 0.0 {
-            (metas.iter().map(|(m, w)| f(m) as f64 * w.abs()).sum::<f64>() / total) as f32
+            (metas
+                .iter()
+                .map(|(m, w)| f(m) as f64 * w.abs())
+                .sum::<f64>()
+                / total) as f32
         } else {
             default
         }
@@ -319,7 +362,9 @@ fn combined_meta(
             name: base_name.to_string(),
             fingerprint: fingerprints.first().map(|s| s.to_string()),
             architecture: model.architecture.name().into(),
-            base_dtype: first.map(|m| m.base.base_dtype.clone()).unwrap_or_else(|| "f32".into()),
+            base_dtype: first
+                .map(|m| m.base.base_dtype.clone())
+                .unwrap_or_else(|| "f32".into()),
             num_layers: model.num_hidden_layers,
             hidden_size: model.hidden_size,
         },

@@ -96,14 +96,17 @@ fn permutes_qk(config: &ModelConfig) -> bool {
 pub fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(Error::InvalidArgument(format!(
             "cannot permute {rows} rows into {heads} rope heads"
         )));
     }
     let mut shape = vec![heads, 2, rows / heads / 2];
     shape.extend(&dims[1..]);
-    Ok(t.reshape(shape)?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+    Ok(t.reshape(shape)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
 }
 
 /// The head count whose rows are permuted for projection `p` (q or k), if any.
@@ -126,7 +129,7 @@ fn tensor_dtype(slot: Slot, shape: &[usize], quant: GgufQuant) -> GgmlDType {
     }
     let target = quant.ggml();
     let row = shape[shape.len() - 1];
-    if row % target.block_size() == 0 {
+    if row.is_multiple_of(target.block_size()) {
         target
     } else {
         GgmlDType::F16
@@ -146,12 +149,27 @@ fn arch_metadata(config: &ModelConfig) -> Result<Vec<(String, Value)>> {
     let u = |v: usize| Value::U32(v as u32);
     let mut md = vec![
         (format!("{a}.block_count"), u(config.num_hidden_layers)),
-        (format!("{a}.context_length"), u(config.max_position_embeddings)),
+        (
+            format!("{a}.context_length"),
+            u(config.max_position_embeddings),
+        ),
         (format!("{a}.embedding_length"), u(config.hidden_size)),
-        (format!("{a}.feed_forward_length"), u(config.intermediate_size)),
-        (format!("{a}.attention.head_count"), u(config.num_attention_heads)),
-        (format!("{a}.attention.head_count_kv"), u(config.num_key_value_heads)),
-        (format!("{a}.rope.freq_base"), Value::F32(config.rope_theta as f32)),
+        (
+            format!("{a}.feed_forward_length"),
+            u(config.intermediate_size),
+        ),
+        (
+            format!("{a}.attention.head_count"),
+            u(config.num_attention_heads),
+        ),
+        (
+            format!("{a}.attention.head_count_kv"),
+            u(config.num_key_value_heads),
+        ),
+        (
+            format!("{a}.rope.freq_base"),
+            Value::F32(config.rope_theta as f32),
+        ),
         (
             format!("{a}.attention.layer_norm_rms_epsilon"),
             Value::F32(config.rms_norm_eps as f32),
@@ -203,7 +221,12 @@ fn tokenizer_metadata(base: &BaseModel) -> Result<Vec<(String, Value)>> {
 }
 
 /// Writes `md` and `tensors` to `out` through a sibling temp file.
-fn write_gguf_file(out: &Path, md: &[(String, Value)], tensors: &[(String, QTensor)], force: bool) -> Result<()> {
+fn write_gguf_file(
+    out: &Path,
+    md: &[(String, Value)],
+    tensors: &[(String, QTensor)],
+    force: bool,
+) -> Result<()> {
     if out.exists() && !force {
         return Err(Error::InvalidArgument(format!(
             "{} already exists (use --force to replace it)",
@@ -218,7 +241,9 @@ fn write_gguf_file(out: &Path, md: &[(String, Value)], tensors: &[(String, QTens
         let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
         gguf_file::write(&mut w, &md_refs, &t_refs)?;
         w.flush().map_err(|e| Error::io(&staged, e))?;
-        let file = w.into_inner().map_err(|e| Error::io(&staged, e.into_error()))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| Error::io(&staged, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&staged, e))
     };
     if let Err(e) = write() {
@@ -239,7 +264,10 @@ pub fn write_merged_gguf(
     let config = &base.decoder.config;
     let merged = MergedTensors::new(&base.decoder, adapter)?;
     let mut md: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(gguf_arch(config).into())),
+        (
+            "general.architecture".into(),
+            Value::String(gguf_arch(config).into()),
+        ),
         ("general.name".into(), Value::String(base.name.clone())),
         ("general.file_type".into(), Value::U32(quant.file_type())),
         ("general.quantization_version".into(), Value::U32(2)),
@@ -257,7 +285,10 @@ pub fn write_merged_gguf(
         }
         let dtype = tensor_dtype(slot, t.dims(), quant);
         let q = QTensor::quantize(&t, dtype).map_err(|e| {
-            Error::InvalidArgument(format!("cannot store `{}` as {dtype:?}: {e}", slot.gguf_name()))
+            Error::InvalidArgument(format!(
+                "cannot store `{}` as {dtype:?}: {e}",
+                slot.gguf_name()
+            ))
         })?;
         tensors.push((slot.gguf_name(), q));
     }
@@ -283,7 +314,10 @@ pub fn write_gguf_lora(
         adapter.config.lora_alpha
     };
     let md: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(gguf_arch(config).into())),
+        (
+            "general.architecture".into(),
+            Value::String(gguf_arch(config).into()),
+        ),
         ("general.type".into(), Value::String("adapter".into())),
         ("adapter.type".into(), Value::String("lora".into())),
         ("adapter.lora.alpha".into(), Value::F32(alpha as f32)),
@@ -296,21 +330,39 @@ pub fn write_gguf_lora(
     let mut tensors = Vec::new();
     for layer in 0..adapter.num_layers() {
         for p in 0..PROJECTIONS.len() {
-            let Some(pair) = adapter.pair(layer, p) else { continue };
+            let Some(pair) = adapter.pair(layer, p) else {
+                continue;
+            };
             let name = Slot::Weight(layer, p).gguf_name();
-            let a = pair.a.as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-            let mut b = pair.b.as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            let a = pair
+                .a
+                .as_tensor()
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?;
+            let mut b = pair
+                .b
+                .as_tensor()
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?;
             if let Some(heads) = qk_heads(config, p) {
                 b = permute_rows(&b, heads)?;
             }
             super::check_finite(&format!("{name}.lora_a"), &a)?;
             super::check_finite(&format!("{name}.lora_b"), &b)?;
-            tensors.push((format!("{name}.lora_a"), QTensor::quantize(&a.contiguous()?, dtype)?));
-            tensors.push((format!("{name}.lora_b"), QTensor::quantize(&b.contiguous()?, dtype)?));
+            tensors.push((
+                format!("{name}.lora_a"),
+                QTensor::quantize(&a.contiguous()?, dtype)?,
+            ));
+            tensors.push((
+                format!("{name}.lora_b"),
+                QTensor::quantize(&b.contiguous()?, dtype)?,
+            ));
         }
     }
     if tensors.is_empty() {
-        return Err(Error::InvalidArgument("the adapter has no LoRA tensors".into()));
+        return Err(Error::InvalidArgument(
+            "the adapter has no LoRA tensors".into(),
+        ));
     }
     write_gguf_file(out, &md, &tensors, force)
 }

@@ -147,7 +147,13 @@ pub fn write_hf_dir(
             options.dtype
         )));
     }
-    if out.exists() && !options.force && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
+    if out.exists()
+        && !options.force
+        && out
+            .read_dir()
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
         return Err(Error::InvalidArgument(format!(
             "{} already exists (use --force to replace it)",
             out.display()
@@ -165,10 +171,18 @@ pub fn write_hf_dir(
     publish(&staged, out, options.force)
 }
 
-fn write_into(base: &BaseModel, merged: &MergedTensors<'_>, dir: &Path, options: &HfExportOptions) -> Result<()> {
+fn write_into(
+    base: &BaseModel,
+    merged: &MergedTensors<'_>,
+    dir: &Path,
+    options: &HfExportOptions,
+) -> Result<()> {
     let config = &base.decoder.config;
     write_weights(merged, dir, options)?;
-    write_json(&dir.join("config.json"), &hf_config_json(config, options.dtype))?;
+    write_json(
+        &dir.join("config.json"),
+        &hf_config_json(config, options.dtype),
+    )?;
     let generation = json!({
         "_from_model_config": true,
         "bos_token_id": config.bos_token_id,
@@ -240,8 +254,12 @@ fn write_weights(merged: &MergedTensors<'_>, dir: &Path, options: &HfExportOptio
         }
         let path = dir.join(&file);
         let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-        safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.as_str(), t)), metadata, &path)
-            .map_err(|e| Error::invalid_file(&path, format!("cannot write safetensors: {e}")))?;
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(k, t)| (k.as_str(), t)),
+            metadata,
+            &path,
+        )
+        .map_err(|e| Error::invalid_file(&path, format!("cannot write safetensors: {e}")))?;
     }
     if n > 1 {
         let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });

@@ -53,7 +53,9 @@ pub(crate) fn check_adapter_fits(decoder: &Decoder, adapter: &LoraAdapter) -> Re
     }
     for (layer, block) in decoder.blocks.iter().enumerate() {
         for (p, proj) in block.projections.iter().enumerate() {
-            let Some(pair) = adapter.pair(layer, p) else { continue };
+            let Some(pair) = adapter.pair(layer, p) else {
+                continue;
+            };
             let (out, inp) = proj.weight.dims()?;
             let a = pair.a.as_tensor().dims2()?;
             let b = pair.b.as_tensor().dims2()?;
@@ -102,7 +104,9 @@ pub fn merge_into(decoder: &mut Decoder, adapter: &LoraAdapter) -> Result<Unmerg
     let mut merged = Vec::new();
     for (layer, block) in decoder.blocks.iter().enumerate() {
         for (p, proj) in block.projections.iter().enumerate() {
-            let Some(pair) = adapter.pair(layer, p) else { continue };
+            let Some(pair) = adapter.pair(layer, p) else {
+                continue;
+            };
             let name = format!("{}.weight", module_path(layer, PROJECTIONS[p]));
             let w = merged_weight(&proj.weight, Some(pair), &name, &device)?;
             let w = match &proj.weight {
@@ -167,7 +171,10 @@ impl Slot {
     }
 
     pub(crate) fn is_norm(self) -> bool {
-        matches!(self, Self::InputNorm(_) | Self::PostNorm(_) | Self::FinalNorm)
+        matches!(
+            self,
+            Self::InputNorm(_) | Self::PostNorm(_) | Self::FinalNorm
+        )
     }
 }
 

@@ -40,7 +40,10 @@ pub fn load_adapter(dir: &Path, model: &ModelConfig, device: &Device) -> Result<
 pub fn check_target_modules(dir: &Path, model: &ModelConfig) -> Result<()> {
     let path = dir.join(CONFIG_FILE);
     if !path.is_file() {
-        return Err(Error::invalid_file(path, "not found: not a PEFT adapter directory"));
+        return Err(Error::invalid_file(
+            path,
+            "not found: not a PEFT adapter directory",
+        ));
     }
     let config: PeftAdapterConfig = crate::fsutil::read_json(&path)?;
     if let TargetModules::Names(names) = &config.target_modules {
@@ -86,11 +89,13 @@ pub fn read_model_config(location: &ModelLocation) -> Result<ModelConfig> {
 pub(crate) fn check_finite(name: &str, t: &candle_core::Tensor) -> Result<()> {
     // x - x is 0 for every finite x and NaN otherwise, so the sum is exactly 0 iff all finite.
     let t = t.to_dtype(DType::F32)?;
-    let s = (&t - &t)?.sum_all()?.to_scalar::<f32>()?;
+    let s = t.sub(&t)?.sum_all()?.to_scalar::<f32>()?;
     if s == 0.0 {
         Ok(())
     } else {
-        Err(Error::NonFiniteWeight { name: name.to_string() })
+        Err(Error::NonFiniteWeight {
+            name: name.to_string(),
+        })
     }
 }
 

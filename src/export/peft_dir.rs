@@ -12,7 +12,12 @@ use crate::registry::AdapterMeta;
 use crate::{Error, Result};
 
 /// Re-writes the adapter in `adapter_dir` as a fresh PEFT directory at `out`.
-pub fn export_peft_dir(adapter_dir: &Path, model: &ModelConfig, out: &Path, force: bool) -> Result<()> {
+pub fn export_peft_dir(
+    adapter_dir: &Path,
+    model: &ModelConfig,
+    out: &Path,
+    force: bool,
+) -> Result<()> {
     let adapter = load_adapter(adapter_dir, model, &Device::Cpu)?;
     let meta = if adapter_dir.join(crate::registry::SIDECAR_FILE).is_file() {
         Some(AdapterMeta::read(adapter_dir)?)
@@ -25,7 +30,13 @@ pub fn export_peft_dir(adapter_dir: &Path, model: &ModelConfig, out: &Path, forc
         .map(|m| m.base.name.clone())
         .or(original.base_model_name_or_path.clone())
         .unwrap_or_else(|| "unknown".into());
-    if out.exists() && !force && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
+    if out.exists()
+        && !force
+        && out
+            .read_dir()
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
         return Err(Error::InvalidArgument(format!(
             "{} already exists (use --force to replace it)",
             out.display()
@@ -47,7 +58,11 @@ pub fn export_peft_dir(adapter_dir: &Path, model: &ModelConfig, out: &Path, forc
 }
 
 /// A Hub-style model card: YAML front matter PEFT and the Hub read, then what the adapter is.
-pub fn model_card(base: &str, lora: &crate::lora::LoraConfig, meta: Option<&AdapterMeta>) -> String {
+pub fn model_card(
+    base: &str,
+    lora: &crate::lora::LoraConfig,
+    meta: Option<&AdapterMeta>,
+) -> String {
     let mut s = format!(
         "---\nbase_model: {base}\nlibrary_name: peft\ntags:\n- lora\n- peft-wit\n---\n\n# LoRA adapter for `{base}`\n\n"
     );
@@ -80,7 +95,10 @@ pub fn model_card(base: &str, lora: &crate::lora::LoraConfig, meta: Option<&Adap
                 s.push_str(&format!("- Base fingerprint: `{fp}`\n"));
             }
             if m.steps > 0 {
-                s.push_str(&format!("- Trained for {} steps ({} tokens)\n", m.steps, m.tokens_seen));
+                s.push_str(&format!(
+                    "- Trained for {} steps ({} tokens)\n",
+                    m.steps, m.tokens_seen
+                ));
             }
         }
         None => s.push_str("- Loss weights and data: not recorded (no peft-wit sidecar)\n"),

@@ -32,7 +32,9 @@ pub fn svd(m: &[f64], rows: usize, cols: usize) -> Svd {
         return Svd { u: v, s, v: u };
     }
     // g: the columns of M, rotated until mutually orthogonal; v accumulates the rotations.
-    let mut g: Vec<Vec<f64>> = (0..cols).map(|c| (0..rows).map(|r| m[r * cols + c]).collect()).collect();
+    let mut g: Vec<Vec<f64>> = (0..cols)
+        .map(|c| (0..rows).map(|r| m[r * cols + c]).collect())
+        .collect();
     let mut v: Vec<Vec<f64>> = (0..cols)
         .map(|c| (0..cols).map(|r| if r == c { 1.0 } else { 0.0 }).collect())
         .collect();
@@ -60,7 +62,11 @@ pub fn svd(m: &[f64], rows: usize, cols: usize) -> Svd {
             break;
         }
     }
-    let mut order: Vec<(f64, usize)> = g.iter().enumerate().map(|(k, col)| (dot(col, col).sqrt(), k)).collect();
+    let mut order: Vec<(f64, usize)> = g
+        .iter()
+        .enumerate()
+        .map(|(k, col)| (dot(col, col).sqrt(), k))
+        .collect();
     order.sort_by(|a, b| b.0.total_cmp(&a.0));
     let mut out = Svd {
         u: Vec::with_capacity(cols),
@@ -131,7 +137,9 @@ pub fn truncate_product(
     inp: usize,
     rank: usize,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let b_cols: Vec<Vec<f64>> = (0..k).map(|c| (0..out).map(|r| b[r * k + c]).collect()).collect();
+    let b_cols: Vec<Vec<f64>> = (0..k)
+        .map(|c| (0..out).map(|r| b[r * k + c]).collect())
+        .collect();
     let a_rows: Vec<Vec<f64>> = (0..k).map(|r| a[r * inp..(r + 1) * inp].to_vec()).collect();
     let (qb, rb) = qr(&b_cols);
     let (qa, ra) = qr(&a_rows);
