@@ -1049,6 +1049,37 @@ fn smollm2_merged_model_and_exports_give_the_same_logits() {
                 .unwrap()
                 .get_ids()
         );
+        // A GGUF written from an HF-dir base builds llama.cpp's gpt2 vocabulary from tokenizer.json.
+        let from_hf = tmp.path().join("from-hf.gguf");
+        write_merged_gguf(&re, None, &from_hf, GgufQuant::F16, false).unwrap();
+        let (orig, _) = read_gguf(&real_model().unwrap());
+        let (conv, _) = read_gguf(&from_hf);
+        for key in [
+            "tokenizer.ggml.model",
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+        ] {
+            let a = format!("{:?}", orig.metadata[key]);
+            let b = format!("{:?}", conv.metadata[key]);
+            assert!(a == b, "{key} differs from the original GGUF");
+        }
+        let back = load_gguf(&from_hf, BaseDType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            back.tokenizer()
+                .unwrap()
+                .encode(text, false)
+                .unwrap()
+                .get_ids(),
+            model
+                .tokenizer()
+                .unwrap()
+                .encode(text, false)
+                .unwrap()
+                .get_ids()
+        );
+        let d = max_abs_diff(&logits(&back, None, &SMOLLM_IDS), &merged);
+        eprintln!("SmolLM2: GGUF f16 written from the merged HF dir vs in-memory merged max |Δlogit| {d:.3}");
+        assert!(d < 0.5, "{d}");
         let _ = merge_into(&mut model.decoder, &adapter).unwrap();
     }
 }

@@ -204,7 +204,12 @@ fn tokenizer_metadata(base: &BaseModel) -> Result<Vec<(String, Value)>> {
             }
         }
         ModelLocation::HfDir(_) => {
-            // No GGUF vocabulary to copy; keep what llama.cpp needs to stop and to template.
+            if let Some(tokenizer) = &base.tokenizer {
+                md.extend(gpt2_vocab_metadata(
+                    tokenizer,
+                    base.decoder.config.vocab_size,
+                )?);
+            }
             let c = &base.decoder.config;
             if let Some(id) = c.bos_token_id {
                 md.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(id)));
@@ -218,6 +223,81 @@ fn tokenizer_metadata(base: &BaseModel) -> Result<Vec<(String, Value)>> {
         }
     }
     Ok(md)
+}
+
+/// llama.cpp's `gpt2` vocabulary (tokens by id, token types, merges) from a byte-level BPE
+/// `tokenizer.json`, as `convert_hf_to_gguf.py` writes it. Other tokenizer kinds (SentencePiece
+/// with byte fallback, unigram) give no vocabulary keys: llama.cpp then needs the original GGUF.
+fn gpt2_vocab_metadata(
+    tokenizer: &tokenizers::Tokenizer,
+    vocab_size: usize,
+) -> Result<Vec<(String, Value)>> {
+    let text = tokenizer
+        .to_string(false)
+        .map_err(|e| Error::Tokenizer(format!("cannot serialise the tokenizer: {e}")))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Tokenizer(format!("tokenizer JSON: {e}")))?;
+    let model = &json["model"];
+    let byte_level = text.contains("\"ByteLevel\"");
+    let byte_fallback = model["byte_fallback"].as_bool().unwrap_or(false);
+    if model["type"] != "BPE" || !byte_level || byte_fallback {
+        return Ok(Vec::new());
+    }
+    let (Some(vocab), Some(merges)) = (model["vocab"].as_object(), model["merges"].as_array())
+    else {
+        return Ok(Vec::new());
+    };
+    let mut entries: Vec<(usize, String, i32)> = vocab
+        .iter()
+        .filter_map(|(tok, id)| Some((id.as_u64()? as usize, tok.clone(), 1)))
+        .collect();
+    for added in json["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) else {
+            continue;
+        };
+        // CONTROL for special tokens, USER_DEFINED for other added ones.
+        let kind = if added["special"].as_bool().unwrap_or(false) {
+            3
+        } else {
+            4
+        };
+        entries.retain(|(i, _, _)| *i != id as usize);
+        entries.push((id as usize, content.to_string(), kind));
+    }
+    let len = entries
+        .iter()
+        .map(|(i, _, _)| i + 1)
+        .max()
+        .unwrap_or(0)
+        .max(vocab_size);
+    let mut tokens: Vec<Value> = (0..len)
+        .map(|i| Value::String(format!("[PAD{i}]")))
+        .collect();
+    // UNUSED until a real token claims the id.
+    let mut types: Vec<Value> = vec![Value::I32(5); len];
+    for (id, tok, kind) in entries {
+        tokens[id] = Value::String(tok);
+        types[id] = Value::I32(kind);
+    }
+    let merges: Vec<Value> = merges
+        .iter()
+        .filter_map(|m| match m {
+            serde_json::Value::String(s) => Some(Value::String(s.clone())),
+            serde_json::Value::Array(pair) => Some(Value::String(format!(
+                "{} {}",
+                pair.first()?.as_str()?,
+                pair.get(1)?.as_str()?
+            ))),
+            _ => None,
+        })
+        .collect();
+    Ok(vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
+    ])
 }
 
 /// Writes `md` and `tensors` to `out` through a sibling temp file.
