@@ -308,6 +308,32 @@ fn tiny_merged_gguf_has_llama_cpp_layout() {
             assert_eq!(flat(&q.dequantize(&Device::Cpu).unwrap()), flat(b));
         }
     }
+    // Quantized types need whole blocks per row; others fall back to F16, norms stay F32.
+    let (model, adapter) = tiny("mistral");
+    let tmp = tempfile::tempdir().unwrap();
+    use candle_core::quantized::GgmlDType as G;
+    for (quant, q_dtype, down_dtype) in [
+        (GgufQuant::Q4_0, G::Q4_0, G::Q4_0),
+        (GgufQuant::Q4K, G::F16, G::F16),
+        (GgufQuant::Q8_0, G::Q8_0, G::Q8_0),
+    ] {
+        let path = tmp.path().join(format!("{quant:?}.gguf"));
+        write_merged_gguf(&model, Some(&adapter), &path, quant, false).unwrap();
+        let (content, _) = read_gguf(&path);
+        assert_eq!(
+            content.tensor_infos["blk.0.attn_q.weight"].ggml_dtype, q_dtype,
+            "{quant:?}"
+        );
+        assert_eq!(
+            content.tensor_infos["blk.1.ffn_down.weight"].ggml_dtype, down_dtype,
+            "{quant:?}"
+        );
+        assert_eq!(
+            content.tensor_infos["output_norm.weight"].ggml_dtype,
+            G::F32,
+            "{quant:?}"
+        );
+    }
     // llama3 rope scaling would need llama.cpp's rope_freqs tensor, which our reader ignores.
     let (model, adapter) = tiny("llama");
     let tmp = tempfile::tempdir().unwrap();
@@ -861,8 +887,6 @@ fn cli_export_and_merge_adapters_run() {
         &p("merged.gguf"),
         "--model",
         m,
-        "--format",
-        "gguf",
         "--quant",
         "q8_0",
     ]);

@@ -26,9 +26,9 @@ pub struct Args {
     /// Output directory (hf) or file (gguf).
     #[arg(long)]
     out: PathBuf,
-    /// hf (safetensors + config + tokenizer) or gguf.
-    #[arg(long, default_value = "hf")]
-    format: String,
+    /// hf (safetensors + config + tokenizer) or gguf (default: gguf when --out ends in .gguf).
+    #[arg(long)]
+    format: Option<String>,
     /// Tensor dtype of the hf output: bf16, f16 or f32.
     #[arg(long, default_value = "bf16")]
     dtype: String,
@@ -45,7 +45,15 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Validate the cheap flags before loading anything.
-    let format = args.format.to_ascii_lowercase();
+    let is_gguf_path = args
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let format = match &args.format {
+        Some(f) => f.to_ascii_lowercase(),
+        None if is_gguf_path => "gguf".into(),
+        None => "hf".into(),
+    };
     let (hf_options, quant) = match format.as_str() {
         "hf" | "safetensors" => (
             Some(HfExportOptions {
