@@ -5,7 +5,9 @@ mod adapters;
 mod bench;
 mod common;
 mod eval;
+mod export;
 mod generate;
+mod merge;
 mod quickstart;
 mod sweep;
 mod train;
@@ -36,6 +38,12 @@ enum Command {
     /// Throughput and memory benchmarks.
     #[command(subcommand)]
     Bench(bench::Args),
+    /// Merge an adapter into its base: a Hugging Face directory or a GGUF file.
+    Merge(Box<merge::Args>),
+    /// Export an adapter: llama.cpp LoRA GGUF (gguf-lora) or a clean PEFT directory (peft).
+    Export(export::Args),
+    /// Combine weighted adapters (`a:0.5,b:0.5`) into a new registry adapter.
+    MergeAdapters(merge::CombineArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -47,5 +55,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Adapters(args) => adapters::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Merge(args) => merge::run(*args),
+        Command::Export(args) => export::run(args),
+        Command::MergeAdapters(args) => merge::run_combine(args),
     }
 }
