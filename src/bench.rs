@@ -65,7 +65,9 @@ fn random_batch(vocab: usize, spec: &BenchSpec, seed: u64) -> Batch {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let n = spec.batch_size * spec.seq_len;
     let ids: Vec<u32> = (0..n).map(|_| rng.random_range(3..vocab as u32)).collect();
-    let weights: Vec<f32> = (0..n).map(|i| if i % spec.seq_len == 0 { 0.0 } else { 1.0 }).collect();
+    let weights: Vec<f32> = (0..n)
+        .map(|i| if i % spec.seq_len == 0 { 0.0 } else { 1.0 })
+        .collect();
     Batch {
         ids,
         weights,
@@ -76,7 +78,11 @@ fn random_batch(vocab: usize, spec: &BenchSpec, seed: u64) -> Batch {
 }
 
 /// Runs the training-step, eval and generation benchmarks.
-pub fn run(base: &BaseModel, spec: &BenchSpec, mut on_step: impl FnMut(&str, f64)) -> Result<BenchResult> {
+pub fn run(
+    base: &BaseModel,
+    spec: &BenchSpec,
+    mut on_step: impl FnMut(&str, f64),
+) -> Result<BenchResult> {
     let decoder = &base.decoder;
     let lora = LoraConfig {
         r: spec.rank,
@@ -91,19 +97,35 @@ pub fn run(base: &BaseModel, spec: &BenchSpec, mut on_step: impl FnMut(&str, f64
     for step in 0..spec.warmup + spec.steps {
         let batch = random_batch(decoder.config.vocab_size, spec, step as u64);
         let started = Instant::now();
-        let mut ctx = ForwardContext { adapter: Some(&adapter), ..Default::default() };
+        let mut ctx = ForwardContext {
+            adapter: Some(&adapter),
+            ..Default::default()
+        };
         let (sum, count) = weighted_nll_sum(decoder, &batch, &mut ctx)?;
         let loss = (sum / count as f64)?;
         let grads = loss.backward()?;
         let g: Vec<_> = optimizer
             .vars()
             .iter()
-            .map(|(_, v)| grads.get(v.as_tensor()).cloned().map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
+            .map(|(_, v)| {
+                grads
+                    .get(v.as_tensor())
+                    .cloned()
+                    .map(Ok)
+                    .unwrap_or_else(|| v.as_tensor().zeros_like())
+            })
             .collect::<candle_core::Result<_>>()?;
         drop(grads);
         optimizer.step(&g, 1e-4)?;
         let secs = started.elapsed().as_secs_f64();
-        on_step(if step < spec.warmup { "warmup" } else { "train" }, tokens / secs);
+        on_step(
+            if step < spec.warmup {
+                "warmup"
+            } else {
+                "train"
+            },
+            tokens / secs,
+        );
         if step >= spec.warmup {
             step_times.push(secs);
         }
@@ -112,15 +134,22 @@ pub fn run(base: &BaseModel, spec: &BenchSpec, mut on_step: impl FnMut(&str, f64
     for rep in 0..spec.steps.clamp(1, 3) {
         let batch = random_batch(decoder.config.vocab_size, spec, 1000 + rep as u64);
         let started = Instant::now();
-        let mut ctx = ForwardContext { adapter: Some(&adapter), ..Default::default() };
+        let mut ctx = ForwardContext {
+            adapter: Some(&adapter),
+            ..Default::default()
+        };
         position_nll(decoder, &batch, &mut ctx)?;
         let rate = tokens / started.elapsed().as_secs_f64();
         on_step("eval", rate);
         eval_rates.push(rate);
     }
     let generate_tokens_per_s = if spec.generate_tokens > 0 {
-        let prompt: Vec<u32> = random_batch(decoder.config.vocab_size, spec, 7).ids[..32.min(spec.seq_len)].to_vec();
-        let config = GenerationConfig { max_new_tokens: spec.generate_tokens, ..Default::default() };
+        let prompt: Vec<u32> =
+            random_batch(decoder.config.vocab_size, spec, 7).ids[..32.min(spec.seq_len)].to_vec();
+        let config = GenerationConfig {
+            max_new_tokens: spec.generate_tokens,
+            ..Default::default()
+        };
         let started = Instant::now();
         let out = generate(decoder, Some(&adapter), &prompt, &config, |_| {})?;
         let rate = out.len() as f64 / started.elapsed().as_secs_f64();

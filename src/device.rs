@@ -18,10 +18,16 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     };
     match kind.as_str() {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(index)
-            .map_err(|e| Error::InvalidArgument(format!("device `{spec}`: {e} (built with --features cuda?)"))),
-        "metal" => Device::new_metal(index)
-            .map_err(|e| Error::InvalidArgument(format!("device `{spec}`: {e} (built with --features metal?)"))),
+        "cuda" => Device::new_cuda(index).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "device `{spec}`: {e} (built with --features cuda?)"
+            ))
+        }),
+        "metal" => Device::new_metal(index).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "device `{spec}`: {e} (built with --features metal?)"
+            ))
+        }),
         _ => Err(Error::InvalidArgument(format!(
             "unknown device `{spec}` (cpu, cuda[:N], metal[:N])"
         ))),

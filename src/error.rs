@@ -60,7 +60,9 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    #[error("merged weight `{name}` is not finite (NaN or infinity); the adapter or the base is broken")]
+    #[error(
+        "merged weight `{name}` is not finite (NaN or infinity); the adapter or the base is broken"
+    )]
     NonFiniteWeight { name: String },
 
     #[error("non-finite loss ({value}) at step {step}")]

@@ -77,7 +77,10 @@ pub fn generate(
         };
         let hidden = decoder.forward_hidden(&ids, None, &mut ctx)?;
         let last = hidden.narrow(1, input.len() - 1, 1)?.flatten_all()?;
-        let logits = decoder.logits(&last.unsqueeze(0)?)?.squeeze(0)?.to_dtype(DType::F32)?;
+        let logits = decoder
+            .logits(&last.unsqueeze(0)?)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?;
         let next = processor.sample(&logits)?;
         out.push(next);
         on_token(next);

@@ -145,7 +145,8 @@ pub fn position_nll(
     for (r, t) in rows.chunks(CHUNK).zip(targets.chunks(CHUNK)) {
         let n = r.len();
         let selected = flat.index_select(&Tensor::from_slice(r, n, device)?, 0)?;
-        let logp = candle_nn::ops::log_softmax(&decoder.logits(&selected)?, candle_core::D::Minus1)?;
+        let logp =
+            candle_nn::ops::log_softmax(&decoder.logits(&selected)?, candle_core::D::Minus1)?;
         let t = Tensor::from_slice(t, n, device)?;
         let picked: Vec<f32> = logp
             .gather(&t.unsqueeze(1)?, 1)?

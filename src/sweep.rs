@@ -186,16 +186,30 @@ impl SweepResult {
     pub fn heatmap_svg(&self) -> String {
         let best = self.best.as_ref().and_then(|name| {
             let cell = self.cells.iter().find(|c| &c.name == name)?;
-            let row = self.response_weights.iter().position(|&r| r == cell.response_weight)?;
-            let col = self.prompt_weights.iter().position(|&p| p == cell.prompt_weight)?;
+            let row = self
+                .response_weights
+                .iter()
+                .position(|&r| r == cell.response_weight)?;
+            let col = self
+                .prompt_weights
+                .iter()
+                .position(|&p| p == cell.prompt_weight)?;
             Some((row, col))
         });
         crate::plot::heatmap(
             &format!("{} over the loss-weight grid (best outlined)", self.metric),
             "response weight λr",
             "prompt weight λp",
-            &self.response_weights.iter().map(|w| fmt_weight(*w)).collect::<Vec<_>>(),
-            &self.prompt_weights.iter().map(|w| fmt_weight(*w)).collect::<Vec<_>>(),
+            &self
+                .response_weights
+                .iter()
+                .map(|w| fmt_weight(*w))
+                .collect::<Vec<_>>(),
+            &self
+                .prompt_weights
+                .iter()
+                .map(|w| fmt_weight(*w))
+                .collect::<Vec<_>>(),
             &self.grid(),
             best,
         )

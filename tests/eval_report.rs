@@ -28,7 +28,11 @@ fn report() -> EvalReport {
         examples: 3,
         templates: vec!["chat".into()],
         base_load_seconds: 0.5,
-        adapters: vec![result("base", 2.0, 0.0), result("wit-p0.2-r0.8", 1.25, 0.5), result("standard", 1.5, 0.75)],
+        adapters: vec![
+            result("base", 2.0, 0.0),
+            result("wit-p0.2-r0.8", 1.25, 0.5),
+            result("standard", 1.5, 0.75),
+        ],
     }
 }
 
@@ -55,12 +59,28 @@ fn json_and_csv_carry_every_adapter_and_metric() {
 fn html_report_is_self_contained_and_renders_in_headless_chromium() {
     let html = report().to_html();
     assert!(html.contains("<table id=\"metrics\">") && html.contains("<svg"));
-    assert!(!html.contains("http://") || html.matches("http://").all(|_| html.contains("xmlns=\"http://www.w3.org/2000/svg\"")));
-    assert!(!html.contains("<script src") && !html.contains("<link"), "no external resources");
-    assert!(html.contains("Sort &lt;b&gt;these&lt;/b&gt;"), "prompts are escaped");
+    assert!(
+        !html.contains("http://")
+            || html
+                .matches("http://")
+                .all(|_| html.contains("xmlns=\"http://www.w3.org/2000/svg\""))
+    );
+    assert!(
+        !html.contains("<script src") && !html.contains("<link"),
+        "no external resources"
+    );
+    assert!(
+        html.contains("Sort &lt;b&gt;these&lt;/b&gt;"),
+        "prompts are escaped"
+    );
     let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
         .iter()
-        .find(|c| std::process::Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .find(|c| {
+            std::process::Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
     else {
         eprintln!("SKIPPED: no Chromium installed; the HTML rendering check needs `apt-get install chromium`");
         return;
@@ -69,12 +89,26 @@ fn html_report_is_self_contained_and_renders_in_headless_chromium() {
     let page = tmp.path().join("report.html");
     std::fs::write(&page, &html).unwrap();
     let out = std::process::Command::new(chromium)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"])
-        .arg(format!("--user-data-dir={}", tmp.path().join("profile").display()))
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            tmp.path().join("profile").display()
+        ))
         .arg("--dump-dom")
         .arg(format!("file://{}", page.display()))
         .output()
         .unwrap();
     let dom = String::from_utf8_lossy(&out.stdout);
-    assert!(dom.contains("wit-p0.2-r0.8") && dom.contains("class=\"best\"") && dom.contains("<svg"), "rendered DOM: {dom:.500}");
+    assert!(
+        dom.contains("wit-p0.2-r0.8") && dom.contains("class=\"best\"") && dom.contains("<svg"),
+        "rendered DOM: {dom:.500}"
+    );
 }

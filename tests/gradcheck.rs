@@ -22,7 +22,13 @@ fn batch() -> Batch {
             weights[b * 8 + t] = if t < prompt[b] { 0.3 } else { 0.9 };
         }
     }
-    Batch { ids, weights, seq_lens: lens.to_vec(), batch: 2, seq_len: 8 }
+    Batch {
+        ids,
+        weights,
+        seq_lens: lens.to_vec(),
+        batch: 2,
+        seq_len: 8,
+    }
 }
 
 /// Central differences on a few entries of several LoRA factors vs autograd.
@@ -30,22 +36,35 @@ fn check(config: peft_wit::model::ModelConfig, quantize: Option<GgmlDType>) {
     let device = Device::Cpu;
     let qkv_bias = config.qkv_bias;
     let decoder = random_decoder(&config, 7, DType::F64, quantize, &device).unwrap();
-    let lora = LoraConfig { r: 2, lora_alpha: 4.0, lora_dropout: 0.0, ..Default::default() };
+    let lora = LoraConfig {
+        r: 2,
+        lora_alpha: 4.0,
+        lora_dropout: 0.0,
+        ..Default::default()
+    };
     let adapter = LoraAdapter::init(&lora, &config, 3, DType::F64, &device).unwrap();
     // Non-zero B so every A gets a gradient.
     for (key, var) in adapter.named_vars() {
         if key.contains("lora_B") {
-            let t = (Tensor::randn(0f64, 0.3, var.dims(), &device).unwrap()).to_dtype(DType::F64).unwrap();
+            let t = (Tensor::randn(0f64, 0.3, var.dims(), &device).unwrap())
+                .to_dtype(DType::F64)
+                .unwrap();
             var.set(&t).unwrap();
         }
     }
     let batch = batch();
     let loss_of = |adapter: &LoraAdapter| -> f64 {
-        let mut ctx = ForwardContext { adapter: Some(adapter), ..Default::default() };
+        let mut ctx = ForwardContext {
+            adapter: Some(adapter),
+            ..Default::default()
+        };
         let (loss, _) = wit_loss(&decoder, &batch, Normalization::TokenCount, &mut ctx).unwrap();
         loss.to_scalar::<f64>().unwrap()
     };
-    let mut ctx = ForwardContext { adapter: Some(&adapter), ..Default::default() };
+    let mut ctx = ForwardContext {
+        adapter: Some(&adapter),
+        ..Default::default()
+    };
     let (loss, _) = wit_loss(&decoder, &batch, Normalization::TokenCount, &mut ctx).unwrap();
     let grads = loss.backward().unwrap();
     let eps = 1e-6;
@@ -56,22 +75,35 @@ fn check(config: peft_wit::model::ModelConfig, quantize: Option<GgmlDType>) {
         if !(key.contains("layers.0.") || key.contains("layers.1.mlp.down_proj")) {
             continue;
         }
-        let g: Vec<f64> = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no grad for {key}")).flatten_all().unwrap().to_vec1().unwrap();
+        let g: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no grad for {key}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         for idx in [0, base.len() / 2, base.len() - 1] {
             let mut plus = base.clone();
             plus[idx] += eps;
-            var.set(&Tensor::from_vec(plus, var.dims(), &device).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(plus, var.dims(), &device).unwrap())
+                .unwrap();
             let lp = loss_of(&adapter);
             let mut minus = base.clone();
             minus[idx] -= eps;
-            var.set(&Tensor::from_vec(minus, var.dims(), &device).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(minus, var.dims(), &device).unwrap())
+                .unwrap();
             let lm = loss_of(&adapter);
-            var.set(&Tensor::from_vec(base.clone(), var.dims(), &device).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.dims(), &device).unwrap())
+                .unwrap();
             let numeric = (lp - lm) / (2.0 * eps);
             let err = (numeric - g[idx]).abs() / (numeric.abs() + g[idx].abs()).max(1e-6);
             worst = worst.max(err);
-            assert!(err < 1e-5, "{key}[{idx}]: autograd {} vs finite difference {numeric}", g[idx]);
+            assert!(
+                err < 1e-5,
+                "{key}[{idx}]: autograd {} vs finite difference {numeric}",
+                g[idx]
+            );
             checked += 1;
         }
     }

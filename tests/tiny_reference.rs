@@ -6,8 +6,8 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::*;
 use peft_wit::data::Batch;
-use peft_wit::loss::{wit_loss, Normalization};
 use peft_wit::lora::peft::load_peft;
+use peft_wit::loss::{wit_loss, Normalization};
 use peft_wit::model::decoder::ForwardContext;
 use peft_wit::model::load::{load_hf_dir, BaseDType};
 
@@ -22,8 +22,18 @@ struct Fixture {
 }
 
 fn fixture(arch: &str) -> Fixture {
-    let reference = read_json(reference_dir().join("tiny").join(arch).join("reference.json"));
-    let rows: Vec<Vec<u32>> = reference["input_ids"].as_array().unwrap().iter().map(u32s).collect();
+    let reference = read_json(
+        reference_dir()
+            .join("tiny")
+            .join(arch)
+            .join("reference.json"),
+    );
+    let rows: Vec<Vec<u32>> = reference["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(u32s)
+        .collect();
     let mask: Vec<u8> = reference["attention_mask"]
         .as_array()
         .unwrap()
@@ -31,11 +41,25 @@ fn fixture(arch: &str) -> Fixture {
         .flat_map(|r| u32s(r).into_iter().map(|x| x as u8))
         .collect();
     let (batch, seq) = (rows.len(), rows[0].len());
-    Fixture { ids: rows.concat(), mask, batch, seq, reference }
+    Fixture {
+        ids: rows.concat(),
+        mask,
+        batch,
+        seq,
+        reference,
+    }
 }
 
 fn rows_of(logits: &Tensor, row: usize, take: usize) -> Vec<f32> {
-    logits.get(row).unwrap().narrow(0, 0, take).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    logits
+        .get(row)
+        .unwrap()
+        .narrow(0, 0, take)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn flat(v: &serde_json::Value) -> Vec<f32> {
@@ -50,9 +74,15 @@ fn base_logits_match_transformers() {
         let model = load_hf_dir(&dir, BaseDType::F32, &Device::Cpu).unwrap();
         let ids = Tensor::from_slice(&f.ids, (f.batch, f.seq), &Device::Cpu).unwrap();
         let mask = Tensor::from_slice(&f.mask, (f.batch, f.seq), &Device::Cpu).unwrap();
-        let logits = model.decoder.forward(&ids, Some(&mask), &mut ForwardContext::default()).unwrap();
+        let logits = model
+            .decoder
+            .forward(&ids, Some(&mask), &mut ForwardContext::default())
+            .unwrap();
         let d0 = max_abs_diff(&rows_of(&logits, 0, 12), &flat(&f.reference["logits_row0"]));
-        let d1 = max_abs_diff(&rows_of(&logits, 1, 7), &flat(&f.reference["logits_row1_first7"]));
+        let d1 = max_abs_diff(
+            &rows_of(&logits, 1, 7),
+            &flat(&f.reference["logits_row1_first7"]),
+        );
         eprintln!("{arch}: max |Δlogit| row0 {d0:.2e}, row1 {d1:.2e}");
         assert!(d0 < 1e-3 && d1 < 1e-3, "{arch}: logits differ: {d0} {d1}");
     }
@@ -64,31 +94,68 @@ fn peft_adapter_logits_loss_and_gradients_match() {
         let f = fixture(arch);
         let dir = reference_dir().join("tiny").join(arch);
         let model = load_hf_dir(&dir, BaseDType::F32, &Device::Cpu).unwrap();
-        let adapter = load_peft(&dir.join("lora_r4"), &model.decoder.config, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let adapter = load_peft(
+            &dir.join("lora_r4"),
+            &model.decoder.config,
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
         let ids = Tensor::from_slice(&f.ids, (f.batch, f.seq), &Device::Cpu).unwrap();
         let mask = Tensor::from_slice(&f.mask, (f.batch, f.seq), &Device::Cpu).unwrap();
-        let mut ctx = ForwardContext { adapter: Some(&adapter), ..Default::default() };
+        let mut ctx = ForwardContext {
+            adapter: Some(&adapter),
+            ..Default::default()
+        };
         let logits = model.decoder.forward(&ids, Some(&mask), &mut ctx).unwrap();
-        let d = max_abs_diff(&rows_of(&logits, 0, 12), &flat(&f.reference["lora_r4"]["logits_row0"]));
+        let d = max_abs_diff(
+            &rows_of(&logits, 0, 12),
+            &flat(&f.reference["lora_r4"]["logits_row0"]),
+        );
         assert!(d < 1e-3, "{arch}: adapted logits differ by {d}");
 
         let prompt_lens = usizes(&f.reference["prompt_lens"]);
         let seq_lens = usizes(&f.reference["seq_lens"]);
         for case in f.reference["lora_r4"]["wit"].as_array().unwrap() {
-            let (lp, lr) = (case["prompt_weight"].as_f64().unwrap() as f32, case["response_weight"].as_f64().unwrap() as f32);
+            let (lp, lr) = (
+                case["prompt_weight"].as_f64().unwrap() as f32,
+                case["response_weight"].as_f64().unwrap() as f32,
+            );
             let weights: Vec<f32> = (0..f.batch)
                 .flat_map(|b| {
                     let (pl, sl) = (prompt_lens[b], seq_lens[b]);
-                    (0..f.seq).map(move |t| if t == 0 || t >= sl { 0.0 } else if t < pl { lp } else { lr })
+                    (0..f.seq).map(move |t| {
+                        if t == 0 || t >= sl {
+                            0.0
+                        } else if t < pl {
+                            lp
+                        } else {
+                            lr
+                        }
+                    })
                 })
                 .collect();
-            let batch = Batch { ids: f.ids.clone(), weights, seq_lens: seq_lens.clone(), batch: f.batch, seq_len: f.seq };
-            let mut ctx = ForwardContext { adapter: Some(&adapter), ..Default::default() };
-            let (loss, count) = wit_loss(&model.decoder, &batch, Normalization::TokenCount, &mut ctx).unwrap();
+            let batch = Batch {
+                ids: f.ids.clone(),
+                weights,
+                seq_lens: seq_lens.clone(),
+                batch: f.batch,
+                seq_len: f.seq,
+            };
+            let mut ctx = ForwardContext {
+                adapter: Some(&adapter),
+                ..Default::default()
+            };
+            let (loss, count) =
+                wit_loss(&model.decoder, &batch, Normalization::TokenCount, &mut ctx).unwrap();
             let grads = loss.backward().unwrap();
             let (gn, _) = lora_grad_norms(&adapter, &grads);
             let loss = loss.to_scalar::<f32>().unwrap() as f64;
-            let (el, ec, eg) = (case["loss"].as_f64().unwrap(), case["token_count"].as_u64().unwrap() as usize, case["lora_grad_global_l2"].as_f64().unwrap());
+            let (el, ec, eg) = (
+                case["loss"].as_f64().unwrap(),
+                case["token_count"].as_u64().unwrap() as usize,
+                case["lora_grad_global_l2"].as_f64().unwrap(),
+            );
             eprintln!("{arch} ({lp},{lr}): loss {loss:.6} vs {el}, count {count} vs {ec}, grad {gn:.6} vs {eg}");
             assert_eq!(count, ec, "{arch}: token count");
             assert!(rel_err(loss, el) < 1e-4, "{arch}: loss {loss} vs {el}");

@@ -34,7 +34,9 @@ fn tiny_base() -> BaseModel {
 
 /// A learnable task: the response repeats the prompt's tokens in reverse.
 fn example(i: usize) -> TokenizedExample {
-    let prompt: Vec<u32> = (0..4 + i % 3).map(|k| 3 + ((i * 7 + k * 5) % 40) as u32).collect();
+    let prompt: Vec<u32> = (0..4 + i % 3)
+        .map(|k| 3 + ((i * 7 + k * 5) % 40) as u32)
+        .collect();
     let mut ids = vec![1];
     ids.extend(&prompt);
     ids.push(47);
@@ -42,7 +44,13 @@ fn example(i: usize) -> TokenizedExample {
     ids.push(2);
     let n_prompt = prompt.len() + 2;
     let kinds = (0..ids.len())
-        .map(|t| if t < n_prompt { TokenKind::User } else { TokenKind::Response })
+        .map(|t| {
+            if t < n_prompt {
+                TokenKind::User
+            } else {
+                TokenKind::Response
+            }
+        })
         .collect();
     TokenizedExample { ids, kinds }
 }
@@ -118,10 +126,27 @@ fn training_lowers_the_loss_and_writes_a_complete_entry() {
     assert!(evals.len() >= 2);
     let (first, last) = (evals[0], *evals.last().unwrap());
     let train_losses: Vec<f64> = lines.iter().filter_map(|m| m.loss).collect();
-    eprintln!("eval response loss {first:.3} -> {last:.3}; train {:.3} -> {:.3}", train_losses[0], train_losses.last().unwrap());
-    assert!(last < first * 0.8, "eval loss did not fall enough: {first} -> {last}");
-    for file in ["adapter_config.json", "adapter_model.safetensors", "peft_wit.json", "metrics.jsonl", "loss.svg", "train_config.toml"] {
-        assert!(tmp.path().join("tiny").join(file).is_file(), "{file} missing");
+    eprintln!(
+        "eval response loss {first:.3} -> {last:.3}; train {:.3} -> {:.3}",
+        train_losses[0],
+        train_losses.last().unwrap()
+    );
+    assert!(
+        last < first * 0.8,
+        "eval loss did not fall enough: {first} -> {last}"
+    );
+    for file in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "peft_wit.json",
+        "metrics.jsonl",
+        "loss.svg",
+        "train_config.toml",
+    ] {
+        assert!(
+            tmp.path().join("tiny").join(file).is_file(),
+            "{file} missing"
+        );
     }
     // The staging area is cleaned up.
     assert!(!tmp.path().join(".runs").join("tiny").exists());
@@ -136,12 +161,18 @@ fn same_config_and_seed_give_a_byte_identical_adapter() {
     let cfg = config(6);
     run(a.path(), &cfg, &RunOptions::default()).unwrap();
     run(b.path(), &cfg, &RunOptions::default()).unwrap();
-    assert_eq!(adapter_bytes(a.path(), "tiny"), adapter_bytes(b.path(), "tiny"));
+    assert_eq!(
+        adapter_bytes(a.path(), "tiny"),
+        adapter_bytes(b.path(), "tiny")
+    );
     let mut other = cfg.clone();
     other.seed += 1;
     let c = tempfile::tempdir().unwrap();
     run(c.path(), &other, &RunOptions::default()).unwrap();
-    assert_ne!(adapter_bytes(a.path(), "tiny"), adapter_bytes(c.path(), "tiny"));
+    assert_ne!(
+        adapter_bytes(a.path(), "tiny"),
+        adapter_bytes(c.path(), "tiny")
+    );
 }
 
 #[test]
@@ -151,7 +182,10 @@ fn interrupted_runs_resume_to_the_byte_identical_adapter() {
     run(whole.path(), &cfg, &RunOptions::default()).unwrap();
 
     let parts = tempfile::tempdir().unwrap();
-    let stopping = RunOptions { stop: Arc::new(AtomicBool::new(true)), ..RunOptions::default() };
+    let stopping = RunOptions {
+        stop: Arc::new(AtomicBool::new(true)),
+        ..RunOptions::default()
+    };
     // Interrupted after step 1, then (resumed) again after step 2, then resumed to the end.
     match run(parts.path(), &cfg, &stopping).unwrap() {
         TrainOutcome::Interrupted { step, .. } => assert_eq!(step, 1),
@@ -160,7 +194,10 @@ fn interrupted_runs_resume_to_the_byte_identical_adapter() {
     // Without --resume the checkpoint is not silently discarded.
     let err = run(parts.path(), &cfg, &RunOptions::default()).unwrap_err();
     assert!(err.to_string().contains("--resume"), "{err}");
-    let resume_and_stop = RunOptions { resume: true, ..stopping.clone() };
+    let resume_and_stop = RunOptions {
+        resume: true,
+        ..stopping.clone()
+    };
     match run(parts.path(), &cfg, &resume_and_stop).unwrap() {
         TrainOutcome::Interrupted { step, .. } => assert_eq!(step, 2),
         other => panic!("{other:?}"),
@@ -168,11 +205,34 @@ fn interrupted_runs_resume_to_the_byte_identical_adapter() {
     // Resuming with a different config is refused.
     let mut changed = cfg.clone();
     changed.lr *= 2.0;
-    let err = run(parts.path(), &changed, &RunOptions { resume: true, ..RunOptions::default() }).unwrap_err();
+    let err = run(
+        parts.path(),
+        &changed,
+        &RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        },
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("another config"), "{err}");
-    run(parts.path(), &cfg, &RunOptions { resume: true, ..RunOptions::default() }).unwrap();
-    assert_eq!(adapter_bytes(whole.path(), "tiny"), adapter_bytes(parts.path(), "tiny"));
-    let steps: Vec<usize> = metrics(parts.path(), "tiny").iter().filter(|m| m.loss.is_some()).map(|m| m.step).collect();
+    run(
+        parts.path(),
+        &cfg,
+        &RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        adapter_bytes(whole.path(), "tiny"),
+        adapter_bytes(parts.path(), "tiny")
+    );
+    let steps: Vec<usize> = metrics(parts.path(), "tiny")
+        .iter()
+        .filter(|m| m.loss.is_some())
+        .map(|m| m.step)
+        .collect();
     assert_eq!(steps, (1..=7).collect::<Vec<_>>());
 }
 
@@ -189,10 +249,18 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         other => panic!("expected a non-finite loss error, got {other}"),
     };
     assert!(step >= 2, "step {step}");
-    let latest = peft_wit::train::checkpoint::latest(&tmp.path().join(".runs").join("tiny")).unwrap();
+    let latest =
+        peft_wit::train::checkpoint::latest(&tmp.path().join(".runs").join("tiny")).unwrap();
     let latest = latest.expect("a checkpoint from before the failure");
-    assert!(latest.ends_with(format!("checkpoint-{:06}", step - 1)), "{}", latest.display());
-    assert!(!tmp.path().join("tiny").exists(), "no registry entry for a failed run");
+    assert!(
+        latest.ends_with(format!("checkpoint-{:06}", step - 1)),
+        "{}",
+        latest.display()
+    );
+    assert!(
+        !tmp.path().join("tiny").exists(),
+        "no registry entry for a failed run"
+    );
 }
 
 #[test]
@@ -206,18 +274,31 @@ fn accumulated_micro_batches_share_one_denominator() {
     let (loss, _) = wit_loss(&base.decoder, &whole, Normalization::TokenCount, &mut ctx).unwrap();
     let whole_loss = loss.to_scalar::<f32>().unwrap() as f64;
     let parts: Vec<Batch> = refs.chunks(2).map(|c| Batch::new(c, &weights, 2)).collect();
-    let denom: f64 = parts.iter().map(|b| denominator(b, Normalization::TokenCount)).sum();
+    let denom: f64 = parts
+        .iter()
+        .map(|b| denominator(b, Normalization::TokenCount))
+        .sum();
     let mut sum = 0f64;
     for b in &parts {
         let (s, _) = weighted_nll_sum(&base.decoder, b, &mut ForwardContext::default()).unwrap();
         sum += s.to_scalar::<f32>().unwrap() as f64;
     }
-    assert!((sum / denom - whole_loss).abs() < 1e-5, "{} vs {whole_loss}", sum / denom);
+    assert!(
+        (sum / denom - whole_loss).abs() < 1e-5,
+        "{} vs {whole_loss}",
+        sum / denom
+    );
     // Per-micro-batch averaging would differ: the halves have different token counts.
     let mean_of_means: f64 = parts
         .iter()
         .map(|b| {
-            let (l, _) = wit_loss(&base.decoder, b, Normalization::TokenCount, &mut ForwardContext::default()).unwrap();
+            let (l, _) = wit_loss(
+                &base.decoder,
+                b,
+                Normalization::TokenCount,
+                &mut ForwardContext::default(),
+            )
+            .unwrap();
             l.to_scalar::<f32>().unwrap() as f64
         })
         .sum::<f64>()
@@ -233,15 +314,47 @@ fn a_stopped_sweep_resumes_and_skips_finished_cells() {
     let (base, data) = (tiny_base(), data());
     let cfg = config(3);
     let (ps, rs) = (vec![0.0, 0.5], vec![0.0, 1.0]);
-    let stopping = RunOptions { stop: Arc::new(AtomicBool::new(true)), ..RunOptions::default() };
-    let first = run_sweep(&base, &data, &cfg, &registry, &ps, &rs, "t-", "response_loss", &stopping).unwrap();
+    let stopping = RunOptions {
+        stop: Arc::new(AtomicBool::new(true)),
+        ..RunOptions::default()
+    };
+    let first = run_sweep(
+        &base,
+        &data,
+        &cfg,
+        &registry,
+        &ps,
+        &rs,
+        "t-",
+        "response_loss",
+        &stopping,
+    )
+    .unwrap();
     assert!(first.interrupted);
     assert_eq!(first.cells[0].status, "invalid (all weights 0)");
-    assert!(first.cells[1].status.starts_with("interrupted"), "{:?}", first.cells[1]);
-    let second = run_sweep(&base, &data, &cfg, &registry, &ps, &rs, "t-", "response_loss", &RunOptions::default()).unwrap();
+    assert!(
+        first.cells[1].status.starts_with("interrupted"),
+        "{:?}",
+        first.cells[1]
+    );
+    let second = run_sweep(
+        &base,
+        &data,
+        &cfg,
+        &registry,
+        &ps,
+        &rs,
+        "t-",
+        "response_loss",
+        &RunOptions::default(),
+    )
+    .unwrap();
     assert!(!second.interrupted);
     let statuses: Vec<&str> = second.cells.iter().map(|c| c.status.as_str()).collect();
-    assert_eq!(statuses, ["invalid (all weights 0)", "trained", "trained", "trained"]);
+    assert_eq!(
+        statuses,
+        ["invalid (all weights 0)", "trained", "trained", "trained"]
+    );
     // The resumed cell equals an uninterrupted training of the same cell.
     let fresh = tempfile::tempdir().unwrap();
     let mut one = cfg.clone();
@@ -249,8 +362,22 @@ fn a_stopped_sweep_resumes_and_skips_finished_cells() {
     one.response_weight = 0.0;
     one.name = Some("t-wit-p0.5-r0".into());
     run(fresh.path(), &one, &RunOptions::default()).unwrap();
-    assert_eq!(adapter_bytes(fresh.path(), "t-wit-p0.5-r0"), adapter_bytes(tmp.path(), "t-wit-p0.5-r0"));
-    let third = run_sweep(&base, &data, &cfg, &registry, &ps, &rs, "t-", "response_loss", &RunOptions::default()).unwrap();
+    assert_eq!(
+        adapter_bytes(fresh.path(), "t-wit-p0.5-r0"),
+        adapter_bytes(tmp.path(), "t-wit-p0.5-r0")
+    );
+    let third = run_sweep(
+        &base,
+        &data,
+        &cfg,
+        &registry,
+        &ps,
+        &rs,
+        "t-",
+        "response_loss",
+        &RunOptions::default(),
+    )
+    .unwrap();
     assert!(third.cells[1..].iter().all(|c| c.status == "done earlier"));
     assert!(third.best.is_some());
     assert_eq!(third.grid().len(), 2);
@@ -270,13 +397,36 @@ fn eval_of_a_trained_adapter_equals_the_trainers_own_eval() {
         other => panic!("{other:?}"),
     };
     let base = tiny_base();
-    let adapter = load_peft(&tmp.path().join("tiny"), &base.decoder.config, DType::F32, &Device::Cpu).unwrap();
+    let adapter = load_peft(
+        &tmp.path().join("tiny"),
+        &base.decoder.config,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let weights = LossWeights::new(0.2, 0.8);
-    let m = loss_metrics(&base.decoder, Some(&adapter), &data().eval, &weights, Normalization::TokenCount, 4, 2).unwrap();
+    let m = loss_metrics(
+        &base.decoder,
+        Some(&adapter),
+        &data().eval,
+        &weights,
+        Normalization::TokenCount,
+        4,
+        2,
+    )
+    .unwrap();
     let logged = meta.metrics["response_loss"];
-    assert!((m.response_loss - logged).abs() < 1e-9, "{} vs {logged}", m.response_loss);
+    assert!(
+        (m.response_loss - logged).abs() < 1e-9,
+        "{} vs {logged}",
+        m.response_loss
+    );
     assert!((m.wit_loss - meta.metrics["wit_loss"]).abs() < 1e-9);
     // The last eval line of metrics.jsonl is the same number.
-    let last_eval = metrics(tmp.path(), "tiny").iter().rev().find_map(|l| l.eval_response_loss).unwrap();
+    let last_eval = metrics(tmp.path(), "tiny")
+        .iter()
+        .rev()
+        .find_map(|l| l.eval_response_loss)
+        .unwrap();
     assert_eq!(last_eval, logged);
 }

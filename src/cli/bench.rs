@@ -49,7 +49,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         warmup: args.warmup,
         generate_tokens: args.generate_tokens,
     };
-    let result = run_bench(&base, &spec, |phase, rate| eprintln!("{phase}: {rate:.1} tokens/s"))?;
+    let result = run_bench(&base, &spec, |phase, rate| {
+        eprintln!("{phase}: {rate:.1} tokens/s")
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
@@ -57,10 +59,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "peft-wit {} base, batch {}x{}, LoRA r{} on 7 projections, {} threads:",
             result.base_dtype, spec.batch_size, spec.seq_len, spec.rank, result.threads
         );
-        println!("  train step (fwd+bwd+AdamW): {:.1} tokens/s (median of {})", result.train_tokens_per_s, spec.steps);
-        println!("  forward-only eval:          {:.1} tokens/s", result.eval_tokens_per_s);
-        println!("  generation (KV cache):      {:.1} tokens/s", result.generate_tokens_per_s);
-        println!("  peak RSS:                   {:.0} MB", result.peak_rss_mb.unwrap_or(f64::NAN));
+        println!(
+            "  train step (fwd+bwd+AdamW): {:.1} tokens/s (median of {})",
+            result.train_tokens_per_s, spec.steps
+        );
+        println!(
+            "  forward-only eval:          {:.1} tokens/s",
+            result.eval_tokens_per_s
+        );
+        println!(
+            "  generation (KV cache):      {:.1} tokens/s",
+            result.generate_tokens_per_s
+        );
+        println!(
+            "  peak RSS:                   {:.0} MB",
+            result.peak_rss_mb.unwrap_or(f64::NAN)
+        );
     }
     Ok(())
 }

@@ -20,7 +20,11 @@ pub struct ModelArgs {
 }
 
 /// Loads the base model, printing what and how long to stderr.
-pub fn load_model(model: Option<&str>, base_dtype: &str, device: &str) -> anyhow::Result<BaseModel> {
+pub fn load_model(
+    model: Option<&str>,
+    base_dtype: &str,
+    device: &str,
+) -> anyhow::Result<BaseModel> {
     let location = resolve_model(model)?;
     let base_dtype: BaseDType = base_dtype.parse()?;
     let device = peft_wit::device::parse_device(device)?;
@@ -77,7 +81,13 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     };
     let mut out = line(header.iter().map(|s| s.to_string()).collect());
     out.push('\n');
-    out.push_str(&widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+    out.push_str(
+        &widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("  "),
+    );
     out.push('\n');
     for row in rows {
         out.push_str(&line(row.clone()));

@@ -69,12 +69,19 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let registry = Registry::open(args.registry.clone().unwrap_or_else(peft_wit::registry::default_root))?;
+    let registry = Registry::open(
+        args.registry
+            .clone()
+            .unwrap_or_else(peft_wit::registry::default_root),
+    )?;
     let mut names = args.adapters.clone();
     if args.all {
         names.extend(registry.names()?);
     }
-    anyhow::ensure!(!names.is_empty() || args.base, "nothing to evaluate: give --adapters, --all or --base");
+    anyhow::ensure!(
+        !names.is_empty() || args.base,
+        "nothing to evaluate: give --adapters, --all or --base"
+    );
     let load_started = Instant::now();
     let base = load_model(
         args.model.model.as_deref(),
@@ -93,7 +100,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 r.clone().unwrap_or_else(|| "response".into()),
             )),
         };
-        let opts = LoadOptions { format: Format::Auto, field_map, on_bad_row: OnBadRow::Skip };
+        let opts = LoadOptions {
+            format: Format::Auto,
+            field_map,
+            on_bad_row: OnBadRow::Skip,
+        };
         let (examples, report) = data::load_examples(std::path::Path::new(&args.data), &opts)?;
         eprintln!("data: {report}");
         examples
@@ -126,7 +137,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let adapter = load_for_base(&dir, &base, args.allow_other_base)
             .with_context(|| format!("loading adapter {}", dir.display()))?;
         eprintln!("evaluating {name} ...");
-        results.push(evaluate_adapter(&base, name, Some(&adapter), &eval_data, &spec)?);
+        results.push(evaluate_adapter(
+            &base,
+            name,
+            Some(&adapter),
+            &eval_data,
+            &spec,
+        )?);
     }
     let report = EvalReport {
         model: base.name.clone(),
@@ -145,11 +162,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     header.extend(columns.iter().cloned());
     let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
     println!("{}", table(&header_refs, &report.table_rows(&columns)));
-    println!("(* best per column; base loaded once in {base_load_seconds:.1}s; per adapter: {})",
-        report.adapters.iter().map(|a| format!("{} {:.1}s", a.name, a.seconds)).collect::<Vec<_>>().join(", "));
+    println!(
+        "(* best per column; base loaded once in {base_load_seconds:.1}s; per adapter: {})",
+        report
+            .adapters
+            .iter()
+            .map(|a| format!("{} {:.1}s", a.name, a.seconds))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if let Some(first) = report.adapters.first() {
         for (k, g) in first.generations.iter().enumerate().take(3) {
-            println!("\n--- example {} ---\nprompt: {}\nreference: {}", k + 1, g.prompt.chars().take(200).collect::<String>(), g.reference);
+            println!(
+                "\n--- example {} ---\nprompt: {}\nreference: {}",
+                k + 1,
+                g.prompt.chars().take(200).collect::<String>(),
+                g.reference
+            );
             for a in &report.adapters {
                 if let Some(out) = a.generations.get(k) {
                     println!("{:>20}: {}", a.name, out.output.replace('\n', " "));

@@ -44,11 +44,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let adapter = match &args.adapter {
         None => None,
         Some(spec) => {
-            let registry = Registry::open(args.registry.clone().unwrap_or_else(peft_wit::registry::default_root))?;
+            let registry = Registry::open(
+                args.registry
+                    .clone()
+                    .unwrap_or_else(peft_wit::registry::default_root),
+            )?;
             let dir = registry.resolve(spec)?;
-            let adapter = load_peft(&dir, &base.decoder.config, candle_core::DType::F32, base.decoder.device())
-                .with_context(|| format!("loading adapter {}", dir.display()))?;
-            eprintln!("adapter {} (r={}, {} parameters)", dir.display(), adapter.config.r, adapter.num_parameters());
+            let adapter = load_peft(
+                &dir,
+                &base.decoder.config,
+                candle_core::DType::F32,
+                base.decoder.device(),
+            )
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
+            eprintln!(
+                "adapter {} (r={}, {} parameters)",
+                dir.display(),
+                adapter.config.r,
+                adapter.num_parameters()
+            );
             Some(adapter)
         }
     };

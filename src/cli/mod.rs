@@ -15,7 +15,11 @@ mod train;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "peft-wit", version, about = "LoRA fine-tuning under the weighted instruction-tuning (WIT) loss")]
+#[command(
+    name = "peft-wit",
+    version,
+    about = "LoRA fine-tuning under the weighted instruction-tuning (WIT) loss"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

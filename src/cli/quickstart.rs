@@ -52,7 +52,12 @@ fn ensure_default_model() -> anyhow::Result<()> {
         .status()
         .with_context(|| format!("running {}", script.display()))?;
     anyhow::ensure!(status.success(), "{} failed", script.display());
-    anyhow::ensure!(path.is_file(), "{} did not produce {}", script.display(), path.display());
+    anyhow::ensure!(
+        path.is_file(),
+        "{} did not produce {}",
+        script.display(),
+        path.display()
+    );
     Ok(())
 }
 
@@ -60,7 +65,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     ensure_default_model()?;
     let base = load_model(None, &args.base_dtype, &args.device)?;
-    let registry = Registry::open(args.registry.clone().unwrap_or_else(peft_wit::registry::default_root))?;
+    let registry = Registry::open(
+        args.registry
+            .clone()
+            .unwrap_or_else(peft_wit::registry::default_root),
+    )?;
 
     let mut cfg = TrainConfig {
         base_dtype: args.base_dtype.clone(),
@@ -78,7 +87,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let data = prepare_data(&cfg, &base)?;
     let data_file = registry.root().join(".runs").join("quickstart-data.jsonl");
-    write_jsonl(&data_file, &peft_wit::data::builtin_examples(args.examples, peft_wit::train::prepare::BUILTIN_DATA_SEED))?;
+    write_jsonl(
+        &data_file,
+        &peft_wit::data::builtin_examples(
+            args.examples,
+            peft_wit::train::prepare::BUILTIN_DATA_SEED,
+        ),
+    )?;
     eprintln!(
         "built-in tasks: {} train / {} held-out examples (written to {})",
         data.train.len(),
@@ -94,8 +109,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     // The untouched base, for reference.
     let weights = peft_wit::data::LossWeights::new(0.0, 1.0);
-    let base_losses = peft_wit::train::trainer::evaluate_losses(&base, None, &data.eval, &weights, cfg.normalization, cfg.batch_size)?;
-    let base_gen = peft_wit::eval::generation_scores(&base, None, &data.template, &data.eval_examples, args.generate)?;
+    let base_losses = peft_wit::train::trainer::evaluate_losses(
+        &base,
+        None,
+        &data.eval,
+        &weights,
+        cfg.normalization,
+        cfg.batch_size,
+    )?;
+    let base_gen = peft_wit::eval::generation_scores(
+        &base,
+        None,
+        &data.template,
+        &data.eval_examples,
+        args.generate,
+    )?;
     rows.push(vec![
         "base".to_string(),
         "-".into(),
@@ -136,9 +164,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     println!(
         "{}",
-        table(&["adapter", "λp", "λr", "response loss", "exact match", "train time"], &rows)
+        table(
+            &[
+                "adapter",
+                "λp",
+                "λr",
+                "response loss",
+                "exact match",
+                "train time"
+            ],
+            &rows
+        )
     );
-    println!("adapters are in {}; total time {:.0}s", registry.root().display(), started.elapsed().as_secs_f64());
+    println!(
+        "adapters are in {}; total time {:.0}s",
+        registry.root().display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

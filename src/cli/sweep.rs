@@ -47,7 +47,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             eprintln!("data: {line}");
         }
     }
-    let registry = Registry::open(cfg.registry.clone().unwrap_or_else(peft_wit::registry::default_root))?;
+    let registry = Registry::open(
+        cfg.registry
+            .clone()
+            .unwrap_or_else(peft_wit::registry::default_root),
+    )?;
     let opts = RunOptions {
         progress: !args.quiet,
         stop: stop_on_ctrl_c(),
@@ -66,9 +70,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &args.metric,
         &opts,
     )?;
-    let report_dir = args
-        .report_dir
-        .unwrap_or_else(|| registry.root().join("sweeps").join(format!("{}grid", args.prefix)));
+    let report_dir = args.report_dir.unwrap_or_else(|| {
+        registry
+            .root()
+            .join("sweeps")
+            .join(format!("{}grid", args.prefix))
+    });
     result.write(&report_dir)?;
     let metric_names = ["response_loss", "wit_loss", "exact_match", "rouge_l"];
     let rows: Vec<Vec<String>> = result
@@ -82,8 +89,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 c.status.clone(),
             ];
             for m in metric_names {
-                let mark = if Some(&c.name) == result.best.as_ref() && m == args.metric { " *" } else { "" };
-                row.push(c.metrics.get(m).map(|v| format!("{v:.4}{mark}")).unwrap_or_else(|| "-".into()));
+                let mark = if Some(&c.name) == result.best.as_ref() && m == args.metric {
+                    " *"
+                } else {
+                    ""
+                };
+                row.push(
+                    c.metrics
+                        .get(m)
+                        .map(|v| format!("{v:.4}{mark}"))
+                        .unwrap_or_else(|| "-".into()),
+                );
             }
             row
         })
@@ -98,7 +114,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "heatmap: {}  ({:.0}s){}",
         report_dir.join("heatmap.svg").display(),
         started.elapsed().as_secs_f64(),
-        if result.interrupted { "; interrupted: run the same command again to continue" } else { "" }
+        if result.interrupted {
+            "; interrupted: run the same command again to continue"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -206,7 +206,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &data.fingerprint[..16]
         );
     }
-    let registry = Registry::open(cfg.registry.clone().unwrap_or_else(peft_wit::registry::default_root))?;
+    let registry = Registry::open(
+        cfg.registry
+            .clone()
+            .unwrap_or_else(peft_wit::registry::default_root),
+    )?;
     let opts = RunOptions {
         progress: !args.quiet,
         stop: stop_on_ctrl_c(),

@@ -60,7 +60,8 @@ impl EvalData {
         };
         let mut tokenized = Vec::new();
         for (_, template) in &spec.templates {
-            tokenized.push(data::tokenize_examples(&examples, template, tokenizer, &opts)?.examples);
+            tokenized
+                .push(data::tokenize_examples(&examples, template, tokenizer, &opts)?.examples);
         }
         Ok(Self {
             examples,
@@ -104,12 +105,19 @@ pub fn evaluate_adapter(
         }
         per_template.insert(tname.clone(), m);
     }
-    let main = spec.templates.first().map(|(n, _)| n.clone()).unwrap_or_default();
+    let main = spec
+        .templates
+        .first()
+        .map(|(n, _)| n.clone())
+        .unwrap_or_default();
     let mut metrics = per_template.get(&main).cloned().unwrap_or_default();
     if spec.templates.len() > 1 {
         let keys: Vec<String> = metrics.keys().cloned().collect();
         for key in keys {
-            let values: Vec<f64> = per_template.values().filter_map(|m| m.get(&key).copied()).collect();
+            let values: Vec<f64> = per_template
+                .values()
+                .filter_map(|m| m.get(&key).copied())
+                .collect();
             let n = values.len() as f64;
             let mean = values.iter().sum::<f64>() / n;
             let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
@@ -180,7 +188,11 @@ pub fn sensitivity(
             }
         }
     }
-    Ok(if pairs > 0 { total / pairs as f64 } else { f64::NAN })
+    Ok(if pairs > 0 {
+        total / pairs as f64
+    } else {
+        f64::NAN
+    })
 }
 
 /// `log P(y | x)` summed over the tokens of `y`.

@@ -32,7 +32,11 @@ pub fn generate_answers(
         stop_ids.push(eos);
     }
     let mut out = Vec::new();
-    for ex in examples.iter().filter(|e| e.reference.is_some()).take(limit) {
+    for ex in examples
+        .iter()
+        .filter(|e| e.reference.is_some())
+        .take(limit)
+    {
         let reference = ex.reference.clone().unwrap_or_default();
         let prompt = template.render_prompt(ex)?;
         let ids = tokenizer
@@ -61,7 +65,13 @@ pub fn generate_answers(
             .to_string();
         out.push(ScoredGeneration {
             exact_match: exact_match(&text, &reference),
-            prompt: ex.messages.iter().rev().find(|m| m.role == crate::data::Role::User).map(|m| m.content.clone()).unwrap_or_default(),
+            prompt: ex
+                .messages
+                .iter()
+                .rev()
+                .find(|m| m.role == crate::data::Role::User)
+                .map(|m| m.content.clone())
+                .unwrap_or_default(),
             reference,
             output: text,
         });
@@ -89,8 +99,14 @@ pub fn score_answers(answers: &[ScoredGeneration]) -> BTreeMap<String, f64> {
     let n = answers.len() as f64;
     let mean = |f: &dyn Fn(&ScoredGeneration) -> f64| answers.iter().map(f).sum::<f64>() / n;
     scores.insert("exact_match".into(), mean(&|a| a.exact_match as u8 as f64));
-    scores.insert("contains".into(), mean(&|a| contains(&a.output, &a.reference) as u8 as f64));
-    scores.insert("rouge_l".into(), mean(&|a| rouge_l(&a.output, &a.reference)));
+    scores.insert(
+        "contains".into(),
+        mean(&|a| contains(&a.output, &a.reference) as u8 as f64),
+    );
+    scores.insert(
+        "rouge_l".into(),
+        mean(&|a| rouge_l(&a.output, &a.reference)),
+    );
     let extractable: Vec<&ScoredGeneration> = answers
         .iter()
         .filter(|a| extract_answer(&a.reference).is_some() && a.reference.contains("####"))
@@ -100,7 +116,10 @@ pub fn score_answers(answers: &[ScoredGeneration]) -> BTreeMap<String, f64> {
             .iter()
             .filter(|a| extract_answer(&a.output) == extract_answer(&a.reference))
             .count();
-        scores.insert("answer_accuracy".into(), correct as f64 / extractable.len() as f64);
+        scores.insert(
+            "answer_accuracy".into(),
+            correct as f64 / extractable.len() as f64,
+        );
     }
     scores
 }

@@ -23,9 +23,26 @@ pub struct EvalReport {
 impl EvalReport {
     /// Metric names present in any result, in a stable order (the comparable ones first).
     pub fn metric_names(&self) -> Vec<String> {
-        let all: BTreeSet<String> = self.adapters.iter().flat_map(|a| a.metrics.keys().cloned()).collect();
-        let first = ["response_loss", "response_ppl", "wit_loss", "exact_match", "contains", "rouge_l", "answer_accuracy", "sensitivity"];
-        let mut names: Vec<String> = first.iter().filter(|m| all.contains(**m)).map(|m| m.to_string()).collect();
+        let all: BTreeSet<String> = self
+            .adapters
+            .iter()
+            .flat_map(|a| a.metrics.keys().cloned())
+            .collect();
+        let first = [
+            "response_loss",
+            "response_ppl",
+            "wit_loss",
+            "exact_match",
+            "contains",
+            "rouge_l",
+            "answer_accuracy",
+            "sensitivity",
+        ];
+        let mut names: Vec<String> = first
+            .iter()
+            .filter(|m| all.contains(**m))
+            .map(|m| m.to_string())
+            .collect();
         names.extend(all.into_iter().filter(|m| !first.contains(&m.as_str())));
         names
     }
@@ -34,7 +51,9 @@ impl EvalReport {
     pub fn best(&self, metric: &str) -> Option<usize> {
         let mut best: Option<(usize, f64)> = None;
         for (i, a) in self.adapters.iter().enumerate() {
-            let Some(&v) = a.metrics.get(metric) else { continue };
+            let Some(&v) = a.metrics.get(metric) else {
+                continue;
+            };
             if !v.is_finite() || metric.ends_with("_std") {
                 continue;
             }
@@ -90,7 +109,12 @@ impl EvalReport {
                 let mut row = vec![a.name.clone()];
                 for (k, m) in metrics.iter().enumerate() {
                     let star = if best[k] == Some(i) { " *" } else { "" };
-                    row.push(a.metrics.get(m).map(|v| format!("{v:.4}{star}")).unwrap_or_else(|| "-".into()));
+                    row.push(
+                        a.metrics
+                            .get(m)
+                            .map(|v| format!("{v:.4}{star}"))
+                            .unwrap_or_else(|| "-".into()),
+                    );
                 }
                 row
             })
@@ -121,7 +145,11 @@ impl EvalReport {
         for (i, a) in self.adapters.iter().enumerate() {
             let _ = write!(h, "<tr><td>{}</td>", esc(&a.name));
             for n in &names {
-                let class = if self.best(n) == Some(i) { " class=\"best\"" } else { "" };
+                let class = if self.best(n) == Some(i) {
+                    " class=\"best\""
+                } else {
+                    ""
+                };
                 match a.metrics.get(n) {
                     Some(v) => {
                         let _ = write!(h, "<td{class}>{v:.4}</td>");
@@ -144,9 +172,18 @@ impl EvalReport {
                 }
                 h.push_str("</tr>");
                 for (k, g) in first.generations.iter().enumerate().take(8) {
-                    let _ = write!(h, "<tr><td>{}</td><td>{}</td>", esc(&truncate(&g.prompt, 400)), esc(&g.reference));
+                    let _ = write!(
+                        h,
+                        "<tr><td>{}</td><td>{}</td>",
+                        esc(&truncate(&g.prompt, 400)),
+                        esc(&g.reference)
+                    );
                     for a in &self.adapters {
-                        let out = a.generations.get(k).map(|g| g.output.as_str()).unwrap_or("");
+                        let out = a
+                            .generations
+                            .get(k)
+                            .map(|g| g.output.as_str())
+                            .unwrap_or("");
                         let _ = write!(h, "<td>{}</td>", esc(out));
                     }
                     h.push_str("</tr>");
@@ -168,7 +205,11 @@ fn bar_chart(metric: &str, adapters: &[AdapterResult]) -> String {
     if values.is_empty() {
         return String::new();
     }
-    let max = values.iter().map(|(_, v)| v.abs()).fold(0.0, f64::max).max(1e-12);
+    let max = values
+        .iter()
+        .map(|(_, v)| v.abs())
+        .fold(0.0, f64::max)
+        .max(1e-12);
     let (bar_h, label_w, chart_w) = (22.0, 180.0, 360.0);
     let height = bar_h * values.len() as f64 + 30.0;
     let mut s = format!(
@@ -203,7 +244,10 @@ fn truncate(s: &str, n: usize) -> String {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn csv_field(s: &str) -> String {

@@ -24,8 +24,14 @@ pub fn contains(prediction: &str, reference: &str) -> bool {
 
 /// ROUGE-L F1 over whitespace tokens (lowercased).
 pub fn rouge_l(prediction: &str, reference: &str) -> f64 {
-    let p: Vec<String> = prediction.split_whitespace().map(str::to_lowercase).collect();
-    let r: Vec<String> = reference.split_whitespace().map(str::to_lowercase).collect();
+    let p: Vec<String> = prediction
+        .split_whitespace()
+        .map(str::to_lowercase)
+        .collect();
+    let r: Vec<String> = reference
+        .split_whitespace()
+        .map(str::to_lowercase)
+        .collect();
     if p.is_empty() || r.is_empty() {
         return 0.0;
     }
@@ -75,7 +81,10 @@ mod tests {
         assert!(contains("The answer is Paris.", "Paris"));
         assert!((rouge_l("a b c d", "a c d") - 2.0 * 0.75 * 1.0 / 1.75).abs() < 1e-12);
         assert_eq!(rouge_l("", "a"), 0.0);
-        assert_eq!(extract_answer("so 3+4 = 7\n#### 1,234").as_deref(), Some("1234"));
+        assert_eq!(
+            extract_answer("so 3+4 = 7\n#### 1,234").as_deref(),
+            Some("1234")
+        );
         assert_eq!(extract_answer("It is 12 then 15.").as_deref(), Some("15"));
         assert_eq!(extract_answer("none"), None);
     }

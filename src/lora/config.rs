@@ -59,7 +59,9 @@ impl TargetModules {
                 .copied()
                 .filter(|p| {
                     let path = module_path(layer, p);
-                    names.iter().any(|n| n == p || n == &path || path.ends_with(&format!(".{n}")))
+                    names
+                        .iter()
+                        .any(|n| n == p || n == &path || path.ends_with(&format!(".{n}")))
                 })
                 .collect()),
             Self::Pattern(p) if p == "all-linear" => Ok(PROJECTIONS.to_vec()),
@@ -143,7 +145,9 @@ impl LoraConfig {
 
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
-            return Err(Error::InvalidArgument("LoRA rank r must be positive".into()));
+            return Err(Error::InvalidArgument(
+                "LoRA rank r must be positive".into(),
+            ));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(Error::InvalidArgument(format!(

@@ -57,7 +57,11 @@ impl FrozenWeight {
 }
 
 /// `x · Wᵀ` (`transpose`) or `x · W`, for `x: [..., k]`.
-fn frozen_matmul(x: &Tensor, weight: &FrozenWeight, transpose: bool) -> candle_core::Result<Tensor> {
+fn frozen_matmul(
+    x: &Tensor,
+    weight: &FrozenWeight,
+    transpose: bool,
+) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let (lead, k) = dims.split_at(dims.len().saturating_sub(1));
     let rows: usize = lead.iter().product();
@@ -130,7 +134,11 @@ impl CustomOp1 for FrozenMatmul {
         })
     }
 
-    fn metal_fwd(&self, s: &MetalStorage, l: &Layout) -> candle_core::Result<(MetalStorage, Shape)> {
+    fn metal_fwd(
+        &self,
+        s: &MetalStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
         let device = Device::Metal(s.device().clone());
         self.fwd(s, l, &device, |st| match st {
             Storage::Metal(s) => Some(s),
@@ -138,7 +146,12 @@ impl CustomOp1 for FrozenMatmul {
         })
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(frozen_matmul(grad_y, &self.weight, !self.transpose)?))
     }
 }

@@ -139,7 +139,9 @@ impl PeftAdapterConfig {
         };
         match &self.layers_to_transform {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(serde_json::Value::Number(n)) => Ok(Some(vec![n.as_u64().ok_or_else(bad)? as usize])),
+            Some(serde_json::Value::Number(n)) => {
+                Ok(Some(vec![n.as_u64().ok_or_else(bad)? as usize]))
+            }
             Some(serde_json::Value::Array(items)) => items
                 .iter()
                 .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(bad))
@@ -178,7 +180,12 @@ pub(crate) fn serialize_safetensors(tensors: &[(String, Tensor)], path: &Path) -
 
 /// Reads a PEFT adapter directory and checks it against `model` (module names, layer indices,
 /// shapes). Tensors are converted to `dtype` on `device`.
-pub fn load_peft(dir: &Path, model: &ModelConfig, dtype: DType, device: &Device) -> Result<LoraAdapter> {
+pub fn load_peft(
+    dir: &Path,
+    model: &ModelConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoraAdapter> {
     let config_path = dir.join(CONFIG_FILE);
     if !config_path.exists() {
         return Err(Error::invalid_file(
@@ -248,10 +255,16 @@ pub fn load_peft(dir: &Path, model: &ModelConfig, dtype: DType, device: &Device)
                     })
                 }
                 (Some(_), None) => {
-                    return Err(mismatch(format!("`{}` has no lora_B", peft_key(layer, name, 'A'))))
+                    return Err(mismatch(format!(
+                        "`{}` has no lora_B",
+                        peft_key(layer, name, 'A')
+                    )))
                 }
                 (None, Some(_)) => {
-                    return Err(mismatch(format!("`{}` has no lora_A", peft_key(layer, name, 'B'))))
+                    return Err(mismatch(format!(
+                        "`{}` has no lora_A",
+                        peft_key(layer, name, 'B')
+                    )))
                 }
             };
             out_row.push(pair);

@@ -217,16 +217,16 @@ impl ModelConfig {
             .transpose()?
             .map(f64::from)
             .unwrap_or(10_000.0);
-        let rms_norm_eps = f64::from(get(&format!("{a}.attention.layer_norm_rms_epsilon"))?.to_f32()?);
-        let rope_scaling = match md.get(&format!("{a}.rope.scaling.type")) {
-            Some(t) if t.to_string()? == "llama3" => {
-                return Err(Error::InvalidConfig(
+        let rms_norm_eps =
+            f64::from(get(&format!("{a}.attention.layer_norm_rms_epsilon"))?.to_f32()?);
+        let rope_scaling =
+            match md.get(&format!("{a}.rope.scaling.type")) {
+                Some(t) if t.to_string()? == "llama3" => return Err(Error::InvalidConfig(
                     "GGUF llama3 rope scaling is stored as a rope_freqs tensor; not supported yet"
                         .into(),
-                ))
-            }
-            _ => None,
-        };
+                )),
+                _ => None,
+            };
         let token_id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
         let tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
         let config = ModelConfig {
@@ -256,14 +256,20 @@ impl ModelConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return fail("head counts must be positive".into());
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return fail(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
         if !self.head_dim.is_multiple_of(2) {
-            return fail(format!("head_dim {} must be even for rotary embeddings", self.head_dim));
+            return fail(format!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim
+            ));
         }
         if self.hidden_size == 0 || self.vocab_size == 0 || self.num_hidden_layers == 0 {
             return fail("hidden_size, vocab_size and num_hidden_layers must be positive".into());

@@ -44,7 +44,13 @@ impl Dropout {
         let keep = 1.0 - self.p;
         let scale = 1.0 / keep;
         let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if self.rng.random::<f32>() < keep { scale } else { 0.0 })
+            .map(|_| {
+                if self.rng.random::<f32>() < keep {
+                    scale
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok((x * mask)?)
@@ -190,7 +196,11 @@ impl Decoder {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let normed = ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
         // f32 whatever the compute dtype, except f64 (gradient checks) keeps its precision.
-        let out_dtype = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let out_dtype = if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         Ok(self.lm_head.forward(&normed)?.to_dtype(out_dtype)?)
     }
 
@@ -301,7 +311,11 @@ impl Decoder {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
 
         let h = ops::rms_norm(x, &block.input_layernorm, cfg.rms_norm_eps)?;
         let q = self.project(layer, 0, block, &h, ctx)?;
@@ -322,7 +336,9 @@ impl Decoder {
         }
         let scale = 1.0 / (hd as f64).sqrt();
         let attn = match attention {
-            AttentionMask::Fused(key_padding) => ops::causal_attention(&q, &k, &v, *key_padding, scale)?,
+            AttentionMask::Fused(key_padding) => {
+                ops::causal_attention(&q, &k, &v, *key_padding, scale)?
+            }
             AttentionMask::Bias(bias) => {
                 let n_rep = nh / nkv;
                 let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
@@ -350,4 +366,3 @@ impl Decoder {
 pub fn projection_index(name: &str) -> Option<usize> {
     PROJECTIONS.iter().position(|&p| p == name)
 }
-

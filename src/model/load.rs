@@ -219,7 +219,13 @@ impl TensorSource {
     }
 
     /// A dense tensor of `dtype` (dequantized if stored quantized), HF row order.
-    fn dense(&self, hf: &str, config: &ModelConfig, dtype: DType, device: &Device) -> Result<Tensor> {
+    fn dense(
+        &self,
+        hf: &str,
+        config: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let t = match self.raw(hf, device)? {
             RawTensor::Quantized(q) => q.dequantize(device)?,
             RawTensor::Dense(t) => t,
@@ -240,12 +246,24 @@ impl TensorSource {
         device: &Device,
     ) -> Result<FrozenWeight> {
         if base_dtype != BaseDType::Quantized {
-            return Ok(FrozenWeight::Dense(self.dense(hf, config, base_dtype.dense_dtype(), device)?));
+            return Ok(FrozenWeight::Dense(self.dense(
+                hf,
+                config,
+                base_dtype.dense_dtype(),
+                device,
+            )?));
         }
         let q = match self.raw(hf, device)? {
-            RawTensor::Quantized(q) if q.dtype() == GgmlDType::F32 || q.dtype() == GgmlDType::F16 => {
+            RawTensor::Quantized(q)
+                if q.dtype() == GgmlDType::F32 || q.dtype() == GgmlDType::F16 =>
+            {
                 // Float tensors in a GGUF gain nothing from the quantized path.
-                return Ok(FrozenWeight::Dense(self.dense(hf, config, DType::F32, device)?));
+                return Ok(FrozenWeight::Dense(self.dense(
+                    hf,
+                    config,
+                    DType::F32,
+                    device,
+                )?));
             }
             RawTensor::Quantized(q) => q,
             RawTensor::Dense(t) => QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::Q8_0)
@@ -274,7 +292,10 @@ fn unpermute_rows_dense(t: &Tensor, heads: usize) -> Result<Tensor> {
     let half = rows / heads / 2;
     let mut shape = vec![heads, half, 2];
     shape.extend(&rest);
-    Ok(t.reshape(shape)?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+    Ok(t.reshape(shape)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
 }
 
 fn unpermute_rows_quantized(q: &QTensor, heads: usize, device: &Device) -> Result<QTensor> {
@@ -384,12 +405,17 @@ pub fn load_gguf(path: &Path, base_dtype: BaseDType, device: &Device) -> Result<
     let chat_template = crate::tokenizer::chat_template_from_gguf(&content);
     let token_text = |key: &str| -> Option<String> {
         let id = content.metadata.get(key)?.to_u32().ok()? as usize;
-        let tokens = content.metadata.get("tokenizer.ggml.tokens")?.to_vec().ok()?;
+        let tokens = content
+            .metadata
+            .get("tokenizer.ggml.tokens")?
+            .to_vec()
+            .ok()?;
         tokens.get(id)?.to_string().ok().cloned()
     };
     let bos_token = token_text("tokenizer.ggml.bos_token_id");
     let eos_token = token_text("tokenizer.ggml.eos_token_id");
-    let is_default = path.file_name().and_then(|n| n.to_str()) == Some(super::resolve::DEFAULT_MODEL_FILE);
+    let is_default =
+        path.file_name().and_then(|n| n.to_str()) == Some(super::resolve::DEFAULT_MODEL_FILE);
     let name = if is_default {
         // The default model's Hub id, which PEFT and transformers users load it by.
         super::resolve::DEFAULT_HUB_ID.to_string()
@@ -423,7 +449,9 @@ pub fn load_gguf(path: &Path, base_dtype: BaseDType, device: &Device) -> Result<
 
 /// Catches truncated files early with one clear message instead of a failed read per tensor.
 fn check_gguf_size(content: &gguf_file::Content, file: &mut File, path: &Path) -> Result<()> {
-    let len = file.seek(SeekFrom::End(0)).map_err(|e| Error::io(path, e))?;
+    let len = file
+        .seek(SeekFrom::End(0))
+        .map_err(|e| Error::io(path, e))?;
     for (name, info) in &content.tensor_infos {
         let elems = info.shape.elem_count();
         let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
@@ -472,9 +500,8 @@ pub fn load_hf_dir(dir: &Path, base_dtype: BaseDType, device: &Device) -> Result
     let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
     let files = safetensors_files(dir)?;
     // SAFETY: the files are mapped read-only; peft-wit never writes into a base model directory.
-    let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
-        Error::invalid_file(dir, format!("unreadable safetensors: {e}"))
-    })?;
+    let tensors = unsafe { MmapedSafetensors::multi(&files) }
+        .map_err(|e| Error::invalid_file(dir, format!("unreadable safetensors: {e}")))?;
     let names = tensors.tensors().into_iter().map(|(n, _)| n).collect();
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() {
@@ -533,7 +560,10 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     files.dedup();
     for f in &files {
         if !f.exists() {
-            return Err(Error::invalid_file(f, "shard listed in the index is missing"));
+            return Err(Error::invalid_file(
+                f,
+                "shard listed in the index is missing",
+            ));
         }
     }
     Ok(files)
@@ -569,7 +599,8 @@ pub fn fingerprint_files(files: &[PathBuf]) -> Result<String> {
             file.seek(SeekFrom::Start(start))
                 .map_err(|e| Error::io(path, e))?;
             let mut tail = Vec::new();
-            file.read_to_end(&mut tail).map_err(|e| Error::io(path, e))?;
+            file.read_to_end(&mut tail)
+                .map_err(|e| Error::io(path, e))?;
             hasher.update(&tail);
         }
     }

@@ -59,7 +59,9 @@ pub fn random_decoder(
     let h = config.hidden_size;
     let embed = uniform(&mut rng, (config.vocab_size, h), 1.0, device)?.to_dtype(dtype)?;
     let norm_weight = |rng: &mut StdRng| -> Result<Tensor> {
-        let v: Vec<f32> = (0..h).map(|_| 1.0 + rng.random_range(-0.2f32..0.2)).collect();
+        let v: Vec<f32> = (0..h)
+            .map(|_| 1.0 + rng.random_range(-0.2f32..0.2))
+            .collect();
         Ok(Tensor::from_vec(v, h, device)?.to_dtype(dtype)?)
     };
     let mut blocks = Vec::new();
@@ -73,7 +75,11 @@ pub fn random_decoder(
                 None => FrozenWeight::Dense(w.to_dtype(dtype)?),
             };
             let bias = if config.qkv_bias && ["q_proj", "k_proj", "v_proj"].contains(&proj) {
-                Some(uniform(&mut rng, (1, out), 0.5, device)?.squeeze(0)?.to_dtype(dtype)?)
+                Some(
+                    uniform(&mut rng, (1, out), 0.5, device)?
+                        .squeeze(0)?
+                        .to_dtype(dtype)?,
+                )
             } else {
                 None
             };
@@ -86,6 +92,8 @@ pub fn random_decoder(
         });
     }
     let norm = norm_weight(&mut rng)?;
-    let lm_head = FrozenWeight::Dense(uniform(&mut rng, (config.vocab_size, h), 1.0, device)?.to_dtype(dtype)?);
+    let lm_head = FrozenWeight::Dense(
+        uniform(&mut rng, (config.vocab_size, h), 1.0, device)?.to_dtype(dtype)?,
+    );
     Decoder::new(config.clone(), embed, blocks, norm, lm_head, dtype, device)
 }

@@ -43,7 +43,10 @@ pub fn resolve_model(spec: Option<&str>) -> Result<ModelLocation> {
             .collect();
         return match ggufs.as_slice() {
             [one] => Ok(ModelLocation::Gguf(one.clone())),
-            [] => Err(Error::invalid_file(path, "no config.json and no .gguf file")),
+            [] => Err(Error::invalid_file(
+                path,
+                "no config.json and no .gguf file",
+            )),
             _ => Err(Error::invalid_file(path, "several .gguf files: name one")),
         };
     }
@@ -179,7 +182,10 @@ mod tests {
         assert!(err.to_string().contains("not in the local cache"), "{err}");
         std::fs::write(snapshot.join("config.json"), "{}").unwrap();
         let err = resolve_from_cache(&cache, "owner/tiny").unwrap_err();
-        assert!(err.to_string().contains("without model.safetensors"), "{err}");
+        assert!(
+            err.to_string().contains("without model.safetensors"),
+            "{err}"
+        );
         std::fs::write(snapshot.join("model.safetensors"), "").unwrap();
         assert_eq!(resolve_from_cache(&cache, "owner/tiny").unwrap(), snapshot);
     }

@@ -34,7 +34,10 @@ impl RopeTables {
 
     /// The rows for positions `offset..offset + len`.
     pub fn slice(&self, offset: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        Ok((self.cos.narrow(0, offset, len)?, self.sin.narrow(0, offset, len)?))
+        Ok((
+            self.cos.narrow(0, offset, len)?,
+            self.sin.narrow(0, offset, len)?,
+        ))
     }
 
     pub fn max_positions(&self) -> usize {

@@ -50,7 +50,10 @@ pub fn save(
     let path = dir.join("adapter.safetensors");
     atomic_write(&path, &serialize_safetensors(&tensors, &path)?)?;
     let path = dir.join("optimizer.safetensors");
-    atomic_write(&path, &serialize_safetensors(&optimizer.state_tensors(), &path)?)?;
+    atomic_write(
+        &path,
+        &serialize_safetensors(&optimizer.state_tensors(), &path)?,
+    )?;
     atomic_write_json(&dir.join("state.json"), state)?;
     atomic_write_json(
         &run_dir.join(LATEST),
@@ -82,7 +85,11 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Restores adapter values and optimizer state; returns the saved state.
-pub fn restore(dir: &Path, adapter: &LoraAdapter, optimizer: &mut AdamW) -> Result<CheckpointState> {
+pub fn restore(
+    dir: &Path,
+    adapter: &LoraAdapter,
+    optimizer: &mut AdamW,
+) -> Result<CheckpointState> {
     let state: CheckpointState = read_json(&dir.join("state.json"))?;
     let load = |file: &str| {
         let path = dir.join(file);

@@ -212,7 +212,9 @@ impl TrainConfig {
         let (p, r) = self.loss_weights();
         for (name, w) in [("prompt_weight", p), ("response_weight", r)] {
             if !w.is_finite() || w < 0.0 {
-                return bad(format!("{name} must be a finite non-negative number, got {w}"));
+                return bad(format!(
+                    "{name} must be a finite non-negative number, got {w}"
+                ));
             }
         }
         if p == 0.0 && r == 0.0 {
@@ -228,7 +230,10 @@ impl TrainConfig {
             return bad(format!("lr must be positive, got {}", self.lr));
         }
         if !(0.0..1.0).contains(&self.eval_fraction) {
-            return bad(format!("eval_fraction {} must be in [0, 1)", self.eval_fraction));
+            return bad(format!(
+                "eval_fraction {} must be in [0, 1)",
+                self.eval_fraction
+            ));
         }
         if self.max_steps == Some(0) || (self.max_steps.is_none() && self.epochs == 0) {
             return bad("need max_steps > 0 or epochs > 0".into());

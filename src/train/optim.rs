@@ -152,7 +152,13 @@ impl std::str::FromStr for Schedule {
 
 /// The learning rate for update number `step` (0-based) of `total`, as transformers' schedulers
 /// compute it: linear warmup from 0, then constant / linear decay to 0 / half-cosine to 0.
-pub fn learning_rate(schedule: Schedule, base_lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
+pub fn learning_rate(
+    schedule: Schedule,
+    base_lr: f64,
+    step: usize,
+    warmup: usize,
+    total: usize,
+) -> f64 {
     if step < warmup {
         return base_lr * step as f64 / warmup.max(1) as f64;
     }
@@ -170,7 +176,11 @@ pub fn learning_rate(schedule: Schedule, base_lr: f64, step: usize, warmup: usiz
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.iter() {
-        total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = total.sqrt();
     if let Some(max) = max_norm {
@@ -194,12 +204,18 @@ mod tests {
         // torch.optim.AdamW([p], lr=0.1, weight_decay=0.01) with p=[1, -2], grad=[0.5, 0.25]:
         // p' = p*(1-0.1*0.01) - 0.1 * g/(|g| + 1e-8) per element = [0.8990, -2.0980].
         let var = Var::from_slice(&[1f32, -2.0], 2, &Device::Cpu).unwrap();
-        let params = AdamWParams { weight_decay: 0.01, ..Default::default() };
+        let params = AdamWParams {
+            weight_decay: 0.01,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(vec![("p".into(), var.clone())], params).unwrap();
         let g = Tensor::new(&[0.5f32, 0.25], &Device::Cpu).unwrap();
         opt.step(&[g], 0.1).unwrap();
         let p: Vec<f32> = var.as_tensor().to_vec1().unwrap();
-        assert!((p[0] - 0.8990).abs() < 1e-5 && (p[1] + 2.0980).abs() < 1e-5, "{p:?}");
+        assert!(
+            (p[0] - 0.8990).abs() < 1e-5 && (p[1] + 2.0980).abs() < 1e-5,
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -48,7 +48,11 @@ pub fn build_template(spec: &str, base: &BaseModel) -> Result<Template> {
         }
         "alpaca" => Ok(Template::alpaca(eos)),
         "raw" => Ok(Template::raw(eos)),
-        path => Ok(Template::Custom(ChatTemplate::from_file(Path::new(path), &bos, &eos)?)),
+        path => Ok(Template::Custom(ChatTemplate::from_file(
+            Path::new(path),
+            &bos,
+            &eos,
+        )?)),
     }
 }
 
@@ -115,7 +119,8 @@ pub fn prepare_data(cfg: &TrainConfig, base: &BaseModel) -> Result<PreparedData>
             let n_eval = ((train_examples.len() as f64) * cfg.eval_fraction).round() as usize;
             let mut order: Vec<usize> = (0..train_examples.len()).collect();
             order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x5eed));
-            let eval_set: std::collections::HashSet<usize> = order[..n_eval].iter().copied().collect();
+            let eval_set: std::collections::HashSet<usize> =
+                order[..n_eval].iter().copied().collect();
             let mut eval = Vec::with_capacity(n_eval);
             let mut train = Vec::with_capacity(train_examples.len() - n_eval);
             for (i, ex) in train_examples.into_iter().enumerate() {

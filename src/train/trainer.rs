@@ -59,7 +59,10 @@ impl Default for RunOptions {
 #[derive(Debug)]
 pub enum TrainOutcome {
     /// Trained to the end and registered.
-    Finished { dir: PathBuf, meta: Box<AdapterMeta> },
+    Finished {
+        dir: PathBuf,
+        meta: Box<AdapterMeta>,
+    },
     /// Stopped on request after a checkpoint; `--resume` continues it.
     Interrupted { step: usize, checkpoint: PathBuf },
 }
@@ -90,7 +93,9 @@ pub fn total_steps(cfg: &TrainConfig, n_train: usize) -> usize {
         return steps;
     }
     let batches = n_train.div_ceil(cfg.batch_size.max(1));
-    (cfg.epochs * batches).div_ceil(cfg.grad_accum.max(1)).max(1)
+    (cfg.epochs * batches)
+        .div_ceil(cfg.grad_accum.max(1))
+        .max(1)
 }
 
 /// The micro-batches of the whole run, as a pure function of (config, step): resuming needs no
@@ -284,7 +289,14 @@ pub fn train(
     let mut log = MetricsLog::open(&run_dir)?;
 
     if start_step == 0 {
-        if let Some(m) = evaluate_losses(base, Some(&adapter), &data.eval, &weights, cfg.normalization, cfg.batch_size)? {
+        if let Some(m) = evaluate_losses(
+            base,
+            Some(&adapter),
+            &data.eval,
+            &weights,
+            cfg.normalization,
+            cfg.batch_size,
+        )? {
             log.write(&eval_line(0, &m, tokens_seen, elapsed_before))?;
             bar.println(format!(
                 "[{name}] step 0: eval response loss {:.4}, WIT loss {:.4}",
@@ -299,7 +311,10 @@ pub fn train(
         let micro: Vec<Batch> = (0..cfg.grad_accum)
             .map(|k| Batch::new(&order.micro_batch(step * cfg.grad_accum + k), &weights, pad))
             .collect();
-        let denom: f64 = micro.iter().map(|b| denominator(b, cfg.normalization)).sum();
+        let denom: f64 = micro
+            .iter()
+            .map(|b| denominator(b, cfg.normalization))
+            .sum();
         if denom <= 0.0 {
             return Err(Error::InvalidArgument(format!(
                 "step {}: no token has a non-zero loss weight in this batch",
@@ -383,7 +398,14 @@ pub fn train(
             })?;
         }
         if cfg.eval_every > 0 && last_step % cfg.eval_every == 0 && last_step < total {
-            if let Some(m) = evaluate_losses(base, Some(&adapter), &data.eval, &weights, cfg.normalization, cfg.batch_size)? {
+            if let Some(m) = evaluate_losses(
+                base,
+                Some(&adapter),
+                &data.eval,
+                &weights,
+                cfg.normalization,
+                cfg.batch_size,
+            )? {
                 log.write(&eval_line(last_step, &m, tokens_seen, elapsed))?;
                 bar.println(format!(
                     "[{name}] step {last_step}: eval response loss {:.4}, WIT loss {:.4}",
@@ -403,7 +425,9 @@ pub fn train(
             };
             let dir = checkpoint::save(&run_dir, &adapter, &optimizer, &state)?;
             if stop {
-                bar.abandon_with_message(format!("interrupted at step {last_step}; checkpoint saved"));
+                bar.abandon_with_message(format!(
+                    "interrupted at step {last_step}; checkpoint saved"
+                ));
                 return Ok(TrainOutcome::Interrupted {
                     step: last_step,
                     checkpoint: dir,
@@ -415,12 +439,25 @@ pub fn train(
 
     let elapsed = elapsed_before + started.elapsed().as_secs_f64();
     let mut metrics = BTreeMap::new();
-    if let Some(m) = evaluate_losses(base, Some(&adapter), &data.eval, &weights, cfg.normalization, cfg.batch_size)? {
+    if let Some(m) = evaluate_losses(
+        base,
+        Some(&adapter),
+        &data.eval,
+        &weights,
+        cfg.normalization,
+        cfg.batch_size,
+    )? {
         log.write(&eval_line(last_step, &m, tokens_seen, elapsed))?;
         m.insert_into(&mut metrics);
     }
     if cfg.eval_generate > 0 {
-        let scores = crate::eval::generation_scores(base, Some(&adapter), &data.template, &data.eval_examples, cfg.eval_generate)?;
+        let scores = crate::eval::generation_scores(
+            base,
+            Some(&adapter),
+            &data.template,
+            &data.eval_examples,
+            cfg.eval_generate,
+        )?;
         metrics.extend(scores);
     }
     drop(log);
@@ -468,7 +505,10 @@ pub fn train(
     let metrics_src = run_dir.join(METRICS_FILE);
     let history = std::fs::read(&metrics_src).map_err(|e| Error::io(&metrics_src, e))?;
     atomic_write(&staged.join(METRICS_FILE), &history)?;
-    atomic_write(&staged.join(LOSS_PLOT_FILE), loss_plot(&name, &history).as_bytes())?;
+    atomic_write(
+        &staged.join(LOSS_PLOT_FILE),
+        loss_plot(&name, &history).as_bytes(),
+    )?;
     let toml_text = toml::to_string(cfg).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     atomic_write(&staged.join("train_config.toml"), toml_text.as_bytes())?;
     let dir = registry.commit(&name, &staged, opts.force)?;
@@ -585,7 +625,10 @@ impl MetricsLog {
 /// The loss curve (train loss per step, eval response loss) as an SVG.
 pub fn loss_plot(name: &str, metrics_jsonl: &[u8]) -> String {
     let text = String::from_utf8_lossy(metrics_jsonl);
-    let lines: Vec<MetricsLine> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let lines: Vec<MetricsLine> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
     let train: Vec<(f64, f64)> = lines
         .iter()
         .filter_map(|m| Some((m.step as f64, m.loss?)))

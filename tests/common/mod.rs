@@ -33,20 +33,35 @@ pub fn read_json(path: PathBuf) -> serde_json::Value {
 }
 
 pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 pub fn usizes(v: &serde_json::Value) -> Vec<usize> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 pub fn rel_err(actual: f64, expected: f64) -> f64 {
@@ -61,7 +76,9 @@ pub fn lora_grad_norms(
     let mut total = 0f64;
     let mut per_key = std::collections::HashMap::new();
     for (key, var) in adapter.named_vars() {
-        let g: &Tensor = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {key}"));
+        let g: &Tensor = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {key}"));
         let flat: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
         let sq: f64 = flat.iter().map(|x| (*x as f64) * (*x as f64)).sum();
         total += sq;
