@@ -163,3 +163,105 @@ fn peft_adapter_logits_loss_and_gradients_match() {
         }
     }
 }
+
+#[test]
+fn half_precision_bases_stay_close_to_f32() {
+    let f = fixture("llama");
+    let dir = reference_dir().join("tiny").join("llama");
+    let ids = Tensor::from_slice(&f.ids, (f.batch, f.seq), &Device::Cpu).unwrap();
+    let mask = Tensor::from_slice(&f.mask, (f.batch, f.seq), &Device::Cpu).unwrap();
+    let expected = flat(&f.reference["logits_row0"]);
+    let scale = expected.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for (dtype, tol) in [
+        (BaseDType::F16, 0.01),
+        (BaseDType::Bf16, 0.05),
+        (BaseDType::Quantized, 0.05),
+    ] {
+        let model = load_hf_dir(&dir, dtype, &Device::Cpu).unwrap();
+        let logits = model
+            .decoder
+            .forward(&ids, Some(&mask), &mut ForwardContext::default())
+            .unwrap();
+        let d = max_abs_diff(&rows_of(&logits, 0, 12), &expected);
+        eprintln!("{dtype:?}: max |Δlogit| {d:.3e} (logits up to {scale:.1})");
+        assert!(d < tol * scale, "{dtype:?}: {d}");
+    }
+}
+
+#[test]
+fn cached_generation_equals_full_recompute_with_an_adapter() {
+    use peft_wit::generate::{generate, GenerationConfig};
+    for arch in ARCHS {
+        let dir = reference_dir().join("tiny").join(arch);
+        let model = load_hf_dir(&dir, BaseDType::F32, &Device::Cpu).unwrap();
+        let mut adapter = load_peft(
+            &dir.join("lora_r4"),
+            &model.decoder.config,
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        for rslora in [false, true] {
+            if rslora {
+                // rsLoRA scales by alpha/sqrt(r) instead of alpha/r.
+                adapter.config.use_rslora = true;
+                adapter = rescaled(&adapter);
+            }
+            let prompt = [1u32, 17, 250, 33, 99];
+            let config = GenerationConfig {
+                max_new_tokens: 8,
+                ..Default::default()
+            };
+            let cached =
+                generate(&model.decoder, Some(&adapter), &prompt, &config, |_| {}).unwrap();
+            // Greedy by full forward passes without a cache.
+            let mut ids = prompt.to_vec();
+            for _ in 0..8 {
+                let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
+                let mut ctx = ForwardContext {
+                    adapter: Some(&adapter),
+                    ..Default::default()
+                };
+                let logits = model.decoder.forward(&input, None, &mut ctx).unwrap();
+                let last: Vec<f32> = logits
+                    .get(0)
+                    .unwrap()
+                    .get(ids.len() - 1)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let next = (0..last.len())
+                    .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+                    .unwrap() as u32;
+                ids.push(next);
+            }
+            assert_eq!(
+                cached,
+                ids[prompt.len()..].to_vec(),
+                "{arch} rslora={rslora}"
+            );
+        }
+    }
+}
+
+/// The same factors with every pair's scale recomputed from the (changed) config.
+fn rescaled(adapter: &peft_wit::lora::LoraAdapter) -> peft_wit::lora::LoraAdapter {
+    let tmp = tempfile::tempdir().unwrap();
+    peft_wit::lora::peft::save_peft(adapter, tmp.path(), "tiny").unwrap();
+    let text = std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap();
+    assert!(text.contains("\"use_rslora\": true"));
+    let cfg = load_hf_dir(
+        &reference_dir().join("tiny").join("llama"),
+        BaseDType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .decoder
+    .config;
+    let mut cfg = cfg;
+    cfg.num_hidden_layers = adapter.num_layers();
+    let back = load_peft(tmp.path(), &cfg, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let expected = 8.0 / 2.0; // alpha / sqrt(r) with alpha 8, r 4
+    assert_eq!(back.pair(0, 0).unwrap().scale, expected);
+    back
+}

@@ -163,6 +163,14 @@ pub fn prepare_data(cfg: &TrainConfig, base: &BaseModel) -> Result<PreparedData>
         .iter()
         .map(|&i| eval_examples[i].clone())
         .collect();
+    let lens: Vec<usize> = train.examples.iter().map(|e| e.len()).collect();
+    let grouped = data::length_grouped_batches(&lens, cfg.batch_size, cfg.seed, true);
+    report.push(format!(
+        "train: {} tokens, padding {:.1}% with length-grouped batches of {}",
+        lens.iter().sum::<usize>(),
+        100.0 * data::batch::padding_fraction(&lens, &grouped),
+        cfg.batch_size
+    ));
     let mut all = train.examples.clone();
     all.extend(eval.examples.iter().cloned());
     Ok(PreparedData {
