@@ -2,74 +2,24 @@
 //! interrupted runs resume to the byte-identical adapter, gradient accumulation normalises over
 //! the whole accumulated batch, and a non-finite loss stops the run keeping the last checkpoint.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use peft_wit::data::{Batch, LossWeights, Template, TokenKind, TokenizedExample};
+use common::tiny::{example, tiny_base, tiny_data};
+use peft_wit::data::{Batch, LossWeights, TokenizedExample};
 use peft_wit::loss::{denominator, weighted_nll_sum, wit_loss, Normalization};
 use peft_wit::model::decoder::ForwardContext;
-use peft_wit::model::random::{random_decoder, tiny_config};
-use peft_wit::model::{BaseDType, BaseModel, ModelLocation};
 use peft_wit::registry::Registry;
 use peft_wit::train::trainer::MetricsLine;
 use peft_wit::train::{train, LossPreset, PreparedData, RunOptions, TrainConfig, TrainOutcome};
 use peft_wit::Error;
 
-fn tiny_base() -> BaseModel {
-    let config = tiny_config(false);
-    BaseModel {
-        decoder: random_decoder(&config, 11, DType::F32, None, &Device::Cpu).unwrap(),
-        tokenizer: None,
-        chat_template: None,
-        bos_token: None,
-        eos_token: None,
-        name: "tiny-random".into(),
-        fingerprint: "tiny".into(),
-        location: ModelLocation::HfDir(PathBuf::from("/nonexistent")),
-        base_dtype: BaseDType::F32,
-    }
-}
-
-/// A learnable task: the response repeats the prompt's tokens in reverse.
-fn example(i: usize) -> TokenizedExample {
-    let prompt: Vec<u32> = (0..4 + i % 3)
-        .map(|k| 3 + ((i * 7 + k * 5) % 40) as u32)
-        .collect();
-    let mut ids = vec![1];
-    ids.extend(&prompt);
-    ids.push(47);
-    ids.extend(prompt.iter().rev());
-    ids.push(2);
-    let n_prompt = prompt.len() + 2;
-    let kinds = (0..ids.len())
-        .map(|t| {
-            if t < n_prompt {
-                TokenKind::User
-            } else {
-                TokenKind::Response
-            }
-        })
-        .collect();
-    TokenizedExample { ids, kinds }
-}
-
 fn data() -> PreparedData {
-    let train: Vec<TokenizedExample> = (0..24).map(example).collect();
-    let eval: Vec<TokenizedExample> = (100..106).map(example).collect();
-    let mut all = train.clone();
-    all.extend(eval.iter().cloned());
-    PreparedData {
-        fingerprint: peft_wit::data::fingerprint(&all),
-        train,
-        eval,
-        eval_examples: Vec::new(),
-        template: Template::raw("</s>"),
-        template_name: "raw".into(),
-        source: "synthetic".into(),
-        report: Vec::new(),
-    }
+    tiny_data(24, 6)
 }
 
 fn config(steps: usize) -> TrainConfig {

@@ -132,6 +132,19 @@ impl PeftAdapterConfig {
         Ok(())
     }
 
+    /// The LoRA settings this config describes (`dir` names the adapter in errors).
+    pub(crate) fn lora_config(&self, dir: &Path) -> Result<LoraConfig> {
+        Ok(LoraConfig {
+            r: self.r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            target_modules: self.target_modules.clone(),
+            use_rslora: self.use_rslora,
+            layers_to_transform: self.layers_to_transform(dir)?,
+            init: LoraInit::Kaiming,
+        })
+    }
+
     pub(crate) fn layers_to_transform(&self, dir: &Path) -> Result<Option<Vec<usize>>> {
         let bad = || Error::AdapterMismatch {
             path: dir.to_path_buf(),
@@ -195,15 +208,7 @@ pub fn load_peft(
     }
     let peft: PeftAdapterConfig = read_json(&config_path)?;
     peft.check_supported(dir)?;
-    let lora = LoraConfig {
-        r: peft.r,
-        lora_alpha: peft.lora_alpha,
-        lora_dropout: peft.lora_dropout,
-        target_modules: peft.target_modules.clone(),
-        use_rslora: peft.use_rslora,
-        layers_to_transform: peft.layers_to_transform(dir)?,
-        init: LoraInit::Kaiming,
-    };
+    let lora = peft.lora_config(dir)?;
     let weights_path = dir.join(WEIGHTS_FILE);
     if !weights_path.exists() {
         return Err(Error::invalid_file(&weights_path, "not found"));

@@ -14,7 +14,7 @@ use super::{AdapterMeta, BaseInfo, DataInfo, LossInfo, Registry};
 use crate::fsutil::read_json;
 use crate::lora::adapter::peft_key;
 use crate::lora::peft::{parse_peft_key, PeftAdapterConfig, CONFIG_FILE, WEIGHTS_FILE};
-use crate::lora::{LoraAdapter, LoraConfig, LoraInit, LoraPair};
+use crate::lora::{LoraAdapter, LoraPair};
 use crate::model::config::PROJECTIONS;
 use crate::{Error, Result};
 
@@ -53,15 +53,7 @@ pub fn read_adapter(dir: &Path) -> Result<LoraAdapter> {
             return Err(unsupported(format!("`{field}` ({what}) is not supported")));
         }
     }
-    let lora = LoraConfig {
-        r: peft.r,
-        lora_alpha: peft.lora_alpha,
-        lora_dropout: peft.lora_dropout,
-        target_modules: peft.target_modules.clone(),
-        use_rslora: peft.use_rslora,
-        layers_to_transform: peft.layers_to_transform(dir)?,
-        init: LoraInit::Kaiming,
-    };
+    let lora = peft.lora_config(dir)?;
 
     let weights_path = dir.join(WEIGHTS_FILE);
     if !weights_path.is_file() {

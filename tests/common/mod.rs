@@ -1,5 +1,7 @@
-//! Shared helpers for the integration tests: reference locations and comparisons.
+//! Shared helpers for the integration tests: reference locations, comparisons, tiny models.
 #![allow(dead_code)]
+
+pub mod tiny;
 
 use std::path::PathBuf;
 
