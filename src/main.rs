@@ -6,8 +6,11 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
-    // Reuse large tensor buffers instead of faulting in fresh zeroed pages for every op.
-    peft_wit::ops::tune_glibc_malloc();
+    // Reuse large tensor buffers instead of faulting in fresh zeroed pages for every op
+    // (PEFT_WIT_MALLOC_TUNING=0 keeps glibc's defaults, which return memory more eagerly).
+    if std::env::var("PEFT_WIT_MALLOC_TUNING").as_deref() != Ok("0") {
+        peft_wit::ops::tune_glibc_malloc();
+    }
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

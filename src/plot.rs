@@ -142,9 +142,15 @@ pub fn heatmap(
             } else {
                 "–".into()
             };
+            // White text on the dark (low) end of the scale, black on the pale end.
+            let ink = if v.is_finite() && hi > lo && (v - lo) / (hi - lo) < 0.5 {
+                "white"
+            } else {
+                "black"
+            };
             let _ = write!(
                 svg,
-                r#"<rect x="{x:.1}" y="{y:.1}" width="{cell_w:.1}" height="{cell_h:.1}" fill="{fill}" stroke="white"/><text x="{:.1}" y="{:.1}" text-anchor="middle" fill="black">{text}</text>"#,
+                r#"<rect x="{x:.1}" y="{y:.1}" width="{cell_w:.1}" height="{cell_h:.1}" fill="{fill}" stroke="white"/><text x="{:.1}" y="{:.1}" text-anchor="middle" fill="{ink}">{text}</text>"#,
                 x + cell_w / 2.0,
                 y + cell_h / 2.0 + 4.0
             );

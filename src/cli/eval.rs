@@ -76,7 +76,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
     let mut names = args.adapters.clone();
     if args.all {
-        names.extend(registry.names()?);
+        // Folders of finished adapters only (not reports or other files kept beside them).
+        let adapters = registry.names()?.into_iter().filter(|n| {
+            registry
+                .path(n)
+                .join(peft_wit::lora::peft::CONFIG_FILE)
+                .is_file()
+        });
+        names.extend(adapters);
     }
     anyhow::ensure!(
         !names.is_empty() || args.base,

@@ -26,7 +26,7 @@ pub struct Args {
     /// Prefix for the cells' registry names (`<prefix>wit-p0.2-r0.8`).
     #[arg(long, default_value = "")]
     prefix: String,
-    /// Where sweep.json and heatmap.svg go (default: <registry>/sweeps/<prefix>grid).
+    /// Where sweep.json and heatmap.svg go (default: <registry>/.sweeps/<prefix>grid).
     #[arg(long)]
     report_dir: Option<PathBuf>,
     /// Retrain cells that already exist.

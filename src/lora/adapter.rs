@@ -20,12 +20,18 @@ pub struct LoraPair {
 }
 
 impl LoraPair {
-    /// `scale · (x·Aᵀ)·Bᵀ` for `x: [..., in]`.
+    /// `scale · (x·Aᵀ)·Bᵀ` for `x: [..., in]`. The scale is applied to the rank-r intermediate,
+    /// and `x` is flattened to 2-D, so no full-width elementwise op or broadcast-sum is added.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let a_t = self.a.as_tensor().t()?;
-        let b_t = self.b.as_tensor().t()?;
-        let low = x.broadcast_matmul(&a_t)?;
-        Ok((low.broadcast_matmul(&b_t)? * self.scale)?)
+        let dims = x.dims();
+        let (lead, last) = dims.split_at(dims.len() - 1);
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, last[0]))?;
+        let low = (x2.matmul(&self.a.as_tensor().t()?)? * self.scale)?;
+        let out = low.matmul(&self.b.as_tensor().t()?)?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(out.dim(1)?);
+        Ok(out.reshape(out_dims)?)
     }
 
     pub fn rank(&self) -> Result<usize> {
