@@ -6,7 +6,9 @@ use std::time::Instant;
 use anyhow::Context;
 use peft_wit::data::{self, FieldMap, Format, LoadOptions, LossWeights, OnBadRow};
 use peft_wit::eval::{evaluate_adapter, EvalData, EvalReport, EvalSpec};
+use peft_wit::export::merge_into;
 use peft_wit::fsutil::atomic_write;
+use peft_wit::model::BaseDType;
 use peft_wit::lora::load::load_for_base;
 use peft_wit::registry::Registry;
 use peft_wit::train::prepare::build_template;
@@ -56,6 +58,9 @@ pub struct Args {
     batch_size: usize,
     #[arg(long, default_value_t = 1024)]
     max_seq_len: usize,
+    /// Apply adapters as a low-rank side path instead of merging them into a dense base.
+    #[arg(long)]
+    unmerged: bool,
     /// Accept adapters whose sidecar names another base fingerprint.
     #[arg(long)]
     allow_other_base: bool,
@@ -139,18 +144,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("evaluating base ...");
         results.push(evaluate_adapter(&base, "base", None, &eval_data, &spec)?);
     }
+    let mut base = base;
     for name in &names {
         let dir = registry.resolve(name)?;
         let adapter = load_for_base(&dir, &base, args.allow_other_base)
             .with_context(|| format!("loading adapter {}", dir.display()))?;
         eprintln!("evaluating {name} ...");
-        results.push(evaluate_adapter(
-            &base,
-            name,
-            Some(&adapter),
-            &eval_data,
-            &spec,
-        )?);
+        let result = if base.base_dtype == BaseDType::Quantized || args.unmerged {
+            evaluate_adapter(&base, name, Some(&adapter), &eval_data, &spec)?
+        } else {
+            // A dense base evaluates fastest with W + s·B·A merged in place (no low-rank
+            // side path); the originals are put back bit-exactly before the next adapter.
+            let unmerge = merge_into(&mut base.decoder, &adapter)?;
+            let result = evaluate_adapter(&base, name, None, &eval_data, &spec);
+            unmerge.restore(&mut base.decoder);
+            result?
+        };
+        results.push(result);
     }
     let report = EvalReport {
         model: base.name.clone(),
