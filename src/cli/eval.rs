@@ -8,8 +8,8 @@ use peft_wit::data::{self, FieldMap, Format, LoadOptions, LossWeights, OnBadRow}
 use peft_wit::eval::{evaluate_adapter, EvalData, EvalReport, EvalSpec};
 use peft_wit::export::merge_into;
 use peft_wit::fsutil::atomic_write;
-use peft_wit::model::BaseDType;
 use peft_wit::lora::load::load_for_base;
+use peft_wit::model::BaseDType;
 use peft_wit::registry::Registry;
 use peft_wit::train::prepare::build_template;
 
