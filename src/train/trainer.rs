@@ -287,16 +287,20 @@ pub fn train(
     let started = Instant::now();
     let mut smoothed: Option<f64> = None;
     let mut log = MetricsLog::open(&run_dir)?;
-
-    if start_step == 0 {
-        if let Some(m) = evaluate_losses(
+    // Held-out loss metrics at the adapter's current values (same data and weights every time).
+    let eval_now = || {
+        evaluate_losses(
             base,
             Some(&adapter),
             &data.eval,
             &weights,
             cfg.normalization,
             cfg.batch_size,
-        )? {
+        )
+    };
+
+    if start_step == 0 {
+        if let Some(m) = eval_now()? {
             log.write(&eval_line(0, &m, tokens_seen, elapsed_before))?;
             bar.println(format!(
                 "[{name}] step 0: eval response loss {:.4}, WIT loss {:.4}",
@@ -398,14 +402,7 @@ pub fn train(
             })?;
         }
         if cfg.eval_every > 0 && last_step % cfg.eval_every == 0 && last_step < total {
-            if let Some(m) = evaluate_losses(
-                base,
-                Some(&adapter),
-                &data.eval,
-                &weights,
-                cfg.normalization,
-                cfg.batch_size,
-            )? {
+            if let Some(m) = eval_now()? {
                 log.write(&eval_line(last_step, &m, tokens_seen, elapsed))?;
                 bar.println(format!(
                     "[{name}] step {last_step}: eval response loss {:.4}, WIT loss {:.4}",
@@ -439,14 +436,7 @@ pub fn train(
 
     let elapsed = elapsed_before + started.elapsed().as_secs_f64();
     let mut metrics = BTreeMap::new();
-    if let Some(m) = evaluate_losses(
-        base,
-        Some(&adapter),
-        &data.eval,
-        &weights,
-        cfg.normalization,
-        cfg.batch_size,
-    )? {
+    if let Some(m) = eval_now()? {
         log.write(&eval_line(last_step, &m, tokens_seen, elapsed))?;
         m.insert_into(&mut metrics);
     }
