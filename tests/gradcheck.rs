@@ -43,13 +43,16 @@ fn check(config: peft_wit::model::ModelConfig, quantize: Option<GgmlDType>) {
         ..Default::default()
     };
     let adapter = LoraAdapter::init(&lora, &config, 3, DType::F64, &device).unwrap();
-    // Non-zero B so every A gets a gradient.
-    for (key, var) in adapter.named_vars() {
+    // Non-zero B so every A gets a gradient; deterministic values (candle's CPU RNG can't be
+    // seeded), so every run checks the same point.
+    for (k, (key, var)) in adapter.named_vars().into_iter().enumerate() {
         if key.contains("lora_B") {
-            let t = (Tensor::randn(0f64, 0.3, var.dims(), &device).unwrap())
-                .to_dtype(DType::F64)
+            let n = var.elem_count();
+            let values: Vec<f64> = (0..n)
+                .map(|i| 0.3 * ((i as f64) * 0.73 + k as f64 * 1.1).sin())
+                .collect();
+            var.set(&Tensor::from_vec(values, var.dims(), &device).unwrap())
                 .unwrap();
-            var.set(&t).unwrap();
         }
     }
     let batch = batch();
@@ -97,7 +100,9 @@ fn check(config: peft_wit::model::ModelConfig, quantize: Option<GgmlDType>) {
             var.set(&Tensor::from_vec(base.clone(), var.dims(), &device).unwrap())
                 .unwrap();
             let numeric = (lp - lm) / (2.0 * eps);
-            let err = (numeric - g[idx]).abs() / (numeric.abs() + g[idx].abs()).max(1e-6);
+            // Relative error, with an absolute floor for near-zero entries where the central
+            // difference's rounding error (~1e-10 at eps 1e-6) dominates.
+            let err = (numeric - g[idx]).abs() / (numeric.abs() + g[idx].abs()).max(1e-4);
             worst = worst.max(err);
             assert!(
                 err < 1e-5,
