@@ -41,7 +41,7 @@ impl Normalization {
 /// The denominator contribution of `batch` under `norm`.
 pub fn denominator(batch: &Batch, norm: Normalization) -> f64 {
     match norm {
-        Normalization::TokenCount => batch.weights.iter().filter(|w| **w != 0.0).count() as f64,
+        Normalization::TokenCount => batch.counted_tokens() as f64,
         Normalization::WeightSum => batch.weights.iter().map(|w| *w as f64).sum(),
     }
 }

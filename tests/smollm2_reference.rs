@@ -129,20 +129,7 @@ fn peft_adapter_logits_loss_and_gradients_match_dense_and_quantized() {
         for case in reference["results"].as_array().unwrap() {
             let lp = case["prompt_weight"].as_f64().unwrap() as f32;
             let lr = case["response_weight"].as_f64().unwrap() as f32;
-            let weights: Vec<f32> = (0..b)
-                .flat_map(|bi| {
-                    let (pl, sl) = (prompt_lens[bi], seq_lens[bi]);
-                    (0..t).map(move |ti| {
-                        if ti == 0 || ti >= sl {
-                            0.0
-                        } else if ti < pl {
-                            lp
-                        } else {
-                            lr
-                        }
-                    })
-                })
-                .collect();
+            let weights = reference_weights(&prompt_lens, &seq_lens, t, lp, lr);
             let batch = Batch {
                 ids: rows.concat(),
                 weights,

@@ -121,20 +121,7 @@ fn peft_adapter_logits_loss_and_gradients_match() {
                 case["prompt_weight"].as_f64().unwrap() as f32,
                 case["response_weight"].as_f64().unwrap() as f32,
             );
-            let weights: Vec<f32> = (0..f.batch)
-                .flat_map(|b| {
-                    let (pl, sl) = (prompt_lens[b], seq_lens[b]);
-                    (0..f.seq).map(move |t| {
-                        if t == 0 || t >= sl {
-                            0.0
-                        } else if t < pl {
-                            lp
-                        } else {
-                            lr
-                        }
-                    })
-                })
-                .collect();
+            let weights = reference_weights(&prompt_lens, &seq_lens, f.seq, lp, lr);
             let batch = Batch {
                 ids: f.ids.clone(),
                 weights,

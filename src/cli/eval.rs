@@ -4,14 +4,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use peft_wit::data::{self, FieldMap, Format, LoadOptions, LossWeights, OnBadRow};
+use peft_wit::data::{self, Format, LoadOptions, LossWeights, OnBadRow};
 use peft_wit::eval::{evaluate_adapter, EvalData, EvalReport, EvalSpec};
 use peft_wit::export::merge_into;
 use peft_wit::fsutil::atomic_write;
 use peft_wit::lora::load::load_for_base;
 use peft_wit::model::BaseDType;
 use peft_wit::registry::Registry;
-use peft_wit::train::prepare::build_template;
+use peft_wit::train::prepare::{build_template, field_map};
 
 use super::common::{load_model, table, ModelArgs};
 
@@ -105,13 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut examples = if args.data == "builtin" {
         data::builtin_examples(args.limit, peft_wit::train::prepare::BUILTIN_DATA_SEED + 1)
     } else {
-        let field_map = match (&args.prompt_field, &args.response_field) {
-            (None, None) => None,
-            (p, r) => Some(FieldMap::new(
-                p.clone().unwrap_or_else(|| "prompt".into()),
-                r.clone().unwrap_or_else(|| "response".into()),
-            )),
-        };
+        let field_map = field_map(args.prompt_field.as_deref(), args.response_field.as_deref());
         let opts = LoadOptions {
             format: Format::Auto,
             field_map,

@@ -56,14 +56,20 @@ pub fn build_template(spec: &str, base: &BaseModel) -> Result<Template> {
     }
 }
 
+/// The prompt/response field mapping named by `--prompt-field` / `--response-field`; a missing
+/// half keeps its default name. `None` when neither is given (auto-detection).
+pub fn field_map(prompt: Option<&str>, response: Option<&str>) -> Option<FieldMap> {
+    if prompt.is_none() && response.is_none() {
+        return None;
+    }
+    Some(FieldMap::new(
+        prompt.unwrap_or("prompt"),
+        response.unwrap_or("response"),
+    ))
+}
+
 fn load_options(cfg: &TrainConfig) -> Result<LoadOptions> {
-    let field_map = match (&cfg.prompt_field, &cfg.response_field) {
-        (None, None) => None,
-        (p, r) => Some(FieldMap::new(
-            p.clone().unwrap_or_else(|| "prompt".into()),
-            r.clone().unwrap_or_else(|| "response".into()),
-        )),
-    };
+    let field_map = field_map(cfg.prompt_field.as_deref(), cfg.response_field.as_deref());
     let format = match cfg.format.as_str() {
         "auto" => Format::Auto,
         "alpaca" => Format::Alpaca,

@@ -88,3 +88,29 @@ pub fn lora_grad_norms(
     }
     (total.sqrt(), per_key)
 }
+
+/// Row-major `[B * T]` WIT weights of the reference batches: 0 at t = 0 and on padding, λp on
+/// prompt positions (t < prompt_len), λr on response positions.
+pub fn reference_weights(
+    prompt_lens: &[usize],
+    seq_lens: &[usize],
+    seq: usize,
+    lp: f32,
+    lr: f32,
+) -> Vec<f32> {
+    prompt_lens
+        .iter()
+        .zip(seq_lens)
+        .flat_map(|(&pl, &sl)| {
+            (0..seq).map(move |t| {
+                if t == 0 || t >= sl {
+                    0.0
+                } else if t < pl {
+                    lp
+                } else {
+                    lr
+                }
+            })
+        })
+        .collect()
+}
