@@ -35,11 +35,23 @@ pub struct BenchResult {
     pub spec: BenchSpec,
     pub train_tokens_per_s: f64,
     pub train_step_s: Vec<f64>,
+    /// Median seconds of the step's phases: forward (with the loss), backward, optimizer.
+    pub train_phase_s: TrainPhases,
     pub eval_tokens_per_s: f64,
-    pub generate_tokens_per_s: f64,
+    /// `None` when generation was skipped.
+    pub generate_tokens_per_s: Option<f64>,
     /// Peak resident set size of the process so far (VmHWM), in MB.
     pub peak_rss_mb: Option<f64>,
     pub threads: usize,
+}
+
+/// Where a training step's time goes (medians over the timed steps, seconds).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainPhases {
+    /// Forward pass and loss (the fused output projection also prepares its input gradient).
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
 }
 
 /// Peak RSS from `/proc/self/status` (Linux), in MB.
@@ -94,6 +106,7 @@ pub fn run(
     let mut optimizer = AdamW::new(adapter.named_vars(), AdamWParams::default())?;
     let tokens = (spec.batch_size * spec.seq_len) as f64;
     let mut step_times = Vec::new();
+    let mut phase_times: Vec<[f64; 3]> = Vec::new();
     for step in 0..spec.warmup + spec.steps {
         let batch = random_batch(decoder.config.vocab_size, spec, step as u64);
         let started = Instant::now();
@@ -103,7 +116,9 @@ pub fn run(
         };
         let (sum, count) = weighted_nll_sum(decoder, &batch, &mut ctx)?;
         let loss = (sum / count as f64)?;
+        let t_fwd = started.elapsed().as_secs_f64();
         let grads = loss.backward()?;
+        let t_bwd = started.elapsed().as_secs_f64();
         let g: Vec<_> = optimizer
             .vars()
             .iter()
@@ -128,6 +143,7 @@ pub fn run(
         );
         if step >= spec.warmup {
             step_times.push(secs);
+            phase_times.push([t_fwd, t_bwd - t_fwd, secs - t_bwd]);
         }
     }
     let mut eval_rates = Vec::new();
@@ -154,9 +170,9 @@ pub fn run(
         let out = generate(decoder, Some(&adapter), &prompt, &config, |_| {})?;
         let rate = out.len() as f64 / started.elapsed().as_secs_f64();
         on_step("generate", rate);
-        rate
+        Some(rate)
     } else {
-        f64::NAN
+        None
     };
     Ok(BenchResult {
         model: base.name.clone(),
@@ -164,6 +180,11 @@ pub fn run(
         spec: spec.clone(),
         train_tokens_per_s: tokens / median(&step_times),
         train_step_s: step_times,
+        train_phase_s: TrainPhases {
+            forward: median(&phase_times.iter().map(|p| p[0]).collect::<Vec<_>>()),
+            backward: median(&phase_times.iter().map(|p| p[1]).collect::<Vec<_>>()),
+            optimizer: median(&phase_times.iter().map(|p| p[2]).collect::<Vec<_>>()),
+        },
         eval_tokens_per_s: median(&eval_rates),
         generate_tokens_per_s,
         peak_rss_mb: peak_rss_mb(),

@@ -11,6 +11,7 @@ fn main() -> std::process::ExitCode {
     if std::env::var("PEFT_WIT_MALLOC_TUNING").as_deref() != Ok("0") {
         peft_wit::ops::tune_glibc_malloc();
     }
+    peft_wit::ops::limit_candle_spinning();
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -63,14 +63,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "  train step (fwd+bwd+AdamW): {:.1} tokens/s (median of {})",
             result.train_tokens_per_s, spec.steps
         );
+        let phases = &result.train_phase_s;
+        println!(
+            "    forward + loss {:.2} s, backward {:.2} s, optimizer {:.3} s",
+            phases.forward, phases.backward, phases.optimizer
+        );
         println!(
             "  forward-only eval:          {:.1} tokens/s",
             result.eval_tokens_per_s
         );
-        println!(
-            "  generation (KV cache):      {:.1} tokens/s",
-            result.generate_tokens_per_s
-        );
+        match result.generate_tokens_per_s {
+            Some(rate) => println!("  generation (KV cache):      {rate:.1} tokens/s"),
+            None => println!("  generation (KV cache):      skipped"),
+        }
         println!(
             "  peak RSS:                   {:.0} MB",
             result.peak_rss_mb.unwrap_or(f64::NAN)

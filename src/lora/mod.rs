@@ -3,9 +3,11 @@
 pub mod adapter;
 pub mod config;
 pub mod frozen;
+pub mod linear;
 pub mod load;
 pub mod peft;
 
 pub use adapter::{LoraAdapter, LoraPair};
 pub use config::{LoraConfig, LoraInit, TargetModules};
 pub use frozen::FrozenWeight;
+pub use linear::lora_linear;

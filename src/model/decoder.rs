@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, PROJECTIONS};
 use super::rope::RopeTables;
-use crate::lora::{FrozenWeight, LoraAdapter};
+use crate::lora::{lora_linear, FrozenWeight, LoraAdapter};
 use crate::ops;
 use crate::Result;
 
@@ -36,24 +36,25 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+    /// A keep mask for `n` elements, scaled by 1/(1-p); `None` when dropout is off.
+    fn mask(&mut self, n: usize) -> Option<Vec<f32>> {
         use rand::Rng;
         if self.p <= 0.0 {
-            return Ok(x.clone());
+            return None;
         }
         let keep = 1.0 - self.p;
         let scale = 1.0 / keep;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if self.rng.random::<f32>() < keep {
-                    scale
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok((x * mask)?)
+        Some(
+            (0..n)
+                .map(|_| {
+                    if self.rng.random::<f32>() < keep {
+                        scale
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        )
     }
 }
 
@@ -284,18 +285,18 @@ impl Decoder {
         ctx: &mut ForwardContext<'_>,
     ) -> Result<Tensor> {
         let proj = &block.projections[index];
-        let mut y = proj.weight.forward(x)?;
-        if let Some(bias) = &proj.bias {
-            y = y.broadcast_add(bias)?;
-        }
         if let Some(pair) = ctx.adapter.and_then(|a| a.pair(layer, index)) {
-            let input = match ctx.dropout.as_deref_mut() {
-                Some(dropout) => dropout.apply(x)?,
-                None => x.clone(),
-            };
-            y = (y + pair.delta(&input)?)?;
+            let mask = ctx
+                .dropout
+                .as_deref_mut()
+                .and_then(|d| d.mask(x.elem_count()));
+            return lora_linear(x, &proj.weight, proj.bias.as_ref(), pair, mask);
         }
-        Ok(y)
+        let y = proj.weight.forward(x)?;
+        Ok(match &proj.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]

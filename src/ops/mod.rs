@@ -6,10 +6,10 @@
 //! hand-written backward; any other device or dtype runs the composed, autograd-friendly
 //! implementation in [`composed`] (which is also the reference the tests compare against).
 
-mod alloc;
 mod attention;
 pub mod composed;
-mod kernel;
+pub(crate) mod gemm;
+pub(crate) mod kernel;
 mod nll;
 mod nll_linear;
 mod rms_norm;
@@ -18,9 +18,10 @@ mod silu_mul;
 mod softmax;
 #[cfg(test)]
 mod tests;
+mod tuning;
 
-pub use alloc::tune_glibc_malloc;
 use candle_core::{DType, Result, Tensor};
+pub use tuning::{limit_candle_spinning, tune_glibc_malloc};
 
 /// True when every tensor is on the CPU and in the same float dtype the fused kernels support.
 fn fused(ts: &[&Tensor]) -> bool {

@@ -1,5 +1,6 @@
-//! glibc malloc tuning for training loops that allocate many large, short-lived tensors.
+//! Process-wide tuning for training loops on CPU: allocator and thread-pool settings.
 //!
+//! ## glibc malloc
 //! By default glibc serves every allocation above 128 KiB (adaptive up to 32 MiB) with a fresh
 //! `mmap` and returns it with `munmap` on free, so each candle op output is page-faulted and
 //! zeroed by the kernel again. Keeping such blocks in the heap removes most of that cost: the
@@ -29,5 +30,23 @@ pub fn tune_glibc_malloc() -> bool {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
         false
+    }
+}
+
+/// The spin count after which candle's elementwise worker threads park (candle reads it once,
+/// when its pool starts).
+const CANDLE_SPIN_LIMIT: &str = "1000";
+
+/// Makes candle's elementwise thread pool park its workers soon after each op instead of
+/// spinning for ~25k iterations. Training alternates candle elementwise ops with our rayon
+/// kernels and gemms, so on a machine with few cores a spinning candle worker steals a core
+/// from the matmul that runs next. Keeps a value the user set in
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT`. Call at start-up, before any tensor op and before other
+/// threads exist (it sets an environment variable).
+pub fn limit_candle_spinning() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // Called from `main` before any thread is spawned, so nothing reads the environment
+        // concurrently.
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT);
     }
 }

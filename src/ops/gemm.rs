@@ -1,0 +1,110 @@
+//! One checked entry point to the `gemm` crate for the fused CPU kernels.
+//!
+//! The fused ops pass slices of candle storages and scratch buffers; this wrapper turns
+//! (data, shape, strides) views into the raw-pointer call after checking every index it will
+//! touch, so the kernels themselves stay free of `unsafe`.
+
+use super::kernel::Elem;
+use candle_core::{bail, Result};
+
+/// A strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, T> View<'a, T> {
+    /// A contiguous row-major `rows × cols` matrix.
+    pub fn rows(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transposed view (no copy).
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `c = (accumulate ? c : 0) + scale · a · b` for a contiguous row-major `c` of
+/// `a.rows × b.cols`. `parallel` spreads the product over rayon's threads (for large
+/// products; kernels that are already parallel outside pass `false`).
+pub(crate) fn gemm<T: Elem>(
+    c: &mut [T],
+    a: View<'_, T>,
+    b: View<'_, T>,
+    scale: T,
+    accumulate: bool,
+    parallel: bool,
+) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k || c.len() < m * n || !a.in_bounds() || !b.in_bounds() {
+        bail!(
+            "internal gemm: [{m}×{k}]·[{}×{n}] into {} elements",
+            b.rows,
+            c.len()
+        );
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(T::ZERO);
+        }
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let par = if parallel && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index of `a`, `b` and `c[..m·n]` was checked above; `c` is a distinct
+    // mutable borrow, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
