@@ -139,21 +139,10 @@ pub fn position_nll(
     }
     let flat = hidden.reshape((batch.batch * batch.seq_len, decoder.config.hidden_size))?;
     let index: Vec<usize> = rows.iter().map(|&r| r as usize + 1).collect();
-    // Chunks bound the [rows, vocab] logits held at once.
-    const CHUNK: usize = 256;
-    let mut nll = Vec::with_capacity(rows.len());
-    for (r, t) in rows.chunks(CHUNK).zip(targets.chunks(CHUNK)) {
-        let n = r.len();
-        let selected = flat.index_select(&Tensor::from_slice(r, n, device)?, 0)?;
-        let logp =
-            candle_nn::ops::log_softmax(&decoder.logits(&selected)?, candle_core::D::Minus1)?;
-        let t = Tensor::from_slice(t, n, device)?;
-        let picked: Vec<f32> = logp
-            .gather(&t.unsqueeze(1)?, 1)?
-            .squeeze(1)?
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
-        nll.extend(picked.into_iter().map(|lp| -lp));
-    }
-    Ok(index.into_iter().zip(nll).collect())
+    let selected = flat.index_select(&Tensor::from_slice(&rows, rows.len(), device)?, 0)?;
+    let nll = decoder.nll_from_hidden(&selected, &targets)?;
+    Ok(index
+        .into_iter()
+        .zip(nll.into_iter().map(|v| v as f32))
+        .collect())
 }

@@ -228,6 +228,20 @@ impl Decoder {
         }
     }
 
+    /// `−log p(target)` for each pre-norm hidden row `[N, H]`, without gradient (evaluation).
+    pub fn nll_from_hidden(&self, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
+        let normed = ops::rms_norm(&hidden.detach(), &self.norm, self.config.rms_norm_eps)?;
+        match &self.lm_head {
+            FrozenWeight::Dense(w) if w.dtype() == normed.dtype() => {
+                Ok(ops::row_nll_linear(&normed, w, targets)?)
+            }
+            other => {
+                let w = other.to_dense(normed.dtype(), &self.device)?;
+                Ok(ops::row_nll_linear(&normed, &w, targets)?)
+            }
+        }
+    }
+
     /// Full logits `[B, T, V]`.
     pub fn forward(
         &self,

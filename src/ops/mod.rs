@@ -148,6 +148,42 @@ pub fn causal_attention(
     }
 }
 
+/// Per-row `−log softmax(hidden·weightᵀ)[target]` as plain numbers (no autograd), computed
+/// block by block so the `[N, V]` logits are never held at once.
+///
+/// `hidden`: `[N, H]`, `weight`: `[V, H]`, same dtype; `targets`: one per row. Fused on CPU for
+/// f32/f64; otherwise logits + log-softmax in chunks of rows.
+pub fn row_nll_linear(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
+    let (n, hd, v) = nll_linear::check_dims(hidden.dims(), weight.dims(), targets.len())?;
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("row_nll_linear: target {bad} out of range for vocabulary {v}");
+    }
+    if fused(&[hidden, weight]) {
+        return match hidden.dtype() {
+            DType::F32 => kernel::with_cpu_slices::<f32, _>(&[hidden, weight], |s| {
+                nll_linear::row_nll(s[0], s[1], targets, hd, v)
+            }),
+            _ => kernel::with_cpu_slices::<f64, _>(&[hidden, weight], |s| {
+                nll_linear::row_nll(s[0], s[1], targets, hd, v)
+            }),
+        };
+    }
+    const CHUNK: usize = 256;
+    let mut out = Vec::with_capacity(n);
+    for r0 in (0..n).step_by(CHUNK) {
+        let m = CHUNK.min(n - r0);
+        let logits = hidden
+            .narrow(0, r0, m)?
+            .matmul(&weight.t()?)?
+            .to_dtype(DType::F32)?;
+        let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+        let t = Tensor::from_slice(&targets[r0..r0 + m], m, hidden.device())?;
+        let picked: Vec<f32> = logp.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?.to_vec1()?;
+        out.extend(picked.into_iter().map(|lp| -(lp as f64)));
+    }
+    Ok(out)
+}
+
 /// Output projection fused with [`weighted_nll`]: the same scalar as
 /// `weighted_nll(&hidden.matmul(&weight.t()?)?, targets, weights)` without materialising the
 /// `[N, V]` logits or their gradient.

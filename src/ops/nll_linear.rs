@@ -195,6 +195,38 @@ impl NllLinearOp {
     }
 }
 
+/// `−log softmax(h_i·Wᵀ)[t_i]` for every row, without gradient (evaluation): the same
+/// block-wise logits as the training op, but one value per row instead of a weighted sum.
+pub(crate) fn row_nll<T: Elem>(
+    h: &[T],
+    w: &[T],
+    targets: &[u32],
+    hd: usize,
+    v: usize,
+) -> Result<Vec<f64>> {
+    let n = targets.len();
+    if h.len() != n * hd || w.len() != v * hd {
+        bail!("row_nll: hidden, weight and targets do not fit");
+    }
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
+        bail!("row_nll: target {bad} out of range for vocabulary {v}");
+    }
+    let mut out = vec![0.0; n];
+    let mut logits = vec![T::ZERO; ROWS.min(n) * v];
+    for r0 in (0..n).step_by(ROWS) {
+        let m = ROWS.min(n - r0);
+        let lg = &mut logits[..m * v];
+        gemm(lg, m, v, hd, &h[r0 * hd..(r0 + m) * hd], w, 1, hd)?;
+        lg.par_chunks_mut(v)
+            .zip(targets[r0..r0 + m].par_iter())
+            .zip(out[r0..r0 + m].par_iter_mut())
+            .for_each(|((row, t), o)| {
+                *o = rows_loss(row, std::slice::from_ref(t), &[1.0], v, false)
+            });
+    }
+    Ok(out)
+}
+
 impl CustomOp2 for NllLinearOp {
     fn name(&self) -> &'static str {
         "peft-weighted-nll-linear"
@@ -227,5 +259,36 @@ impl CustomOp2 for NllLinearOp {
         })?;
         let g = g.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         Ok((Some(dh.affine(g, 0.0)?), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, D};
+
+    #[test]
+    fn row_nll_matches_log_softmax_in_f32_and_fallback_dtypes() -> candle_core::Result<()> {
+        let (n, hd, v) = (300, 24, 517); // more rows than one block, odd vocabulary
+        let h = Tensor::randn(0f32, 1.0, (n, hd), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 0.5, (v, hd), &Device::Cpu)?;
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 37) % v as u32).collect();
+        let logp = candle_nn::ops::log_softmax(&h.matmul(&w.t()?)?, D::Minus1)?;
+        let t = Tensor::from_slice(&targets, n, &Device::Cpu)?.unsqueeze(1)?;
+        let expected: Vec<f32> = logp.gather(&t, 1)?.squeeze(1)?.to_vec1()?;
+        for dtype in [DType::F32, DType::F16] {
+            let got =
+                super::super::row_nll_linear(&h.to_dtype(dtype)?, &w.to_dtype(dtype)?, &targets)?;
+            let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+            for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                assert!(
+                    (g + *e as f64).abs() < tol,
+                    "{dtype:?} row {i}: {g} vs {}",
+                    -e
+                );
+            }
+        }
+        let err = super::super::row_nll_linear(&h, &w, &[v as u32; 300]).unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
+        Ok(())
     }
 }
