@@ -204,6 +204,29 @@ fn main() -> Result<()> {
         },
     )?;
 
+    // Rope + attention on the token-major projections ([B, T, H, D]) as the decoder needs
+    // them, vs the old sequence: transpose + copy to [B, H, T, D], fused rope on q and k, fused
+    // causal_attention, transpose back + copy (the copy the decoder's reshape makes).
+    let q = Var::from_tensor(&randn(&[4, t, 9, d], 1.0)?)?;
+    let k = Var::from_tensor(&randn(&[4, t, 3, d], 1.0)?)?;
+    let v = Var::from_tensor(&randn(&[4, t, 3, d], 1.0)?)?;
+    let r = randn(&[4, t, 9, d], 1.0)?;
+    row(
+        "rope_causal_attention vs transposes + rope + causal_attention",
+        "q [4, 256, 9, 64], kv [4, 256, 3, 64]",
+        &[q, k, v],
+        &r,
+        &|x| ops::rope_causal_attention(&x[0], &x[1], &x[2], &cos, &sin, Some(&kp), scale),
+        &|x| {
+            let heads = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+            let q = ops::rope(&heads(&x[0])?, &cos, &sin)?;
+            let k = ops::rope(&heads(&x[1])?, &cos, &sin)?;
+            ops::causal_attention(&q, &k, &heads(&x[2])?, Some(&kp), scale)?
+                .transpose(1, 2)?
+                .contiguous()
+        },
+    )?;
+
     let g = Var::from_tensor(&randn(&[1024, 1536], 2.0)?)?;
     let u = Var::from_tensor(&randn(&[1024, 1536], 1.0)?)?;
     let r = randn(&[1024, 1536], 1.0)?;

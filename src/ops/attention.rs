@@ -1,36 +1,71 @@
-//! Fused causal self-attention: softmax(scale·QKᵀ + causal/padding mask)·V with backward.
+//! Fused causal self-attention: softmax(scale·QKᵀ + causal/padding mask)·V with backward,
+//! optionally preceded by rotary embedding of q and k (one graph node for rope + attention).
 //!
 //! Only q, k, v and the output are candle tensors; the [T, T] scores live in per-task scratch,
 //! so candle never allocates, stores or accumulates gradients of [B, H, T, T] tensors (the
 //! dominant cost of the composed version). Forward keeps the per-row logsumexp; backward
 //! recomputes the probabilities from it (flash-attention style), so nothing [T, T]-sized is
-//! stored between passes.
+//! stored between passes. The kernel reads and writes heads through row strides, so the same
+//! code serves head-major `[B, H, T, D]` tensors and the token-major `[B, T, H, D]` layout the
+//! projections produce (no transposes or copies around the op). With rope, rotated q/k heads
+//! are recomputed per task into [T, D] scratch in both passes (O(T·D) against the O(T²·D)
+//! attention work) instead of being stored.
 
 use super::kernel::{
     contiguous_slice, dot, max, simd_fn, sum, tensor_from_vec, with_cpu_slices, Elem,
 };
+use super::rope::rotate;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::marker::PhantomData;
 use std::sync::OnceLock;
 
 /// Query rows per causal block: blocks skip the keys after their last query (~37% fewer
 /// flops at T = 256 than full T×T products).
 const QBLOCK: usize = 64;
 
+/// Axis order of the q/k/v/output tensors.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeadLayout {
+    /// `[B, H, T, D]` (each head's [T, D] block is contiguous).
+    HeadMajor,
+    /// `[B, T, H, D]` (a head's rows are `H·D` apart), as the q/k/v projections produce.
+    TokenMajor,
+}
+
+impl HeadLayout {
+    fn op_name(self) -> &'static str {
+        match self {
+            Self::HeadMajor => "causal_attention",
+            Self::TokenMajor => "rope_causal_attention",
+        }
+    }
+}
+
 pub(crate) struct AttentionOp {
-    pub scale: f64,
+    scale: f64,
     /// [B, T] key validity (true = may be attended to); None = all valid.
-    pub key_valid: Option<Vec<bool>>,
+    key_valid: Option<Vec<bool>>,
+    layout: HeadLayout,
+    /// cos/sin tables, exactly [T, D/2], when q and k are rotated inside the op.
+    rope: Option<(Tensor, Tensor)>,
     /// Per-row logsumexp of the scaled, masked scores ([B, H, T]); +inf marks a row with no
     /// valid key (its output and gradients are 0).
     lse: OnceLock<Vec<f64>>,
 }
 
 impl AttentionOp {
-    pub(crate) fn new(scale: f64, key_valid: Option<Vec<bool>>) -> Self {
+    pub(crate) fn new(
+        scale: f64,
+        key_valid: Option<Vec<bool>>,
+        layout: HeadLayout,
+        rope: Option<(Tensor, Tensor)>,
+    ) -> Self {
         Self {
             scale,
             key_valid,
+            layout,
+            rope,
             lse: OnceLock::new(),
         }
     }
@@ -39,33 +74,61 @@ impl AttentionOp {
 /// Shapes: (B, H, Hkv, T, D).
 #[derive(Clone, Copy)]
 pub(crate) struct Dims {
-    b: usize,
-    h: usize,
-    hkv: usize,
-    t: usize,
-    d: usize,
+    pub b: usize,
+    pub h: usize,
+    pub hkv: usize,
+    pub t: usize,
+    pub d: usize,
 }
 
-pub(crate) fn check_dims(q: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
-    let ([b, h, t, d], [kb, hkv, kt, kd]) = (q, k) else {
-        bail!("causal_attention: q and k must be [B, H, T, D], got {q:?} and {k:?}");
+impl Dims {
+    /// (offset, row stride) of head `head` of `heads` in batch `b`.
+    fn head(&self, layout: HeadLayout, b: usize, head: usize, heads: usize) -> (usize, usize) {
+        let (t, d) = (self.t, self.d);
+        match layout {
+            HeadLayout::HeadMajor => ((b * heads + head) * t * d, d),
+            HeadLayout::TokenMajor => ((b * t * heads + head) * d, heads * d),
+        }
+    }
+}
+
+/// Checks q `[B, H, T, D]` and k, v `[B, Hkv, T, D]` (T and H swapped when token-major).
+pub(crate) fn check_dims(
+    layout: HeadLayout,
+    q: &[usize],
+    k: &[usize],
+    v: &[usize],
+) -> Result<Dims> {
+    let name = layout.op_name();
+    let ([b, q1, q2, d], [kb, k1, k2, kd]) = (q, k) else {
+        let want = match layout {
+            HeadLayout::HeadMajor => "q [B, H, T, D] and k [B, Hkv, T, D]",
+            HeadLayout::TokenMajor => "q [B, T, H, D] and k [B, T, Hkv, D]",
+        };
+        bail!("{name}: need {want}, got {q:?} and {k:?}");
     };
     if k != v {
-        bail!("causal_attention: k {k:?} and v {v:?} must have the same shape");
+        bail!("{name}: k {k:?} and v {v:?} must have the same shape");
     }
-    if kb != b || kt != t || kd != d || *hkv == 0 || h % hkv != 0 {
-        bail!("causal_attention: q {q:?} and k/v {k:?} are incompatible (need same B, T, D and H % Hkv == 0)");
+    let ((h, t), (hkv, kt)) = match layout {
+        HeadLayout::HeadMajor => ((*q1, *q2), (*k1, *k2)),
+        HeadLayout::TokenMajor => ((*q2, *q1), (*k2, *k1)),
+    };
+    if kb != b || kt != t || kd != d || hkv == 0 || h % hkv != 0 {
+        bail!(
+            "{name}: q {q:?} and k/v {k:?} are incompatible (need same B, T, D and H % Hkv == 0)"
+        );
     }
     Ok(Dims {
         b: *b,
-        h: *h,
-        hkv: *hkv,
-        t: *t,
+        h,
+        hkv,
+        t,
         d: *d,
     })
 }
 
-/// A row-major view: element (i, j) is at `i * rs + j * cs`.
+/// A read-only strided matrix: element (i, j) is at `i * rs + j * cs`.
 #[derive(Clone, Copy)]
 struct Mat<'a, T> {
     data: &'a [T],
@@ -77,10 +140,106 @@ fn mat<T>(data: &[T], rs: usize, cs: usize) -> Mat<'_, T> {
     Mat { data, rs, cs }
 }
 
-/// `c[m×n] (contiguous) = (accumulate ? c : 0) + a[m×k] · b[k×n]`, single-threaded (callers
-/// parallelise over heads).
+impl<'a, T> Mat<'a, T> {
+    fn t(self) -> Self {
+        mat(self.data, self.cs, self.rs)
+    }
+
+    /// The matrix from row `i0` on.
+    fn skip_rows(self, i0: usize) -> Self {
+        mat(&self.data[i0 * self.rs..], self.rs, self.cs)
+    }
+}
+
+/// A writable matrix with unit column stride and row stride `rs`, `len` elements readable and
+/// writable from `ptr`. Either borrowed from a slice, or a head of a [`SharedOut`].
+struct MatMut<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    rs: usize,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+impl<'a, T> MatMut<'a, T> {
+    fn new(s: &'a mut [T], rs: usize) -> Self {
+        Self {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+            rs,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// The matrix from row `i0` on (a reborrow).
+    fn skip_rows(&mut self, i0: usize) -> Result<MatMut<'_, T>> {
+        let off = i0 * self.rs;
+        if off > self.len {
+            bail!("attention: internal row {i0} out of bounds");
+        }
+        Ok(MatMut {
+            // SAFETY: off <= len, so the pointer stays within (or one past) the buffer.
+            ptr: unsafe { self.ptr.add(off) },
+            len: self.len - off,
+            rs: self.rs,
+            _borrow: PhantomData,
+        })
+    }
+
+    /// The first `n` elements of row `i`.
+    fn row(&mut self, i: usize, n: usize) -> Result<&mut [T]> {
+        if i * self.rs + n > self.len {
+            bail!("attention: internal row {i} out of bounds");
+        }
+        // SAFETY: in bounds (checked); exclusive for the lifetime of `&mut self` (a slice
+        // borrow, or a SharedOut head whose rows no other task touches).
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.rs), n) })
+    }
+}
+
+/// An output buffer that parallel tasks write directly in its final layout, each task to its
+/// own heads (which interleave in memory when token-major, so safe chunking cannot split it).
+struct SharedOut<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: tasks only write disjoint elements through `at` (its contract), so sharing the
+// pointer between threads is sound for Send element types.
+unsafe impl<T: Send> Sync for SharedOut<'_, T> {}
+
+impl<'a, T> SharedOut<'a, T> {
+    fn new(s: &'a mut [T]) -> Self {
+        Self {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+            _borrow: PhantomData,
+        }
+    }
+
+    /// The head at `off` with row stride `rs`.
+    ///
+    /// # Safety
+    /// While the result is alive, no other live `MatMut` may touch the elements written
+    /// through it (each task passes only the offsets of the heads it owns).
+    unsafe fn at(&self, off: usize, rs: usize) -> Result<MatMut<'_, T>> {
+        if off > self.len {
+            bail!("attention: internal head offset out of bounds");
+        }
+        Ok(MatMut {
+            // SAFETY: off <= len.
+            ptr: unsafe { self.ptr.add(off) },
+            len: self.len - off,
+            rs,
+            _borrow: PhantomData,
+        })
+    }
+}
+
+/// `c[m×n] = (accumulate ? c : 0) + a[m×k] · b[k×n]`, single-threaded (callers parallelise
+/// over heads).
 fn gemm<T: Elem>(
-    c: &mut [T],
+    c: MatMut<'_, T>,
     m: usize,
     n: usize,
     k: usize,
@@ -91,28 +250,32 @@ fn gemm<T: Elem>(
     let need = |x: &Mat<'_, T>, r: usize, c: usize| {
         r == 0 || c == 0 || (r - 1) * x.rs + (c - 1) * x.cs < x.data.len()
     };
-    if c.len() < m * n || !need(&a, m, k) || !need(&b, k, n) {
-        bail!("causal_attention: internal gemm bounds");
+    let c_fits = m == 0 || n == 0 || ((m - 1) * c.rs + n <= c.len && n <= c.rs);
+    if !c_fits || !need(&a, m, k) || !need(&b, k, n) {
+        bail!("attention: internal gemm bounds");
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
     if k == 0 {
         if !accumulate {
-            c[..m * n].fill(T::ZERO);
+            let mut c = c;
+            for i in 0..m {
+                c.row(i, n)?.fill(T::ZERO);
+            }
         }
         return Ok(());
     }
-    // SAFETY: bounds of all three operands are checked above; `c` does not alias `a` or `b`
-    // (distinct borrows).
+    // SAFETY: bounds of all three operands are checked above; the rows of `c` do not overlap
+    // each other (n <= rs) nor `a` or `b` (an exclusive borrow or an exclusively owned head).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c.ptr,
             1,
-            n as isize,
+            c.rs as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,
@@ -195,54 +358,142 @@ simd_fn! {
     }
 }
 
+/// cos/sin rows for positions 0..T, [T, D/2] each.
+#[derive(Clone, Copy)]
+struct Tables<'a, T> {
+    cos: &'a [T],
+    sin: &'a [T],
+}
+
+/// Head (off, rs) of `x` as a [T, D] matrix: a strided view, or rotated into `buf` with rope.
+fn load<'a, T: Elem>(
+    x: &'a [T],
+    (off, rs): (usize, usize),
+    rope: Option<Tables<'_, T>>,
+    buf: &'a mut [T],
+    d: usize,
+) -> Mat<'a, T> {
+    match rope {
+        Some(tb) => {
+            rotate(&x[off..], rs, buf, d, (tb.cos, tb.sin), d, false);
+            mat(buf, d, 1)
+        }
+        None => mat(&x[off..], rs, 1),
+    }
+}
+
+/// Writes the inverse rotation of the contiguous [T, D] `src` into head `dst` (rope backward).
+fn unrotate<T: Elem>(src: &[T], mut dst: MatMut<'_, T>, tb: Tables<'_, T>, d: usize) -> Result<()> {
+    let half = d / 2;
+    for (i, x) in src.chunks_exact(d).enumerate() {
+        let rows = i * half..(i + 1) * half;
+        let (c, s) = (&tb.cos[rows.clone()], &tb.sin[rows]);
+        rotate(x, d, dst.row(i, d)?, d, (c, s), d, true);
+    }
+    Ok(())
+}
+
+/// Per-task scratch for the rotated q/k heads (and their gradients): [T, D] with rope, empty
+/// without.
+fn rope_scratch<T: Elem>(rope: Option<Tables<'_, T>>, dm: Dims) -> Vec<T> {
+    vec![T::ZERO; if rope.is_some() { dm.t * dm.d } else { 0 }]
+}
+
 impl AttentionOp {
     fn key_valid(&self, b: usize, t: usize) -> Option<&[bool]> {
         self.key_valid.as_deref().map(|kv| &kv[b * t..(b + 1) * t])
     }
 
-    fn fwd<T: Elem>(&self, s: [(&CpuStorage, &Layout); 3]) -> Result<(CpuStorage, Shape)> {
-        let dm = check_dims(s[0].1.dims(), s[1].1.dims(), s[2].1.dims())?;
-        let Dims { b, h, hkv, t, d } = dm;
+    fn check(&self, q: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
+        let dm = check_dims(self.layout, q, k, v)?;
+        let name = self.layout.op_name();
+        let (b, t) = (dm.b, dm.t);
         if self.key_valid.as_ref().is_some_and(|kv| kv.len() != b * t) {
-            bail!("causal_attention: key_padding must be [{b}, {t}]");
+            bail!("{name}: key_padding must be [{b}, {t}]");
         }
+        if let Some((c, s)) = &self.rope {
+            let want = [t, dm.d / 2];
+            if dm.d % 2 != 0 || c.dims() != want || s.dims() != want {
+                bail!("{name}: cos/sin must be {want:?} (even D)");
+            }
+        }
+        Ok(dm)
+    }
+
+    /// Runs `f` with the rope tables as slices (None without rope).
+    fn with_tables<T: Elem, R>(
+        &self,
+        f: impl FnOnce(Option<Tables<'_, T>>) -> Result<R>,
+    ) -> Result<R> {
+        match &self.rope {
+            Some((c, s)) => with_cpu_slices::<T, _>(&[c, s], |cs| {
+                f(Some(Tables {
+                    cos: cs[0],
+                    sin: cs[1],
+                }))
+            }),
+            None => f(None),
+        }
+    }
+
+    fn fwd<T: Elem>(&self, s: [(&CpuStorage, &Layout); 3]) -> Result<(CpuStorage, Shape)> {
+        let dm = self.check(s[0].1.dims(), s[1].1.dims(), s[2].1.dims())?;
         let q = contiguous_slice::<T>(s[0].0, s[0].1)?;
         let k = contiguous_slice::<T>(s[1].0, s[1].1)?;
         let v = contiguous_slice::<T>(s[2].0, s[2].1)?;
-        let rep = h / hkv;
-        let (td, scale) = (t * d, T::from_f64(self.scale));
-        let mut out = vec![T::ZERO; q.len()];
-        let mut lse = vec![0f64; b * h * t];
-        if td > 0 {
-            // One task per (batch, kv head): its `rep` query heads share k/v.
-            out.par_chunks_mut(rep * td)
-                .zip(lse.par_chunks_mut(rep * t))
-                .enumerate()
-                .try_for_each(|(task, (o, lse))| -> Result<()> {
-                    let kv = self.key_valid(task / hkv, t);
-                    let kh = &k[task * td..(task + 1) * td];
-                    let vh = &v[task * td..(task + 1) * td];
-                    let mut sc = vec![T::ZERO; QBLOCK.min(t) * t];
-                    for r in 0..rep {
-                        let qh = &q[(task * rep + r) * td..(task * rep + r + 1) * td];
-                        let oh = &mut o[r * td..(r + 1) * td];
-                        let lse = &mut lse[r * t..(r + 1) * t];
-                        // Causal: query block i0..i1 only sees keys 0..i1.
-                        for i0 in (0..t).step_by(QBLOCK) {
-                            let (i1, nq) = ((i0 + QBLOCK).min(t), (QBLOCK).min(t - i0));
-                            let sc = &mut sc[..nq * i1];
-                            let qb = mat(&qh[i0 * d..], d, 1);
-                            gemm(sc, nq, i1, d, qb, mat(kh, 1, d), false)?;
-                            probs(sc, i1, i0, scale, kv, &mut lse[i0..i1]);
-                            let ob = &mut oh[i0 * d..i1 * d];
-                            gemm(ob, nq, d, i1, mat(sc, i1, 1), mat(vh, d, 1), false)?;
-                        }
-                    }
-                    Ok(())
-                })?;
-        }
+        let (out, lse) = self.with_tables(|rope| self.fwd_heads(dm, q, k, v, rope))?;
         let _ = self.lse.set(lse);
         Ok((T::to_cpu_storage_owned(out), s[0].1.shape().clone()))
+    }
+
+    fn fwd_heads<T: Elem>(
+        &self,
+        dm: Dims,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        rope: Option<Tables<'_, T>>,
+    ) -> Result<(Vec<T>, Vec<f64>)> {
+        let Dims { b, h, hkv, t, d } = dm;
+        let rep = h / hkv;
+        let scale = T::from_f64(self.scale);
+        let mut out = vec![T::ZERO; q.len()];
+        let mut lse = vec![0f64; b * h * t];
+        if t * d == 0 {
+            return Ok((out, lse));
+        }
+        let shared = SharedOut::new(&mut out);
+        // One task per (batch, kv head): its `rep` query heads share k/v.
+        lse.par_chunks_mut(rep * t)
+            .enumerate()
+            .try_for_each(|(task, lse)| -> Result<()> {
+                let (bi, g) = (task / hkv, task % hkv);
+                let kv = self.key_valid(bi, t);
+                let (mut kr, mut qr) = (rope_scratch(rope, dm), rope_scratch(rope, dm));
+                let mut sc = vec![T::ZERO; QBLOCK.min(t) * t];
+                let kpos = dm.head(self.layout, bi, g, hkv);
+                let kh = load(k, kpos, rope, &mut kr, d);
+                let vh = mat(&v[kpos.0..], kpos.1, 1);
+                for r in 0..rep {
+                    let (qoff, qrs) = dm.head(self.layout, bi, g * rep + r, h);
+                    let qh = load(q, (qoff, qrs), rope, &mut qr, d);
+                    // SAFETY: this task is the only one that writes query head g·rep + r of
+                    // batch bi.
+                    let mut oh = unsafe { shared.at(qoff, qrs)? };
+                    let lse = &mut lse[r * t..(r + 1) * t];
+                    // Causal: query block i0..i1 only sees keys 0..i1.
+                    for i0 in (0..t).step_by(QBLOCK) {
+                        let (i1, nq) = ((i0 + QBLOCK).min(t), QBLOCK.min(t - i0));
+                        let sc = &mut sc[..nq * i1];
+                        let qb = qh.skip_rows(i0);
+                        gemm(MatMut::new(sc, i1), nq, i1, d, qb, kh.t(), false)?;
+                        probs(sc, i1, i0, scale, kv, &mut lse[i0..i1]);
+                        gemm(oh.skip_rows(i0)?, nq, d, i1, mat(sc, i1, 1), vh, false)?;
+                    }
+                }
+                Ok(())
+            })?;
+        Ok((out, lse))
     }
 
     fn bwd_t<T: Elem>(
@@ -252,69 +503,108 @@ impl AttentionOp {
         v: &Tensor,
         g: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let dm = check_dims(q.dims(), k.dims(), v.dims())?;
-        let Dims { b, h, hkv, t, d } = dm;
+        let dm = self.check(q.dims(), k.dims(), v.dims())?;
         let lse = self
             .lse
             .get()
-            .filter(|l| l.len() == b * h * t)
-            .ok_or_else(|| candle_core::Error::Msg("causal_attention: no forward state".into()))?;
+            .filter(|l| l.len() == dm.b * dm.h * dm.t)
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("{}: no forward state", self.layout.op_name()))
+            })?;
+        let (dq, dk, dv) = with_cpu_slices::<T, _>(&[q, k, v, g], |s| {
+            self.with_tables(|rope| self.bwd_heads(dm, [s[0], s[1], s[2], s[3]], lse, rope))
+        })?;
+        Ok((
+            tensor_from_vec(dq, q.dims())?,
+            tensor_from_vec(dk, k.dims())?,
+            tensor_from_vec(dv, v.dims())?,
+        ))
+    }
+
+    fn bwd_heads<T: Elem>(
+        &self,
+        dm: Dims,
+        [q, k, v, go]: [&[T]; 4],
+        lse: &[f64],
+        rope: Option<Tables<'_, T>>,
+    ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+        let Dims { h, hkv, t, d, .. } = dm;
         let rep = h / hkv;
-        let (td, scale) = (t * d, T::from_f64(self.scale));
-        let (qdims, kdims) = (q.dims().to_vec(), k.dims().to_vec());
-        with_cpu_slices::<T, _>(&[q, k, v, g], |s| {
-            let (q, k, v, go) = (s[0], s[1], s[2], s[3]);
-            let mut dq = vec![T::ZERO; q.len()];
-            let mut dk = vec![T::ZERO; k.len()];
-            let mut dv = vec![T::ZERO; v.len()];
-            if td > 0 {
-                dq.par_chunks_mut(rep * td)
-                    .zip(dk.par_chunks_mut(td).zip(dv.par_chunks_mut(td)))
-                    .zip(lse.par_chunks(rep * t))
-                    .enumerate()
-                    .try_for_each(|(task, ((dq, (dk, dv)), lse))| -> Result<()> {
-                        let kv = self.key_valid(task / hkv, t);
-                        let kh = &k[task * td..(task + 1) * td];
-                        let vh = &v[task * td..(task + 1) * td];
-                        let mut p = vec![T::ZERO; QBLOCK.min(t) * t];
-                        let mut dp = vec![T::ZERO; QBLOCK.min(t) * t];
-                        for r in 0..rep {
-                            let off = (task * rep + r) * td;
-                            let (qh, gh) = (&q[off..off + td], &go[off..off + td]);
-                            let dqh = &mut dq[r * td..(r + 1) * td];
-                            let lse = &lse[r * t..(r + 1) * t];
-                            for i0 in (0..t).step_by(QBLOCK) {
-                                let (i1, nq) = ((i0 + QBLOCK).min(t), QBLOCK.min(t - i0));
-                                let (p, dp) = (&mut p[..nq * i1], &mut dp[..nq * i1]);
-                                let (qb, gb) = (mat(&qh[i0 * d..], d, 1), mat(&gh[i0 * d..], d, 1));
-                                gemm(p, nq, i1, d, qb, mat(kh, 1, d), false)?;
-                                probs_from_lse(p, i1, i0, scale, kv, &lse[i0..i1]);
-                                // dV[..i1] += Pᵀ dO
-                                gemm(&mut dv[..i1 * d], i1, d, nq, mat(p, 1, i1), gb, true)?;
-                                // dP = dO Vᵀ; dS = scale · P ⊙ (dP − Σ_j P dP)
-                                gemm(dp, nq, i1, d, gb, mat(vh, 1, d), false)?;
-                                softmax_grad(p, dp, i1, scale);
-                                // dQ = dS K; dK[..i1] += dSᵀ Q
-                                let dqb = &mut dqh[i0 * d..i1 * d];
-                                gemm(dqb, nq, d, i1, mat(dp, i1, 1), mat(kh, d, 1), false)?;
-                                gemm(&mut dk[..i1 * d], i1, d, nq, mat(dp, 1, i1), qb, true)?;
-                            }
-                        }
-                        Ok(())
-                    })?;
-            }
-            Ok((
-                tensor_from_vec(dq, &qdims)?,
-                tensor_from_vec(dk, &kdims)?,
-                tensor_from_vec(dv, &kdims)?,
-            ))
-        })
+        let scale = T::from_f64(self.scale);
+        let mut dq = vec![T::ZERO; q.len()];
+        let mut dk = vec![T::ZERO; k.len()];
+        let mut dv = vec![T::ZERO; v.len()];
+        if t * d == 0 {
+            return Ok((dq, dk, dv));
+        }
+        let (sq, sk, sv) = (
+            SharedOut::new(&mut dq),
+            SharedOut::new(&mut dk),
+            SharedOut::new(&mut dv),
+        );
+        lse.par_chunks(rep * t)
+            .enumerate()
+            .try_for_each(|(task, lse)| -> Result<()> {
+                let (bi, g) = (task / hkv, task % hkv);
+                let kv = self.key_valid(bi, t);
+                let (mut kr, mut qr) = (rope_scratch(rope, dm), rope_scratch(rope, dm));
+                let (mut dkr, mut dqr) = (rope_scratch(rope, dm), rope_scratch(rope, dm));
+                let mut p = vec![T::ZERO; QBLOCK.min(t) * t];
+                let mut dp = vec![T::ZERO; QBLOCK.min(t) * t];
+                let (koff, krs) = dm.head(self.layout, bi, g, hkv);
+                let kh = load(k, (koff, krs), rope, &mut kr, d);
+                let vh = mat(&v[koff..], krs, 1);
+                // SAFETY (every `at` below): this task is the only one that writes kv head g of
+                // batch bi and its query heads g·rep..(g+1)·rep.
+                let mut dvh = unsafe { sv.at(koff, krs)? };
+                // With rope, gradients w.r.t. the rotated q/k collect in scratch first.
+                let mut dkh = match rope {
+                    Some(_) => MatMut::new(&mut dkr, d),
+                    None => unsafe { sk.at(koff, krs)? },
+                };
+                for r in 0..rep {
+                    let (qoff, qrs) = dm.head(self.layout, bi, g * rep + r, h);
+                    let qh = load(q, (qoff, qrs), rope, &mut qr, d);
+                    let gh = mat(&go[qoff..], qrs, 1);
+                    let mut dqh = match rope {
+                        Some(_) => MatMut::new(&mut dqr, d),
+                        None => unsafe { sq.at(qoff, qrs)? },
+                    };
+                    let lse = &lse[r * t..(r + 1) * t];
+                    for i0 in (0..t).step_by(QBLOCK) {
+                        let (i1, nq) = ((i0 + QBLOCK).min(t), QBLOCK.min(t - i0));
+                        let (p, dp) = (&mut p[..nq * i1], &mut dp[..nq * i1]);
+                        let (qb, gb) = (qh.skip_rows(i0), gh.skip_rows(i0));
+                        gemm(MatMut::new(p, i1), nq, i1, d, qb, kh.t(), false)?;
+                        probs_from_lse(p, i1, i0, scale, kv, &lse[i0..i1]);
+                        // dV[..i1] += Pᵀ dO
+                        gemm(dvh.skip_rows(0)?, i1, d, nq, mat(p, 1, i1), gb, true)?;
+                        // dP = dO Vᵀ; dS = scale · P ⊙ (dP − Σ_j P dP)
+                        gemm(MatMut::new(dp, i1), nq, i1, d, gb, vh.t(), false)?;
+                        softmax_grad(p, dp, i1, scale);
+                        // dQ = dS K; dK[..i1] += dSᵀ Q
+                        gemm(dqh.skip_rows(i0)?, nq, d, i1, mat(dp, i1, 1), kh, false)?;
+                        gemm(dkh.skip_rows(0)?, i1, d, nq, mat(dp, 1, i1), qb, true)?;
+                    }
+                    if let Some(tb) = rope {
+                        unrotate(&dqr, unsafe { sq.at(qoff, qrs)? }, tb, d)?;
+                    }
+                }
+                if let Some(tb) = rope {
+                    unrotate(&dkr, unsafe { sk.at(koff, krs)? }, tb, d)?;
+                }
+                Ok(())
+            })?;
+        Ok((dq, dk, dv))
     }
 }
 
 impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
-        "peft-causal-attention"
+        match self.layout {
+            HeadLayout::HeadMajor => "peft-causal-attention",
+            HeadLayout::TokenMajor => "peft-rope-causal-attention",
+        }
     }
 
     fn cpu_fwd(
@@ -330,7 +620,10 @@ impl CustomOp3 for AttentionOp {
         match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => self.fwd::<f32>(s),
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => self.fwd::<f64>(s),
-            _ => bail!("causal_attention: fused op supports f32/f64 with matching dtypes"),
+            _ => bail!(
+                "{}: fused op supports f32/f64 with matching dtypes",
+                self.layout.op_name()
+            ),
         }
     }
 
@@ -345,7 +638,10 @@ impl CustomOp3 for AttentionOp {
         let (dq, dk, dv) = match q.dtype() {
             candle_core::DType::F32 => self.bwd_t::<f32>(q, k, v, g)?,
             candle_core::DType::F64 => self.bwd_t::<f64>(q, k, v, g)?,
-            dt => bail!("causal_attention: unsupported dtype {dt:?} in backward"),
+            dt => bail!(
+                "{}: unsupported dtype {dt:?} in backward",
+                self.layout.op_name()
+            ),
         };
         Ok((
             q.track_op().then_some(dq),

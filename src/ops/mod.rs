@@ -115,34 +115,13 @@ pub fn causal_attention(
     key_padding: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let dims = attention::check_dims(q.dims(), k.dims(), v.dims())?;
-    if let Some(kp) = key_padding {
-        let (b, t) = (q.dims()[0], q.dims()[2]);
-        if kp.dims() != [b, t] {
-            candle_core::bail!(
-                "causal_attention: key_padding must be [{b}, {t}], got {:?}",
-                kp.dims()
-            );
-        }
-    }
-    let _ = dims;
+    let layout = attention::HeadLayout::HeadMajor;
+    let dm = attention::check_dims(layout, q.dims(), k.dims(), v.dims())?;
+    check_key_padding("causal_attention", key_padding, dm.b, dm.t)?;
     if fused(&[q, k, v]) {
-        let key_valid = match key_padding {
-            Some(kp) => Some(
-                kp.to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .into_iter()
-                    .map(|x| x != 0.0)
-                    .collect(),
-            ),
-            None => None,
-        };
-        q.contiguous()?.apply_op3(
-            &k.contiguous()?,
-            &v.contiguous()?,
-            attention::AttentionOp::new(scale, key_valid),
-        )
+        let op = attention::AttentionOp::new(scale, key_validity(key_padding)?, layout, None);
+        q.contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
     } else {
         composed::causal_attention(q, k, v, key_padding, scale)
     }
@@ -182,6 +161,62 @@ pub fn row_nll_linear(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Resu
         out.extend(picked.into_iter().map(|lp| -(lp as f64)));
     }
     Ok(out)
+}
+
+/// Rotary embedding of q and k followed by causal attention, in the token-major layout the
+/// projections produce: one graph node, no transposes or copies between them.
+///
+/// `q`: `[B, T, H, D]`; `k`, `v`: `[B, T, Hkv, D]`; `cos`, `sin`: `[T' >= T, D/2]` (the first
+/// T rows are used); all the same dtype. `key_padding`: optional `[B, T]`, nonzero = real
+/// token. Returns `[B, T, H, D]`. Same result as [`rope`] on `q`/`k` transposed to
+/// `[B, H, T, D]`, then [`causal_attention`], transposed back (which is what runs off the
+/// fused path: other devices and dtypes). Gradients: to q, k and v (each only if it can reach
+/// a `Var`); `cos`/`sin` are constants. The fused op stores only the per-row logsumexp; the
+/// rotated q/k are recomputed in backward.
+pub fn rope_causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let layout = attention::HeadLayout::TokenMajor;
+    let dm = attention::check_dims(layout, q.dims(), k.dims(), v.dims())?;
+    rope::check_dims(&[dm.b, dm.h, dm.t, dm.d], cos.dims(), sin.dims())?;
+    check_key_padding("rope_causal_attention", key_padding, dm.b, dm.t)?;
+    if fused(&[q, k, v, cos, sin]) {
+        let table = |x: &Tensor| x.narrow(0, 0, dm.t)?.contiguous().map(|x| x.detach());
+        let tables = Some((table(cos)?, table(sin)?));
+        let op = attention::AttentionOp::new(scale, key_validity(key_padding)?, layout, tables);
+        q.contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    } else {
+        let heads = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+        let q = rope(&heads(q)?, cos, sin)?;
+        let k = rope(&heads(k)?, cos, sin)?;
+        causal_attention(&q, &k, &heads(v)?, key_padding, scale)?.transpose(1, 2)
+    }
+}
+
+fn check_key_padding(op: &str, key_padding: Option<&Tensor>, b: usize, t: usize) -> Result<()> {
+    match key_padding {
+        Some(kp) if kp.dims() != [b, t] => {
+            candle_core::bail!("{op}: key_padding must be [{b}, {t}], got {:?}", kp.dims())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The fused ops' form of a key padding mask: `[B·T]` flags, true = real token.
+fn key_validity(key_padding: Option<&Tensor>) -> Result<Option<Vec<bool>>> {
+    key_padding
+        .map(|kp| {
+            let flags = kp.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(flags.into_iter().map(|x| x != 0.0).collect())
+        })
+        .transpose()
 }
 
 /// Output projection fused with [`weighted_nll`]: the same scalar as

@@ -7,14 +7,16 @@ use rayon::prelude::*;
 pub(crate) struct RopeOp;
 
 simd_fn! {
-    // One (b, h) block of T×D. `inverse` rotates by −θ (the backward pass).
-    fn rotate<T: Elem>(x: &[T], cos: &[T], sin: &[T], y: &mut [T], d: usize, inverse: bool) {
-        let half = d / 2;
-        for (t, (xr, yr)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
-            let c = &cos[t * half..(t + 1) * half];
-            let s = &sin[t * half..(t + 1) * half];
-            let (x1, x2) = xr.split_at(half);
-            let (y1, y2) = yr.split_at_mut(half);
+    // Rotates the rows of x (row stride xs) into the rows of y (row stride ys), one row of D
+    // per row of cos/sin ([rows, D/2]). `inverse` rotates by −θ (the backward pass).
+    pub(crate) fn rotate<T: Elem>(x: &[T], xs: usize, y: &mut [T], ys: usize, tables: (&[T], &[T]), d: usize, inverse: bool) {
+        let ((cos, sin), half) = (tables, d / 2);
+        if half == 0 {
+            return;
+        }
+        for (t, (c, s)) in cos.chunks_exact(half).zip(sin.chunks_exact(half)).enumerate() {
+            let (x1, x2) = x[t * xs..t * xs + d].split_at(half);
+            let (y1, y2) = y[t * ys..t * ys + d].split_at_mut(half);
             if inverse {
                 for i in 0..half {
                     y1[i] = x1[i] * c[i] + x2[i] * s[i];
@@ -58,7 +60,7 @@ fn apply<T: Elem>(x: &[T], cos: &[T], sin: &[T], t: usize, d: usize, inverse: bo
             .zip(y.par_chunks_mut(per))
             .for_each(|(x, y)| {
                 for (xb, yb) in x.chunks_exact(block).zip(y.chunks_exact_mut(block)) {
-                    rotate(xb, cos, sin, yb, d, inverse);
+                    rotate(xb, d, yb, d, (cos, sin), d, inverse);
                 }
             });
     }

@@ -119,6 +119,20 @@ fn finite_diff(
     Ok(())
 }
 
+/// [`finite_diff`] on every input in turn.
+fn finite_diff_each(
+    name: &str,
+    inputs: &[Tensor],
+    r: &Tensor,
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    rng: &mut Rng,
+) -> Result<()> {
+    for i in 0..inputs.len() {
+        finite_diff(&format!("{name} input {i}"), inputs, i, r, f, rng)?;
+    }
+    Ok(())
+}
+
 fn scalar_one() -> Result<Tensor> {
     Tensor::new(1f64, &Device::Cpu)
 }
@@ -472,18 +486,7 @@ fn causal_attention_finite_difference_f64() -> Result<()> {
     let [q, k, v, kp] = attention_inputs(&mut rng, DType::F64, 4, 2, 70, 4)?;
     let r = rng.tensor(&[2, 4, 70, 4], 1.0, DType::F64)?;
     let f = |x: &[Tensor]| super::causal_attention(&x[0], &x[1], &x[2], Some(&kp), 0.35);
-    let ins = [q, k, v];
-    for i in 0..3 {
-        finite_diff(
-            &format!("causal_attention input {i}"),
-            &ins,
-            i,
-            &r,
-            &f,
-            &mut rng,
-        )?;
-    }
-    Ok(())
+    finite_diff_each("causal_attention", &[q, k, v], &r, &f, &mut rng)
 }
 
 #[test]
@@ -517,4 +520,123 @@ fn weighted_nll_linear_finite_difference_f64() -> Result<()> {
     let wt = rng.tensor(&[29, 6], 1.0, DType::F64)?;
     let f = |x: &[Tensor]| super::weighted_nll_linear(&x[0], &wt, &t, &w);
     finite_diff("weighted_nll_linear", &[h], 0, &scalar_one()?, &f, &mut rng)
+}
+
+/// Token-major q [2, T, H, D], k/v [2, T, Hkv, D], and a [2, T] key mask whose batch 0 is
+/// left-padded by 3 (its first queries see no valid key) and batch 1 right-padded by 5.
+fn token_major_inputs(rng: &mut Rng, dt: DType, [h, hkv, t, d]: [usize; 4]) -> Result<[Tensor; 4]> {
+    let q = rng.tensor(&[2, t, h, d], 1.5, dt)?;
+    let k = rng.tensor(&[2, t, hkv, d], 1.5, dt)?;
+    let v = rng.tensor(&[2, t, hkv, d], 1.0, dt)?;
+    let kp: Vec<u32> = (0..2 * t)
+        .map(|i| u32::from(if i < t { i >= 3 } else { i % t < t - 5 }))
+        .collect();
+    Ok([q, k, v, Tensor::from_vec(kp, (2, t), &Device::Cpu)?])
+}
+
+/// The unfused sequence in composed ops only: to [B, H, T, D], rope, attention, back.
+fn rope_attention_reference(
+    x: &[Tensor],
+    cos: &Tensor,
+    sin: &Tensor,
+    kp: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let heads = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+    let q = composed::rope(&heads(&x[0])?, cos, sin)?;
+    let k = composed::rope(&heads(&x[1])?, cos, sin)?;
+    composed::causal_attention(&q, &k, &heads(&x[2])?, kp, scale)?.transpose(1, 2)
+}
+
+#[test]
+fn rope_causal_attention_matches_composed() -> Result<()> {
+    let mut rng = Rng(18);
+    // T = 70: two causal query blocks; tables longer than T (only the first T rows count).
+    let (h, hkv, t, d) = (4, 2, 70, 32);
+    let (c, s) = rope_tables(80, d, DType::F32)?;
+    let [q, k, v, kp] = token_major_inputs(&mut rng, DType::F32, [h, hkv, t, d])?;
+    let r = rng.tensor(&[2, t, h, d], 1.0, DType::F32)?;
+    for kp in [None, Some(&kp)] {
+        compare(
+            &format!("rope_causal_attention pad={}", kp.is_some()),
+            &[q.clone(), k.clone(), v.clone()],
+            &r,
+            &|x| super::rope_causal_attention(&x[0], &x[1], &x[2], &c, &s, kp, 0.2),
+            &|x| rope_attention_reference(x, &c, &s, kp, 0.2),
+            1e-5,
+        )?;
+    }
+    // Fully masked query rows (left padding) output exactly 0.
+    let y = super::rope_causal_attention(&q, &k, &v, &c, &s, Some(&kp), 0.2)?;
+    assert_eq!(max_abs(&y.get(0)?.narrow(0, 0, 3)?)?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn rope_causal_attention_fallback_for_other_dtypes() -> Result<()> {
+    // bf16 is not fused: the transpose + rope + causal_attention sequence runs instead.
+    let mut rng = Rng(19);
+    let (c, s) = rope_tables(9, 8, DType::F32)?;
+    let [q, k, v, kp] = token_major_inputs(&mut rng, DType::F32, [4, 2, 9, 8])?;
+    let f32_out = super::rope_causal_attention(&q, &k, &v, &c, &s, Some(&kp), 0.3)?;
+    let bf = |x: &Tensor| x.to_dtype(DType::BF16);
+    let bf16_out = super::rope_causal_attention(
+        &bf(&q)?,
+        &bf(&k)?,
+        &bf(&v)?,
+        &bf(&c)?,
+        &bf(&s)?,
+        Some(&kp),
+        0.3,
+    )?;
+    assert_eq!(bf16_out.dtype(), DType::BF16);
+    assert_close("bf16 fallback", &bf16_out, &f32_out, 5e-2)
+}
+
+#[test]
+fn rope_causal_attention_finite_difference_f64() -> Result<()> {
+    let mut rng = Rng(20);
+    let (h, hkv, t, d) = (4, 2, 70, 8);
+    let (c, s) = rope_tables(t, d, DType::F64)?;
+    let [q, k, v, kp] = token_major_inputs(&mut rng, DType::F64, [h, hkv, t, d])?;
+    let r = rng.tensor(&[2, t, h, d], 1.0, DType::F64)?;
+    let f =
+        |x: &[Tensor]| super::rope_causal_attention(&x[0], &x[1], &x[2], &c, &s, Some(&kp), 0.35);
+    finite_diff_each("rope_causal_attention", &[q, k, v], &r, &f, &mut rng)
+}
+
+#[test]
+fn rope_causal_attention_bad_inputs_are_errors() -> Result<()> {
+    let dev = Device::Cpu;
+    let z = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &dev);
+    let (c, s) = rope_tables(6, 8, DType::F32)?;
+    let (q, kv) = (z(&[2, 6, 4, 8])?, z(&[2, 6, 2, 8])?);
+    let call = |q: &Tensor, k: &Tensor, c: &Tensor, kp: Option<&Tensor>| {
+        super::rope_causal_attention(q, k, k, c, &s, kp, 1.0)
+    };
+    assert!(call(&q, &kv, &c, None).is_ok());
+    assert!(
+        call(&q, &z(&[2, 6, 3, 8])?, &c, None).is_err(),
+        "H % Hkv != 0"
+    );
+    assert!(
+        call(&q, &z(&[2, 5, 2, 8])?, &c, None).is_err(),
+        "k has another T"
+    );
+    assert!(call(&z(&[2, 6, 4])?, &kv, &c, None).is_err(), "q not 4-D");
+    assert!(
+        call(&z(&[2, 7, 4, 8])?, &z(&[2, 7, 2, 8])?, &c, None).is_err(),
+        "T > table rows"
+    );
+    assert!(
+        call(&q, &kv, &c.narrow(1, 0, 3)?, None).is_err(),
+        "cos not [T, D/2]"
+    );
+    assert!(
+        call(&q, &kv, &c, Some(&z(&[2, 5])?)).is_err(),
+        "key_padding shape"
+    );
+    let odd = |x: &Tensor| x.narrow(3, 0, 7);
+    assert!(call(&odd(&q)?, &odd(&kv)?, &c, None).is_err(), "odd D");
+    Ok(())
 }
