@@ -336,20 +336,19 @@ impl Decoder {
         let q = self.project(layer, 0, block, &h, ctx)?;
         let k = self.project(layer, 1, block, &h, ctx)?;
         let v = self.project(layer, 2, block, &h, ctx)?;
-        let q = q.reshape((b, t, nh, hd))?;
-        let k = k.reshape((b, t, nkv, hd))?;
-        let v = v.reshape((b, t, nkv, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let attn = match attention {
-            // Token-major all the way: rope and attention in one node, no transposes.
+            // Token-major all the way ([B, T, heads·D] in and out): rope and attention in one
+            // node, no transposes or reshapes.
             AttentionMask::Fused(key_padding) => {
                 ops::rope_causal_attention(&q, &k, &v, cos, sin, *key_padding, scale)?
             }
             AttentionMask::Bias(bias) => {
-                let heads = |x: Tensor| x.transpose(1, 2)?.contiguous();
-                let q = ops::rope(&heads(q)?, cos, sin)?;
-                let mut k = ops::rope(&heads(k)?, cos, sin)?;
-                let mut v = heads(v)?;
+                let heads =
+                    |x: Tensor, n: usize| x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+                let q = ops::rope(&heads(q, nh)?, cos, sin)?;
+                let mut k = ops::rope(&heads(k, nkv)?, cos, sin)?;
+                let mut v = heads(v, nkv)?;
                 if let Some(cache) = ctx.cache.as_deref_mut() {
                     if let Some((pk, pv)) = &cache.layers[layer] {
                         k = Tensor::cat(&[pk, &k], 2)?;
@@ -364,10 +363,10 @@ impl Decoder {
                 if let Some(bias) = bias {
                     scores = scores.broadcast_add(bias)?;
                 }
-                ops::softmax_last_dim(&scores)?.matmul(&v)?.transpose(1, 2)?
+                let out = ops::softmax_last_dim(&scores)?.matmul(&v)?;
+                out.transpose(1, 2)?.reshape((b, t, nh * hd))?
             }
         };
-        let attn = attn.reshape((b, t, nh * hd))?;
         let attn = self.project(layer, 3, block, &attn, ctx)?;
         let x = (x + attn)?;
 

@@ -92,6 +92,21 @@ impl Dims {
     }
 }
 
+/// Token-major dims as `[B, T, H, D]`: 4-D dims as they are, `[B, T, H·D]` split with the head
+/// dim `D = 2 · width` of the rope tables `[T', width]`.
+pub(crate) fn split_heads(x: &[usize], rope_table: &[usize]) -> Result<Vec<usize>> {
+    match (x, rope_table) {
+        ([_, _, _, _], _) => Ok(x.to_vec()),
+        ([b, t, hd], [_, half]) if *half > 0 && hd % (2 * half) == 0 => {
+            Ok(vec![*b, *t, hd / (2 * half), 2 * half])
+        }
+        _ => bail!(
+            "rope_causal_attention: need [B, T, H, D] or [B, T, H·D] with D = 2·{:?}[1], got {x:?}",
+            rope_table
+        ),
+    }
+}
+
 /// Checks q `[B, H, T, D]` and k, v `[B, Hkv, T, D]` (T and H swapped when token-major).
 pub(crate) fn check_dims(
     layout: HeadLayout,
@@ -405,7 +420,13 @@ impl AttentionOp {
     }
 
     fn check(&self, q: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
-        let dm = check_dims(self.layout, q, k, v)?;
+        let dm = match (&self.rope, self.layout) {
+            (Some((cos, _)), HeadLayout::TokenMajor) => {
+                let split = |x| split_heads(x, cos.dims());
+                check_dims(self.layout, &split(q)?, &split(k)?, &split(v)?)?
+            }
+            _ => check_dims(self.layout, q, k, v)?,
+        };
         let name = self.layout.op_name();
         let (b, t) = (dm.b, dm.t);
         if self.key_valid.as_ref().is_some_and(|kv| kv.len() != b * t) {

@@ -168,7 +168,9 @@ pub fn row_nll_linear(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Resu
 ///
 /// `q`: `[B, T, H, D]`; `k`, `v`: `[B, T, Hkv, D]`; `cos`, `sin`: `[T' >= T, D/2]` (the first
 /// T rows are used); all the same dtype. `key_padding`: optional `[B, T]`, nonzero = real
-/// token. Returns `[B, T, H, D]`. Same result as [`rope`] on `q`/`k` transposed to
+/// token. Returns `[B, T, H, D]`. The heads may also come merged, `[B, T, H·D]` and
+/// `[B, T, Hkv·D]` as the projections output them (D is read off the rope tables); the result
+/// is then `[B, T, H·D]`, and no reshape node enters the graph. Same result as [`rope`] on `q`/`k` transposed to
 /// `[B, H, T, D]`, then [`causal_attention`], transposed back (which is what runs off the
 /// fused path: other devices and dtypes). Gradients: to q, k and v (each only if it can reach
 /// a `Var`); `cos`/`sin` are constants. The fused op stores only the per-row logsumexp; the
@@ -183,7 +185,8 @@ pub fn rope_causal_attention(
     scale: f64,
 ) -> Result<Tensor> {
     let layout = attention::HeadLayout::TokenMajor;
-    let dm = attention::check_dims(layout, q.dims(), k.dims(), v.dims())?;
+    let split = |x: &Tensor| attention::split_heads(x.dims(), cos.dims());
+    let dm = attention::check_dims(layout, &split(q)?, &split(k)?, &split(v)?)?;
     rope::check_dims(&[dm.b, dm.h, dm.t, dm.d], cos.dims(), sin.dims())?;
     check_key_padding("rope_causal_attention", key_padding, dm.b, dm.t)?;
     if fused(&[q, k, v, cos, sin]) {
@@ -193,10 +196,15 @@ pub fn rope_causal_attention(
         q.contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
     } else {
-        let heads = |x: &Tensor| x.transpose(1, 2)?.contiguous();
-        let q = rope(&heads(q)?, cos, sin)?;
-        let k = rope(&heads(k)?, cos, sin)?;
-        causal_attention(&q, &k, &heads(v)?, key_padding, scale)?.transpose(1, 2)
+        let heads = |x: &Tensor| x.reshape(split(x)?)?.transpose(1, 2)?.contiguous();
+        let out = causal_attention(
+            &rope(&heads(q)?, cos, sin)?,
+            &rope(&heads(k)?, cos, sin)?,
+            &heads(v)?,
+            key_padding,
+            scale,
+        )?;
+        out.transpose(1, 2)?.reshape(q.dims())
     }
 }
 

@@ -569,6 +569,37 @@ fn rope_causal_attention_matches_composed() -> Result<()> {
     // Fully masked query rows (left padding) output exactly 0.
     let y = super::rope_causal_attention(&q, &k, &v, &c, &s, Some(&kp), 0.2)?;
     assert_eq!(max_abs(&y.get(0)?.narrow(0, 0, 3)?)?, 0.0);
+    // Merged heads ([B, T, H·D], as the projections output them): same values and gradients,
+    // on the fused path and on the fallback (bf16 is not fused).
+    let merge = |x: &Tensor| x.flatten_from(2);
+    let r3 = merge(&r)?;
+    compare(
+        "rope_causal_attention merged heads",
+        &[merge(&q)?, merge(&k)?, merge(&v)?],
+        &r3,
+        &|x| super::rope_causal_attention(&x[0], &x[1], &x[2], &c, &s, Some(&kp), 0.2),
+        &|x| {
+            let split = |x: &Tensor, n: usize| x.reshape((2, t, n, d));
+            let (q, k, v) = (split(&x[0], h)?, split(&x[1], hkv)?, split(&x[2], hkv)?);
+            rope_attention_reference(&[q, k, v], &c, &s, Some(&kp), 0.2)?.flatten_from(2)
+        },
+        1e-5,
+    )?;
+    let bf = |x: &Tensor| merge(x)?.to_dtype(DType::BF16);
+    let (cb, sb) = (c.to_dtype(DType::BF16)?, s.to_dtype(DType::BF16)?);
+    let y16 = super::rope_causal_attention(&bf(&q)?, &bf(&k)?, &bf(&v)?, &cb, &sb, Some(&kp), 0.2)?;
+    assert_eq!(y16.dims(), [2, t, h * d]);
+    assert_close(
+        "merged heads bf16 fallback",
+        &y16.to_dtype(DType::F32)?,
+        &merge(&y)?,
+        5e-2,
+    )?;
+    // A merged width that is not a multiple of D is an error, not a panic.
+    let bad = Tensor::zeros((2, t, h * d + 1), DType::F32, &Device::Cpu)?;
+    assert!(
+        super::rope_causal_attention(&bad, &merge(&k)?, &merge(&v)?, &c, &s, None, 0.2).is_err()
+    );
     Ok(())
 }
 
