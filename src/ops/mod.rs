@@ -8,6 +8,7 @@
 
 mod alloc;
 mod attention;
+pub(crate) mod bf16_gemm;
 pub mod composed;
 mod kernel;
 mod nll;
