@@ -7,6 +7,7 @@
 //! implementation in [`composed`] (which is also the reference the tests compare against).
 
 mod attention;
+pub(crate) mod bf16_gemm;
 pub mod composed;
 pub(crate) mod gemm;
 pub(crate) mod kernel;
