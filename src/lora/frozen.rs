@@ -16,6 +16,8 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, MetalStorage, Shape, Storage, Tensor,
 };
 
+use crate::ops::gemm::{bf16_supported, weight_product, WeightData};
+use crate::ops::kernel::{contiguous_slice, with_cpu_slices, Elem};
 use crate::Result;
 
 /// A frozen `[out, in]` weight. Never a `Var`: no gradient, no optimizer state.
@@ -48,6 +50,38 @@ impl FrozenWeight {
             Self::Quantized(q) => q.dequantize(device)?,
         };
         dense.to_dtype(dtype)
+    }
+
+    /// `c (+)= a · Wᵀ` (`transposed`, `a: [m, in]`) or `a · W` (`a: [m, out]`) into a row-major
+    /// `c` on the CPU, through the weight in its stored form where a kernel exists for it
+    /// (same-dtype dense; bf16 with f32 activations on AVX-512 BF16), else through a dense
+    /// scratch copy that lives for this one product (quantized blocks, other dtypes).
+    pub(crate) fn cpu_product<T: Elem>(
+        &self,
+        c: &mut [T],
+        a: &[T],
+        m: usize,
+        transposed: bool,
+        accumulate: bool,
+    ) -> candle_core::Result<()> {
+        let (out, inp) = self
+            .dims()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let product = |w: WeightData<'_, T>, c: &mut [T]| {
+            weight_product(c, a, m, w, out, inp, transposed, accumulate)
+        };
+        if let Self::Dense(w) = self {
+            if w.dtype() == DType::BF16 && bf16_supported::<T>() {
+                return with_cpu_slices::<half::bf16, _>(&[w], |w| {
+                    product(WeightData::Bf16(w[0]), c)
+                });
+            }
+        }
+        let dense = match self {
+            Self::Dense(t) if t.dtype() == T::DTYPE => t.clone(),
+            w => w.to_dense(T::DTYPE, &Device::Cpu)?,
+        };
+        with_cpu_slices::<T, _>(&[&dense], |w| product(WeightData::Same(w[0]), c))
     }
 
     /// `x · Wᵀ` for `x` of shape `[..., in]`, differentiable in `x` only.
@@ -114,16 +148,46 @@ impl FrozenMatmul {
     }
 }
 
+impl FrozenMatmul {
+    /// The CPU path for f32/f64 activations: [`FrozenWeight::cpu_product`].
+    fn cpu<T: Elem>(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let (out, inp) = self
+            .weight
+            .dims()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (expected_k, n) = if self.transpose {
+            (inp, out)
+        } else {
+            (out, inp)
+        };
+        if k != expected_k {
+            candle_core::bail!(
+                "frozen matmul: input has {k} features, weight expects {expected_k}"
+            );
+        }
+        let x = contiguous_slice::<T>(s, l)?;
+        let mut y = vec![T::ZERO; m * n];
+        self.weight
+            .cpu_product(&mut y, x, m, self.transpose, false)?;
+        Ok((T::to_cpu_storage_owned(y), Shape::from((m, n))))
+    }
+}
+
 impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd(s, l, &Device::Cpu, |st| match st {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
+        match s {
+            CpuStorage::F32(_) => self.cpu::<f32>(s, l),
+            CpuStorage::F64(_) => self.cpu::<f64>(s, l),
+            _ => self.fwd(s, l, &Device::Cpu, |st| match st {
+                Storage::Cpu(s) => Some(s),
+                _ => None,
+            }),
+        }
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {

@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::{FrozenWeight, LoraPair};
 use crate::ops::gemm::{gemm, View};
@@ -126,15 +126,6 @@ impl LoraLinearOp {
         })
     }
 
-    /// The weight as a dense CPU tensor of `dtype`: the stored tensor itself when it already
-    /// is one, else a scratch copy (dequantized / converted) that lives for one product.
-    fn dense_weight(&self, dtype: DType) -> candle_core::Result<Tensor> {
-        match &self.weight {
-            FrozenWeight::Dense(t) if t.dtype() == dtype => Ok(t.clone()),
-            w => w.to_dense(dtype, &Device::Cpu),
-        }
-    }
-
     /// `x ⊙ mask`, or `x` itself without dropout.
     fn masked<'a, T: Elem>(&self, x: &'a [T]) -> Cow<'a, [T]> {
         match &self.mask {
@@ -171,16 +162,7 @@ impl LoraLinearOp {
             }
             None => false,
         };
-        with_cpu_slices::<T, _>(&[&self.dense_weight(T::DTYPE)?], |w| {
-            gemm(
-                &mut y,
-                View::rows(x, rows, k),
-                View::rows(w[0], n, k).t(),
-                T::ONE,
-                has_bias,
-                true,
-            )
-        })?;
+        self.weight.cpu_product(&mut y, x, rows, true, has_bias)?;
         let xin = self.masked(x);
         let mut low = vec![T::ZERO; rows * r];
         gemm(
@@ -217,17 +199,10 @@ impl LoraLinearOp {
             candle_core::Error::Msg("lora_linear: backward before forward".into())
         })?;
         let need_dx = x.track_op();
-        let weight = if need_dx {
-            Some(self.dense_weight(T::DTYPE)?)
-        } else {
-            None
-        };
-        let mut inputs = vec![x, a, b, dy, low];
-        inputs.extend(weight.as_ref());
-        with_cpu_slices::<T, _>(&inputs, |s| {
-            let (x, a, b, dy, low) = (s[0], s[1], s[2], s[3], s[4]);
+        with_cpu_slices::<T, _>(&[x, a, b, dy, low], |s| {
+            let (x, a, b, dy_data, low) = (s[0], s[1], s[2], s[3], s[4]);
             let scale = T::from_f64(self.scale);
-            let dy = View::rows(dy, rows, n);
+            let dy = View::rows(dy_data, rows, n);
             // dlow = scale · dy·B   [rows, r]
             let mut dlow = vec![T::ZERO; rows * r];
             gemm(&mut dlow, dy, View::rows(b, n, r), scale, false, true)?;
@@ -253,12 +228,13 @@ impl LoraLinearOp {
                 false,
                 true,
             )?;
-            let dx = match s.get(5) {
-                None => None,
-                Some(w) => {
+            let dx = match need_dx {
+                false => None,
+                true => {
                     // dx = dy·W + (dlow·A) ⊙ mask
                     let mut dx = vec![T::ZERO; rows * k];
-                    gemm(&mut dx, dy, View::rows(w, n, k), T::ONE, false, true)?;
+                    self.weight
+                        .cpu_product(&mut dx, dy_data, rows, false, false)?;
                     let a_v = View::rows(a, r, k);
                     match &self.mask {
                         None => gemm(&mut dx, dlow_v, a_v, T::ONE, true, true)?,
@@ -327,7 +303,7 @@ impl CustomOp3 for LoraLinearOp {
 mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::Var;
+    use candle_core::{Device, Var};
     use std::sync::Arc;
 
     /// Deterministic pseudo-random values in [-1, 1).
@@ -442,6 +418,26 @@ mod tests {
             for (name, (f, r)) in ["x", "A", "B"].iter().zip(gf.iter().zip(&gc)) {
                 assert!(max_rel_diff(f, r) < 1e-5, "{what}: d{name}");
             }
+        }
+    }
+
+    #[test]
+    fn bf16_weight_matches_its_f32_values() {
+        // A bf16 base under f32 activations: the weight is multiplied as stored (AVX-512 BF16
+        // where the CPU has it, which also rounds x to bf16), against the same weight values
+        // in f32 through the composed path.
+        let mut c = case(DType::F32, true, true, false);
+        let FrozenWeight::Dense(w) = &c.weight else {
+            unreachable!("dense case")
+        };
+        let w16 = w.to_dtype(DType::BF16).unwrap();
+        c.weight = FrozenWeight::Dense(w16.to_dtype(DType::F32).unwrap());
+        let (yc, gc) = run(&c, composed);
+        c.weight = FrozenWeight::Dense(w16);
+        let (yf, gf) = run(&c, lora_linear);
+        assert!(max_rel_diff(&yf, &yc) < 1e-2, "output");
+        for (name, (f, r)) in ["x", "A", "B"].iter().zip(gf.iter().zip(&gc)) {
+            assert!(max_rel_diff(f, r) < 1e-2, "d{name}");
         }
     }
 

@@ -216,7 +216,7 @@ impl Decoder {
     ) -> Result<Tensor> {
         let normed = ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
         match &self.lm_head {
-            FrozenWeight::Dense(w) if w.dtype() == normed.dtype() => {
+            FrozenWeight::Dense(w) if w.dtype() == normed.dtype() || w.dtype() == DType::BF16 => {
                 let weights = weights.to_dtype(normed.dtype())?;
                 Ok(ops::weighted_nll_linear(&normed, w, targets, &weights)?)
             }

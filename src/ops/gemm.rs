@@ -4,8 +4,10 @@
 //! (data, shape, strides) views into the raw-pointer call after checking every index it will
 //! touch, so the kernels themselves stay free of `unsafe`.
 
+use super::bf16_gemm::{self, WeightLayout};
 use super::kernel::Elem;
 use candle_core::{bail, Result};
+use half::bf16;
 
 /// A strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -107,4 +109,58 @@ pub(crate) fn gemm<T: Elem>(
         );
     }
     Ok(())
+}
+
+/// A dense `[out, in]` row-major weight as stored: in the activations' dtype, or bf16 under f32
+/// activations (multiplied by the AVX-512 BF16 kernel; see [`bf16_supported`]).
+#[derive(Clone, Copy)]
+pub(crate) enum WeightData<'a, T> {
+    Same(&'a [T]),
+    Bf16(&'a [bf16]),
+}
+
+/// True when bf16 weights can be multiplied as they are stored with `T` activations.
+pub(crate) fn bf16_supported<T: Elem>() -> bool {
+    T::DTYPE == candle_core::DType::F32 && bf16_gemm::available()
+}
+
+/// `c (+)= a · Wᵀ` (`transposed`, `a: [m, in]`, `c: [m, out]`) or `a · W` (`a: [m, out]`,
+/// `c: [m, in]`) for a weight `W: [out, in]`, in parallel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn weight_product<T: Elem>(
+    c: &mut [T],
+    a: &[T],
+    m: usize,
+    w: WeightData<'_, T>,
+    out: usize,
+    inp: usize,
+    transposed: bool,
+    accumulate: bool,
+) -> Result<()> {
+    let (k, n) = if transposed { (inp, out) } else { (out, inp) };
+    match w {
+        WeightData::Same(w) => {
+            let w = View::rows(w, out, inp);
+            let w = if transposed { w.t() } else { w };
+            gemm(c, View::rows(a, m, k), w, T::ONE, accumulate, true)
+        }
+        WeightData::Bf16(w) => {
+            let (Some(c), Some(a)) = (T::as_f32_mut(c), T::as_f32(a)) else {
+                bail!("bf16 weights need f32 activations");
+            };
+            let layout = if transposed {
+                WeightLayout::Transposed
+            } else {
+                WeightLayout::Plain
+            };
+            let c_len = m * n;
+            if c.len() < c_len || a.len() < m * k {
+                bail!(
+                    "internal weight product: [{m}×{k}] into {} elements",
+                    c.len()
+                );
+            }
+            bf16_gemm::matmul_bf16(&mut c[..c_len], &a[..m * k], m, k, w, n, layout, accumulate)
+        }
+    }
 }

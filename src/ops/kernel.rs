@@ -11,6 +11,9 @@ pub(crate) trait Elem: WithDType {
     const NEG_INF: Self;
     /// exp that the compiler can vectorise (f32: Cephes polynomial, ~2 ulp).
     fn vexp(self) -> Self;
+    /// The slice as `f32` when `Self` is `f32` (for kernels that exist only in f32).
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
     /// Plain `if` max: vectorises (`f32::max` has NaN semantics that do not always).
     #[inline(always)]
     fn vmax(self, o: Self) -> Self {
@@ -30,6 +33,12 @@ impl Elem for f32 {
     fn vexp(self) -> Self {
         exp_f32(self)
     }
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        Some(s)
+    }
 }
 
 impl Elem for f64 {
@@ -39,6 +48,12 @@ impl Elem for f64 {
     #[inline(always)]
     fn vexp(self) -> Self {
         self.exp()
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
     }
 }
 

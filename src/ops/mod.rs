@@ -233,7 +233,7 @@ fn key_validity(key_padding: Option<&Tensor>) -> Result<Option<Vec<bool>>> {
 /// `[N, V]` logits or their gradient.
 ///
 /// `hidden`: `[N, H]`, `weight`: `[V, H]` (lm_head / tied embedding layout, no bias), same
-/// dtype; `targets`: `[N]` u32; `weights`: `[N]`. Gradient: dL/dhidden only. The fused path
+/// dtype (or a bf16 weight under f32 hidden states); `targets`: `[N]` u32; `weights`: `[N]`. Gradient: dL/dhidden only. The fused path
 /// requires a constant `weight` (not a Var and not derived from one); otherwise, and off CPU,
 /// it falls back to matmul + [`weighted_nll`], which also yields dL/dweight. On the fused path
 /// the forward pass does the backward matmul as well (~2× the forward flops of a plain
@@ -245,7 +245,22 @@ pub fn weighted_nll_linear(
     weights: &Tensor,
 ) -> Result<Tensor> {
     nll_linear::check_dims(hidden.dims(), weight.dims(), targets.elem_count())?;
-    if fused(&[hidden, weight]) && !weight.track_op() && targets.dtype() == DType::U32 {
+    // bf16 weights (a bf16 base's tied embedding) are multiplied as stored where the CPU can,
+    // else converted once: both beat materialising [N, V] logits and their gradient.
+    let weight = match weight.dtype() {
+        DType::BF16 if hidden.dtype() == DType::F32 && !gemm::bf16_supported::<f32>() => {
+            &weight.to_dtype(DType::F32)?
+        }
+        _ => weight,
+    };
+    let weight_ok = weight.dtype() == hidden.dtype()
+        || (weight.dtype() == DType::BF16 && hidden.dtype() == DType::F32);
+    if fused(&[hidden])
+        && weight_ok
+        && weight.device().is_cpu()
+        && !weight.track_op()
+        && targets.dtype() == DType::U32
+    {
         nll::check_dims(
             &[hidden.dims()[0], weight.dims()[0]],
             targets.dims(),

@@ -6,6 +6,7 @@
 //! backward only scales it: no stored logits, no [N, V] gradient, and no dW product for the
 //! frozen projection.
 
+use super::gemm::{weight_product, WeightData};
 use super::kernel::{contiguous_slice, max, simd_fn, tensor_from_vec, Elem};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -87,62 +88,6 @@ simd_fn! {
     }
 }
 
-/// `c[m×n] = a[m×k] · b` with b given by (row stride, col stride); bounds checked by callers'
-/// shapes (all slices are exact blocks of validated tensors).
-#[allow(clippy::too_many_arguments)]
-fn gemm<T: Elem>(
-    c: &mut [T],
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[T],
-    b: &[T],
-    b_rs: usize,
-    b_cs: usize,
-) -> Result<()> {
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    let ok = c.len() >= m * n
-        && (m == 0 || k == 0 || a.len() > (m - 1) * k + (k - 1))
-        && (k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    if !ok {
-        bail!("weighted_nll_linear: internal gemm bounds");
-    }
-    if m == 0 || n == 0 || k == 0 {
-        c[..m * n].fill(T::ZERO);
-        return Ok(());
-    }
-    // SAFETY: operand bounds checked above; `c` is a distinct mutable borrow.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            T::ZERO,
-            T::ONE,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-    Ok(())
-}
-
 impl NllLinearOp {
     fn fwd<T: Elem>(
         &self,
@@ -162,7 +107,10 @@ impl NllLinearOp {
             bail!("weighted_nll_linear: target {bad} out of range for vocabulary {v}");
         }
         let h = contiguous_slice::<T>(hs, hl)?;
-        let w = contiguous_slice::<T>(ws, wl)?;
+        let w = match ws {
+            CpuStorage::BF16(_) => WeightData::Bf16(contiguous_slice::<half::bf16>(ws, wl)?),
+            _ => WeightData::Same(contiguous_slice::<T>(ws, wl)?),
+        };
         let need_grad = self.need_grad;
         let mut dh = vec![T::ZERO; if need_grad { n * hd } else { 0 }];
         let mut logits = vec![T::ZERO; ROWS.min(n) * v];
@@ -171,8 +119,8 @@ impl NllLinearOp {
         for r0 in (0..n).step_by(ROWS) {
             let m = ROWS.min(n - r0);
             let lg = &mut logits[..m * v];
-            // logits = h_blk · Wᵀ (W is [V, H] row-major: Wᵀ has row stride 1, col stride H).
-            gemm(lg, m, v, hd, &h[r0 * hd..(r0 + m) * hd], w, 1, hd)?;
+            // logits = h_blk · Wᵀ
+            weight_product(lg, &h[r0 * hd..(r0 + m) * hd], m, w, v, hd, true, false)?;
             let (t, wt) = (&self.targets[r0..r0 + m], &self.weights[r0..r0 + m]);
             let per = super::kernel::rows_per_task(m, v);
             total += lg
@@ -182,7 +130,8 @@ impl NllLinearOp {
                 .sum::<f64>();
             if need_grad {
                 // dh_blk = (w ⊙ (softmax − onehot)) · W
-                gemm(&mut dh[r0 * hd..(r0 + m) * hd], m, hd, v, lg, w, hd, 1)?;
+                let dh = &mut dh[r0 * hd..(r0 + m) * hd];
+                weight_product(dh, lg, m, w, v, hd, false, false)?;
             }
         }
         if need_grad {
@@ -216,7 +165,8 @@ pub(crate) fn row_nll<T: Elem>(
     for r0 in (0..n).step_by(ROWS) {
         let m = ROWS.min(n - r0);
         let lg = &mut logits[..m * v];
-        gemm(lg, m, v, hd, &h[r0 * hd..(r0 + m) * hd], w, 1, hd)?;
+        let w = WeightData::Same(w);
+        weight_product(lg, &h[r0 * hd..(r0 + m) * hd], m, w, v, hd, true, false)?;
         lg.par_chunks_mut(v)
             .zip(targets[r0..r0 + m].par_iter())
             .zip(out[r0..r0 + m].par_iter_mut())
@@ -240,7 +190,9 @@ impl CustomOp2 for NllLinearOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.fwd::<f32>(s1, l1, s2, l2),
+            (CpuStorage::F32(_), CpuStorage::F32(_) | CpuStorage::BF16(_)) => {
+                self.fwd::<f32>(s1, l1, s2, l2)
+            }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => self.fwd::<f64>(s1, l1, s2, l2),
             _ => bail!("weighted_nll_linear: fused op supports f32/f64 with matching dtypes"),
         }
