@@ -6,7 +6,7 @@ Not part of CI. Needs: pip install torch transformers peft gguf (CPU wheels are 
 Prints tokens/s (median of the timed steps after one warm-up) and peak RSS, like
 `peft-wit bench train --batch-size 4 --seq-len 256 --rank 16`.
 """
-import argparse, os, resource, statistics, time
+import argparse, json, os, resource, statistics, sys, time
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -20,6 +20,7 @@ p.add_argument("--rank", type=int, default=16)
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 args = p.parse_args()
 
 torch.set_num_threads(args.threads)
@@ -44,10 +45,15 @@ for step in range(1 + args.steps):
     opt.step()
     opt.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
-    print(f"{'warmup' if step == 0 else 'train'}: {tokens / dt:.1f} tokens/s", flush=True)
+    print(f"{'warmup' if step == 0 else 'train'}: {tokens / dt:.1f} tokens/s", file=sys.stderr, flush=True)
     if step > 0:
         times.append(dt)
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if args.json:
+    print(json.dumps({"impl": f"torch {torch.__version__} + peft", "dtype": args.dtype,
+                      "train_tokens_per_s": tokens / statistics.median(times),
+                      "peak_rss_mb": peak_mb, "threads": args.threads}))
+    sys.exit(0)
 print(f"torch {torch.__version__} + peft, {args.dtype}, batch {args.batch_size}x{args.seq_len}, r{args.rank}, {args.threads} threads:")
 print(f"  train step (fwd+bwd+AdamW): {tokens / statistics.median(times):.1f} tokens/s (median of {args.steps})")
 print(f"  peak RSS:                   {peak_mb:.0f} MB")

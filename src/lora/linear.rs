@@ -18,28 +18,19 @@ use super::{FrozenWeight, LoraPair};
 use crate::ops::gemm::{gemm, View};
 use crate::ops::kernel::{contiguous_slice, tensor_from_vec, with_cpu_slices, Elem};
 use crate::Result;
+use rayon::prelude::*;
 
 /// `x·Wᵀ (+ bias) + scale·((x ⊙ dropout_mask)·Aᵀ)·Bᵀ` for `x: [..., in]`.
 ///
-/// `dropout_mask` (already scaled by 1/(1-p)) has one entry per element of `x` and applies to
-/// the LoRA branch only, as PEFT's `lora_dropout`. Gradients: to `x` and to the pair's A and B.
+/// `dropout` applies to the LoRA branch only, as PEFT's `lora_dropout`. Gradients: to `x` and to the pair's A and B.
 pub fn lora_linear(
     x: &Tensor,
     weight: &FrozenWeight,
     bias: Option<&Tensor>,
     pair: &LoraPair,
-    dropout_mask: Option<Vec<f32>>,
+    dropout: Option<DropoutMask>,
 ) -> Result<Tensor> {
     let (a, b) = (pair.a.as_tensor(), pair.b.as_tensor());
-    if let Some(mask) = &dropout_mask {
-        if mask.len() != x.elem_count() {
-            return Err(crate::Error::InvalidArgument(format!(
-                "dropout mask has {} entries for an input of {}",
-                mask.len(),
-                x.elem_count()
-            )));
-        }
-    }
     let dtype = x.dtype();
     let fusable = x.device().is_cpu()
         && matches!(dtype, DType::F32 | DType::F64)
@@ -48,17 +39,59 @@ pub fn lora_linear(
             .all(|t| t.dtype() == dtype && t.device().is_cpu())
         && bias.is_none_or(|t| t.dtype() == dtype && t.device().is_cpu());
     if !fusable {
-        return composed(x, weight, bias, pair, dropout_mask);
+        return composed(x, weight, bias, pair, dropout);
     }
     let op = LoraLinearOp {
         weight: weight.clone(),
         bias: bias.cloned(),
         scale: pair.scale,
-        mask: dropout_mask,
+        mask: dropout,
         low: OnceLock::new(),
     };
     Ok(x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
+}
+
+/// An inverted-dropout keep mask over the elements of one input, computed from a seed rather
+/// than stored: element `i` is kept (and scaled by `1/keep`) when a hash of `(seed, i)` falls
+/// below `keep`. Forward and backward regenerate it in parallel, so no mask-sized buffer is
+/// held between them, and the result does not depend on the thread count.
+#[derive(Debug, Clone, Copy)]
+pub struct DropoutMask {
+    pub seed: u64,
+    /// Keep probability `1 − p`, in (0, 1].
+    pub keep: f32,
+}
+
+impl DropoutMask {
+    /// `1/keep` for a kept element, 0 for a dropped one.
+    #[inline]
+    pub fn factor(&self, i: usize) -> f32 {
+        // splitmix64 finaliser of (seed, index): well mixed, no state, trivially parallel.
+        let mut z = self
+            .seed
+            .wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // 24 uniform bits → [0, 1), exactly representable in f32.
+        let u = (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
+        if u < self.keep {
+            1.0 / self.keep
+        } else {
+            0.0
+        }
+    }
+
+    /// `x[i] *= factor(i)` in parallel.
+    pub(crate) fn apply<T: Elem>(&self, x: &mut [T]) {
+        const CHUNK: usize = 1 << 14;
+        x.par_chunks_mut(CHUNK).enumerate().for_each(|(c, xs)| {
+            for (j, v) in xs.iter_mut().enumerate() {
+                *v = *v * T::from_f64(self.factor(c * CHUNK + j) as f64);
+            }
+        });
+    }
 }
 
 /// The same function from candle ops (any device and dtype; the reference in tests).
@@ -67,15 +100,16 @@ fn composed(
     weight: &FrozenWeight,
     bias: Option<&Tensor>,
     pair: &LoraPair,
-    dropout_mask: Option<Vec<f32>>,
+    dropout: Option<DropoutMask>,
 ) -> Result<Tensor> {
     let mut y = weight.forward(x)?;
     if let Some(bias) = bias {
         y = y.broadcast_add(bias)?;
     }
-    let input = match dropout_mask {
+    let input = match dropout {
         Some(mask) => {
-            let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+            let factors = (0..x.elem_count()).map(|i| mask.factor(i)).collect();
+            let mask = Tensor::from_vec(factors, x.shape(), x.device())?.to_dtype(x.dtype())?;
             (x * mask)?
         }
         None => x.clone(),
@@ -87,7 +121,7 @@ struct LoraLinearOp {
     weight: FrozenWeight,
     bias: Option<Tensor>,
     scale: f64,
-    mask: Option<Vec<f32>>,
+    mask: Option<DropoutMask>,
     /// `(x ⊙ mask)·Aᵀ` (`[rows, r]`) from the forward pass: backward needs it for dB.
     low: OnceLock<Tensor>,
 }
@@ -130,12 +164,11 @@ impl LoraLinearOp {
     fn masked<'a, T: Elem>(&self, x: &'a [T]) -> Cow<'a, [T]> {
         match &self.mask {
             None => Cow::Borrowed(x),
-            Some(mask) => Cow::Owned(
-                x.iter()
-                    .zip(mask)
-                    .map(|(&v, &m)| v * T::from_f64(m as f64))
-                    .collect(),
-            ),
+            Some(mask) => {
+                let mut out = x.to_vec();
+                mask.apply(&mut out);
+                Cow::Owned(out)
+            }
         }
     }
 
@@ -241,9 +274,8 @@ impl LoraLinearOp {
                         Some(mask) => {
                             let mut dxin = vec![T::ZERO; rows * k];
                             gemm(&mut dxin, dlow_v, a_v, T::ONE, false, true)?;
-                            for ((d, g), m) in dx.iter_mut().zip(&dxin).zip(mask) {
-                                *d += *g * T::from_f64(*m as f64);
-                            }
+                            mask.apply(&mut dxin);
+                            dx.par_iter_mut().zip(&dxin).for_each(|(d, g)| *d += *g);
                         }
                     }
                     Some(tensor_from_vec(dx, &[rows, k])?)
@@ -334,7 +366,7 @@ mod tests {
         pair: LoraPair,
         weight: FrozenWeight,
         bias: Option<Tensor>,
-        mask: Option<Vec<f32>>,
+        mask: Option<DropoutMask>,
         /// Random cotangent, so every output element matters.
         r: Tensor,
     }
@@ -348,12 +380,7 @@ mod tests {
         } else {
             FrozenWeight::Dense(w.to_dtype(dtype).unwrap())
         };
-        let mask = dropout.then(|| {
-            values(2 * 5 * k, 9)
-                .iter()
-                .map(|v| if *v < 0.2 { 1.25 } else { 0.0 })
-                .collect()
-        });
+        let mask = dropout.then_some(DropoutMask { seed: 9, keep: 0.6 });
         Case {
             x: Var::from_tensor(&tensor(&[2, 5, k], 2, dtype)).unwrap(),
             pair: LoraPair {
@@ -368,19 +395,17 @@ mod tests {
         }
     }
 
-    type Linear =
-        fn(&Tensor, &FrozenWeight, Option<&Tensor>, &LoraPair, Option<Vec<f32>>) -> Result<Tensor>;
+    type Linear = fn(
+        &Tensor,
+        &FrozenWeight,
+        Option<&Tensor>,
+        &LoraPair,
+        Option<DropoutMask>,
+    ) -> Result<Tensor>;
 
     /// Output and the gradients of Σ y·r for x, A, B.
     fn run(c: &Case, f: Linear) -> (Vec<f64>, [Vec<f64>; 3]) {
-        let y = f(
-            c.x.as_tensor(),
-            &c.weight,
-            c.bias.as_ref(),
-            &c.pair,
-            c.mask.clone(),
-        )
-        .unwrap();
+        let y = f(c.x.as_tensor(), &c.weight, c.bias.as_ref(), &c.pair, c.mask).unwrap();
         let grads = (&y * &c.r).unwrap().sum_all().unwrap().backward().unwrap();
         let flat = |t: &Tensor| -> Vec<f64> {
             t.flatten_all()
@@ -451,7 +476,7 @@ mod tests {
                 b: Var::from_tensor(b).unwrap(),
                 scale: c.pair.scale,
             };
-            let y = lora_linear(x, &c.weight, c.bias.as_ref(), &pair, c.mask.clone()).unwrap();
+            let y = lora_linear(x, &c.weight, c.bias.as_ref(), &pair, c.mask).unwrap();
             (&y * &c.r)
                 .unwrap()
                 .sum_all()
@@ -508,14 +533,25 @@ mod tests {
         let x = Tensor::zeros((3, 31), DType::F32, &Device::Cpu).unwrap();
         let err = lora_linear(&x, &c.weight, None, &c.pair, None).unwrap_err();
         assert!(err.to_string().contains("lora_linear"), "{err}");
-        let err = lora_linear(
-            c.x.as_tensor(),
-            &c.weight,
-            None,
-            &c.pair,
-            Some(vec![1.0; 3]),
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("dropout mask"), "{err}");
+    }
+
+    #[test]
+    fn dropout_mask_keeps_the_right_fraction_deterministically() {
+        let mask = DropoutMask {
+            seed: 42,
+            keep: 0.95,
+        };
+        let n = 200_000;
+        let mut ones = vec![1f32; n];
+        mask.apply(&mut ones);
+        let kept = ones.iter().filter(|v| **v != 0.0).count() as f64 / n as f64;
+        assert!((kept - 0.95).abs() < 0.003, "kept {kept}");
+        assert!(ones
+            .iter()
+            .all(|v| *v == 0.0 || (*v - 1.0 / 0.95).abs() < 1e-6));
+        // The same seed gives the same mask (forward and backward agree); another seed differs.
+        assert!((0..n).all(|i| mask.factor(i) == ones[i]));
+        let other = DropoutMask { seed: 43, ..mask };
+        assert!((0..n).any(|i| other.factor(i) != ones[i]));
     }
 }

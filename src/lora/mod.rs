@@ -10,4 +10,4 @@ pub mod peft;
 pub use adapter::{LoraAdapter, LoraPair};
 pub use config::{LoraConfig, LoraInit, TargetModules};
 pub use frozen::FrozenWeight;
-pub use linear::lora_linear;
+pub use linear::{lora_linear, DropoutMask};

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, PROJECTIONS};
 use super::rope::RopeTables;
-use crate::lora::{lora_linear, FrozenWeight, LoraAdapter};
+use crate::lora::{lora_linear, DropoutMask, FrozenWeight, LoraAdapter};
 use crate::ops;
 use crate::Result;
 
@@ -36,25 +36,13 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    /// A keep mask for `n` elements, scaled by 1/(1-p); `None` when dropout is off.
-    fn mask(&mut self, n: usize) -> Option<Vec<f32>> {
+    /// The keep mask for the next adapted projection's input; `None` when dropout is off.
+    fn mask(&mut self) -> Option<DropoutMask> {
         use rand::Rng;
-        if self.p <= 0.0 {
-            return None;
-        }
-        let keep = 1.0 - self.p;
-        let scale = 1.0 / keep;
-        Some(
-            (0..n)
-                .map(|_| {
-                    if self.rng.random::<f32>() < keep {
-                        scale
-                    } else {
-                        0.0
-                    }
-                })
-                .collect(),
-        )
+        (self.p > 0.0).then(|| DropoutMask {
+            seed: self.rng.random(),
+            keep: 1.0 - self.p,
+        })
     }
 }
 
@@ -300,10 +288,7 @@ impl Decoder {
     ) -> Result<Tensor> {
         let proj = &block.projections[index];
         if let Some(pair) = ctx.adapter.and_then(|a| a.pair(layer, index)) {
-            let mask = ctx
-                .dropout
-                .as_deref_mut()
-                .and_then(|d| d.mask(x.elem_count()));
+            let mask = ctx.dropout.as_deref_mut().and_then(Dropout::mask);
             return lora_linear(x, &proj.weight, proj.bias.as_ref(), pair, mask);
         }
         let y = proj.weight.forward(x)?;
