@@ -88,7 +88,7 @@ impl DropoutMask {
         const CHUNK: usize = 1 << 14;
         x.par_chunks_mut(CHUNK).enumerate().for_each(|(c, xs)| {
             for (j, v) in xs.iter_mut().enumerate() {
-                *v = *v * T::from_f64(self.factor(c * CHUNK + j) as f64);
+                *v *= T::from_f64(self.factor(c * CHUNK + j) as f64);
             }
         });
     }
