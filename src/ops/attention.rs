@@ -11,6 +11,7 @@
 //! are recomputed per task into [T, D] scratch in both passes (O(T·D) against the O(T²·D)
 //! attention work) instead of being stored.
 
+use super::gemm::{gemm_raw, View};
 use super::kernel::{
     contiguous_slice, dot, max, simd_fn, sum, tensor_from_vec, with_cpu_slices, Elem,
 };
@@ -281,31 +282,28 @@ fn gemm<T: Elem>(
         }
         return Ok(());
     }
+    fn view<T>(x: Mat<'_, T>, rows: usize, cols: usize) -> View<'_, T> {
+        View {
+            data: x.data,
+            rows,
+            cols,
+            rs: x.rs,
+            cs: x.cs,
+        }
+    }
     // SAFETY: bounds of all three operands are checked above; the rows of `c` do not overlap
     // each other (n <= rs) nor `a` or `b` (an exclusive borrow or an exclusively owned head).
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_raw(
             c.ptr,
-            1,
-            c.rs as isize,
+            c.rs,
+            view(a, m, k),
+            view(b, k, n),
+            T::ONE,
             accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            T::ONE,
-            T::ONE,
             false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+        )
+    };
     Ok(())
 }
 

@@ -77,22 +77,43 @@ pub(crate) fn gemm<T: Elem>(
         }
         return Ok(());
     }
+    // SAFETY: every index of `a`, `b` and `c[..m·n]` was checked above; `c` is a distinct
+    // mutable borrow, so it aliases neither input.
+    unsafe { gemm_raw(c.as_mut_ptr(), n, a, b, scale, accumulate, parallel) };
+    Ok(())
+}
+
+/// The `gemm` crate call behind [`gemm`], for callers that write into a strided or shared output
+/// (`c` element `(i, j)` at `c + i·c_rs + j`).
+///
+/// # Safety
+/// `a` and `b` must be in bounds ([`View`] rows/cols/strides inside their slices), `k ≥ 1`, and
+/// `c` valid for reads and writes at every `(i, j)` with `i < a.rows`, `j < b.cols`, not
+/// aliasing `a` or `b` nor anything another thread touches meanwhile.
+pub(crate) unsafe fn gemm_raw<T: Elem>(
+    c: *mut T,
+    c_rs: usize,
+    a: View<'_, T>,
+    b: View<'_, T>,
+    scale: T,
+    accumulate: bool,
+    parallel: bool,
+) {
     let threads = rayon::current_num_threads();
     let par = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: every index of `a`, `b` and `c[..m·n]` was checked above; `c` is a distinct
-    // mutable borrow, so it aliases neither input.
+    // SAFETY: forwarded from the caller's contract.
     unsafe {
         gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
+            a.rows,
+            b.cols,
+            a.cols,
+            c,
             1,
-            n as isize,
+            c_rs as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,
@@ -108,7 +129,6 @@ pub(crate) fn gemm<T: Elem>(
             par,
         );
     }
-    Ok(())
 }
 
 /// A dense `[out, in]` row-major weight as stored: in the activations' dtype, or bf16 under f32
