@@ -22,7 +22,8 @@ use rayon::prelude::*;
 
 /// `x·Wᵀ (+ bias) + scale·((x ⊙ dropout_mask)·Aᵀ)·Bᵀ` for `x: [..., in]`.
 ///
-/// `dropout` applies to the LoRA branch only, as PEFT's `lora_dropout`. Gradients: to `x` and to the pair's A and B.
+/// `dropout` applies to the LoRA branch only, as PEFT's `lora_dropout`. Gradients: to `x` and
+/// to the pair's A and B.
 pub fn lora_linear(
     x: &Tensor,
     weight: &FrozenWeight,
@@ -172,14 +173,10 @@ impl LoraLinearOp {
         }
     }
 
+    /// Forward on CPU storages `[(x), (A), (B)]`.
     fn fwd<T: Elem>(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        a_s: &CpuStorage,
-        al: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
+        [(xs, xl), (a_s, al), (bs, bl)]: [(&CpuStorage, &Layout); 3],
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let Dims { rows, k, r, n } = self.dims(xl.dims(), al.dims(), bl.dims())?;
         let x = contiguous_slice::<T>(xs, xl)?;
@@ -308,9 +305,10 @@ impl CustomOp3 for LoraLinearOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let storages = [(xs, xl), (a_s, al), (bs, bl)];
         match xs {
-            CpuStorage::F32(_) => self.fwd::<f32>(xs, xl, a_s, al, bs, bl),
-            CpuStorage::F64(_) => self.fwd::<f64>(xs, xl, a_s, al, bs, bl),
+            CpuStorage::F32(_) => self.fwd::<f32>(storages),
+            CpuStorage::F64(_) => self.fwd::<f64>(storages),
             _ => bail!("lora_linear: the fused op supports f32 and f64"),
         }
     }
