@@ -7,7 +7,6 @@
 //! implementation in [`composed`] (which is also the reference the tests compare against).
 
 mod attention;
-pub(crate) mod bf16_gemm;
 pub mod composed;
 pub(crate) mod gemm;
 pub(crate) mod kernel;
@@ -20,6 +19,7 @@ mod softmax;
 #[cfg(test)]
 mod tests;
 mod tuning;
+pub(crate) mod wgemm;
 
 use candle_core::{DType, Result, Tensor};
 pub use tuning::{limit_candle_spinning, tune_glibc_malloc};
