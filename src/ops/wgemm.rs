@@ -23,7 +23,6 @@
 //! multiply-adds, k in order within each element).
 
 // Wired into the LoRA linear by a separate change; until then only the tests call it.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use candle_core::{bail, Result};
 use half::bf16;
