@@ -47,8 +47,13 @@ fn ensure_default_model() -> anyhow::Result<()> {
     .find(|p| p.is_file())
     .context("the default model is missing and scripts/fetch-model.sh was not found")?;
     eprintln!("fetching the default model with {} ...", script.display());
+    // The script honours PEFT_WIT_MODELS: point it at the directory we will read from, so a
+    // run from outside the checkout fetches into ./models, not the checkout's models/.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let status = std::process::Command::new("bash")
         .arg(&script)
+        .env("PEFT_WIT_MODELS", std::path::absolute(dir)?)
         .status()
         .with_context(|| format!("running {}", script.display()))?;
     anyhow::ensure!(status.success(), "{} failed", script.display());

@@ -4,8 +4,8 @@
 //! (data, shape, strides) views into the raw-pointer call after checking every index it will
 //! touch, so the kernels themselves stay free of `unsafe`.
 
-use super::wgemm::{self, WeightLayout};
 use super::kernel::Elem;
+use super::wgemm::{self, WeightLayout};
 use candle_core::{bail, Result};
 use half::bf16;
 
@@ -173,7 +173,10 @@ pub(crate) fn weight_product<T: Elem>(
 ) -> Result<()> {
     let (k, n) = if transposed { (inp, out) } else { (out, inp) };
     if c.len() < m * n || a.len() < m * k {
-        bail!("internal weight product: [{m}×{k}] into {} elements", c.len());
+        bail!(
+            "internal weight product: [{m}×{k}] into {} elements",
+            c.len()
+        );
     }
     match w {
         WeightData::Same(w) => {
@@ -181,7 +184,8 @@ pub(crate) fn weight_product<T: Elem>(
             // most at k = 1536); the crate stays ahead on `a·W` and on few rows.
             let sized = m >= PACKED_F32_MIN_ROWS && n <= PACKED_F32_MAX_COLS;
             if transposed && sized && wgemm::f32_available() {
-                if let (Some(c), Some(a), Some(w)) = (T::as_f32_mut(c), T::as_f32(a), T::as_f32(w)) {
+                if let (Some(c), Some(a), Some(w)) = (T::as_f32_mut(c), T::as_f32(a), T::as_f32(w))
+                {
                     let (c, a) = (&mut c[..m * n], &a[..m * k]);
                     return wgemm::matmul_f32(c, a, m, k, w, n, layout_of(transposed), accumulate);
                 }
