@@ -16,8 +16,8 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, MetalStorage, Shape, Storage, Tensor,
 };
 
-use crate::ops::gemm::{bf16_supported, weight_product, WeightData};
-use crate::ops::kernel::{contiguous_slice, with_cpu_slices, Elem};
+use crate::ops::gemm::{bf16_supported, weight_product, with_weight_data};
+use crate::ops::kernel::{contiguous_slice, Elem};
 use crate::Result;
 
 /// A frozen `[out, in]` weight. Never a `Var`: no gradient, no optimizer state.
@@ -67,21 +67,14 @@ impl FrozenWeight {
         let (out, inp) = self
             .dims()
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let product = |w: WeightData<'_, T>, c: &mut [T]| {
-            weight_product(c, a, m, w, out, inp, transposed, accumulate)
-        };
-        if let Self::Dense(w) = self {
-            if w.dtype() == DType::BF16 && bf16_supported::<T>() {
-                return with_cpu_slices::<half::bf16, _>(&[w], |w| {
-                    product(WeightData::Bf16(w[0]), c)
-                });
-            }
-        }
         let dense = match self {
             Self::Dense(t) if t.dtype() == T::DTYPE => t.clone(),
+            Self::Dense(t) if t.dtype() == DType::BF16 && bf16_supported::<T>() => t.clone(),
             w => w.to_dense(T::DTYPE, &Device::Cpu)?,
         };
-        with_cpu_slices::<T, _>(&[&dense], |w| product(WeightData::Same(w[0]), c))
+        with_weight_data::<T, _>(&dense, |w| {
+            weight_product(c, a, m, w, out, inp, transposed, accumulate)
+        })
     }
 
     /// `x · Wᵀ` for `x` of shape `[..., in]`, differentiable in `x` only.

@@ -203,12 +203,12 @@ impl Decoder {
         weights: &Tensor,
     ) -> Result<Tensor> {
         let normed = ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
-        match &self.lm_head {
-            FrozenWeight::Dense(w) if w.dtype() == normed.dtype() || w.dtype() == DType::BF16 => {
+        match self.dense_lm_head(normed.dtype()) {
+            Some(w) => {
                 let weights = weights.to_dtype(normed.dtype())?;
                 Ok(ops::weighted_nll_linear(&normed, w, targets, &weights)?)
             }
-            _ => {
+            None => {
                 let logits = self.lm_head.forward(&normed)?;
                 let weights = weights.to_dtype(logits.dtype())?;
                 Ok(ops::weighted_nll(&logits, targets, &weights)?)
@@ -219,14 +219,21 @@ impl Decoder {
     /// `−log p(target)` for each pre-norm hidden row `[N, H]`, without gradient (evaluation).
     pub fn nll_from_hidden(&self, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
         let normed = ops::rms_norm(&hidden.detach(), &self.norm, self.config.rms_norm_eps)?;
-        match &self.lm_head {
-            FrozenWeight::Dense(w) if w.dtype() == normed.dtype() => {
-                Ok(ops::row_nll_linear(&normed, w, targets)?)
-            }
-            other => {
-                let w = other.to_dense(normed.dtype(), &self.device)?;
+        match self.dense_lm_head(normed.dtype()) {
+            Some(w) => Ok(ops::row_nll_linear(&normed, w, targets)?),
+            None => {
+                let w = self.lm_head.to_dense(normed.dtype(), &self.device)?;
                 Ok(ops::row_nll_linear(&normed, &w, targets)?)
             }
+        }
+    }
+
+    /// The output weight when the fused vocabulary kernels can take it as stored: dense in the
+    /// activation dtype, or bf16 (multiplied as stored, or converted once inside the op).
+    fn dense_lm_head(&self, dtype: DType) -> Option<&Tensor> {
+        match &self.lm_head {
+            FrozenWeight::Dense(w) if w.dtype() == dtype || w.dtype() == DType::BF16 => Some(w),
+            _ => None,
         }
     }
 

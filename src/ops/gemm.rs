@@ -4,7 +4,7 @@
 //! (data, shape, strides) views into the raw-pointer call after checking every index it will
 //! touch, so the kernels themselves stay free of `unsafe`.
 
-use super::kernel::Elem;
+use super::kernel::{with_cpu_slices, Elem};
 use super::wgemm::{self, WeightLayout};
 use candle_core::{bail, Result};
 use half::bf16;
@@ -150,6 +150,28 @@ fn layout_of(transposed: bool) -> WeightLayout {
         WeightLayout::Transposed
     } else {
         WeightLayout::Plain
+    }
+}
+
+impl<T> WeightData<'_, T> {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Same(w) => w.len(),
+            Self::Bf16(w) => w.len(),
+        }
+    }
+}
+
+/// Runs `f` on a dense CPU weight tensor's data: bf16 as stored, any other dtype as `T` (which
+/// it must already be).
+pub(crate) fn with_weight_data<T: Elem, R>(
+    w: &candle_core::Tensor,
+    f: impl FnOnce(WeightData<'_, T>) -> Result<R>,
+) -> Result<R> {
+    if w.dtype() == candle_core::DType::BF16 && T::DTYPE != candle_core::DType::BF16 {
+        with_cpu_slices::<bf16, _>(&[w], |s| f(WeightData::Bf16(s[0])))
+    } else {
+        with_cpu_slices::<T, _>(&[w], |s| f(WeightData::Same(s[0])))
     }
 }
 

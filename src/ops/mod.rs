@@ -128,6 +128,25 @@ pub fn causal_attention(
     }
 }
 
+/// The output weight the fused vocabulary kernels take for `hidden` (CPU, f32/f64): one of the
+/// same dtype, or a bf16 weight (a bf16 base's tied embedding) under f32 hidden states —
+/// multiplied as stored where the CPU has AVX-512 BF16, else converted once; both beat
+/// materialising `[N, V]` logits. `None`: the composed path runs instead.
+fn fused_output_weight(hidden: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
+    if !fused(&[hidden]) || !weight.device().is_cpu() {
+        return Ok(None);
+    }
+    Ok(match weight.dtype() {
+        dt if dt == hidden.dtype() => Some(weight.clone()),
+        DType::BF16 if hidden.dtype() == DType::F32 => Some(if gemm::bf16_supported::<f32>() {
+            weight.clone()
+        } else {
+            weight.to_dtype(DType::F32)?
+        }),
+        _ => None,
+    })
+}
+
 /// Per-row `−log softmax(hidden·weightᵀ)[target]` as plain numbers (no autograd), computed
 /// block by block so the `[N, V]` logits are never held at once.
 ///
@@ -138,14 +157,21 @@ pub fn row_nll_linear(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Resu
     if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
         candle_core::bail!("row_nll_linear: target {bad} out of range for vocabulary {v}");
     }
-    if fused(&[hidden, weight]) {
+    if let Some(weight) = fused_output_weight(hidden, weight)? {
+        fn run<T: kernel::Elem>(
+            h: &Tensor,
+            w: &Tensor,
+            t: &[u32],
+            hd: usize,
+            v: usize,
+        ) -> Result<Vec<f64>> {
+            kernel::with_cpu_slices::<T, _>(&[h], |h| {
+                gemm::with_weight_data::<T, _>(w, |w| nll_linear::row_nll(h[0], w, t, hd, v))
+            })
+        }
         return match hidden.dtype() {
-            DType::F32 => kernel::with_cpu_slices::<f32, _>(&[hidden, weight], |s| {
-                nll_linear::row_nll(s[0], s[1], targets, hd, v)
-            }),
-            _ => kernel::with_cpu_slices::<f64, _>(&[hidden, weight], |s| {
-                nll_linear::row_nll(s[0], s[1], targets, hd, v)
-            }),
+            DType::F32 => run::<f32>(hidden, &weight, targets, hd, v),
+            _ => run::<f64>(hidden, &weight, targets, hd, v),
         };
     }
     const CHUNK: usize = 256;
@@ -245,22 +271,11 @@ pub fn weighted_nll_linear(
     weights: &Tensor,
 ) -> Result<Tensor> {
     nll_linear::check_dims(hidden.dims(), weight.dims(), targets.elem_count())?;
-    // bf16 weights (a bf16 base's tied embedding) are multiplied as stored where the CPU can,
-    // else converted once: both beat materialising [N, V] logits and their gradient.
-    let weight = match weight.dtype() {
-        DType::BF16 if hidden.dtype() == DType::F32 && !gemm::bf16_supported::<f32>() => {
-            &weight.to_dtype(DType::F32)?
-        }
-        _ => weight,
+    let fused_weight = match weight.track_op() {
+        false => fused_output_weight(hidden, weight)?,
+        true => None,
     };
-    let weight_ok = weight.dtype() == hidden.dtype()
-        || (weight.dtype() == DType::BF16 && hidden.dtype() == DType::F32);
-    if fused(&[hidden])
-        && weight_ok
-        && weight.device().is_cpu()
-        && !weight.track_op()
-        && targets.dtype() == DType::U32
-    {
+    if let (Some(weight), DType::U32) = (fused_weight, targets.dtype()) {
         nll::check_dims(
             &[hidden.dims()[0], weight.dims()[0]],
             targets.dims(),

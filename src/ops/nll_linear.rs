@@ -148,7 +148,7 @@ impl NllLinearOp {
 /// block-wise logits as the training op, but one value per row instead of a weighted sum.
 pub(crate) fn row_nll<T: Elem>(
     h: &[T],
-    w: &[T],
+    w: WeightData<'_, T>,
     targets: &[u32],
     hd: usize,
     v: usize,
@@ -165,7 +165,6 @@ pub(crate) fn row_nll<T: Elem>(
     for r0 in (0..n).step_by(ROWS) {
         let m = ROWS.min(n - r0);
         let lg = &mut logits[..m * v];
-        let w = WeightData::Same(w);
         weight_product(lg, &h[r0 * hd..(r0 + m) * hd], m, w, v, hd, true, false)?;
         lg.par_chunks_mut(v)
             .zip(targets[r0..r0 + m].par_iter())
@@ -238,6 +237,17 @@ mod tests {
                     -e
                 );
             }
+        }
+        // A bf16 weight under f32 hidden states (a bf16 base): multiplied as stored.
+        let got = super::super::row_nll_linear(&h, &w.to_dtype(DType::BF16)?, &targets)?;
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            // bf16 keeps 8 bits of mantissa (of h and of the weight): ~0.2% of the value.
+            let tol = 5e-3 * (1.0 + e.abs() as f64);
+            assert!(
+                (g + *e as f64).abs() < tol,
+                "bf16 weight row {i}: {g} vs {}",
+                -e
+            );
         }
         let err = super::super::row_nll_linear(&h, &w, &[v as u32; 300]).unwrap_err();
         assert!(err.to_string().contains("out of range"), "{err}");
