@@ -16,7 +16,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::{FrozenWeight, LoraPair};
 use crate::ops::gemm::{gemm, View};
-use crate::ops::kernel::{contiguous_slice, tensor_from_vec, with_cpu_slices, Elem};
+use crate::ops::kernel::{contiguous_slice, output_buffer, tensor_from_vec, with_cpu_slices, Elem};
 use crate::Result;
 use rayon::prelude::*;
 
@@ -182,7 +182,8 @@ impl LoraLinearOp {
         let x = contiguous_slice::<T>(xs, xl)?;
         let a = contiguous_slice::<T>(a_s, al)?;
         let b = contiguous_slice::<T>(bs, bl)?;
-        let mut y = vec![T::ZERO; rows * n];
+        // Filled with the bias, or left for the base product to overwrite.
+        let mut y = output_buffer(rows * n);
         let has_bias = match &self.bias {
             Some(bias) => {
                 let bias = bias.to_vec1::<T>()?;
@@ -194,7 +195,7 @@ impl LoraLinearOp {
         };
         self.weight.cpu_product(&mut y, x, rows, true, has_bias)?;
         let xin = self.masked(x);
-        let mut low = vec![T::ZERO; rows * r];
+        let mut low = output_buffer(rows * r);
         gemm(
             &mut low,
             View::rows(&xin, rows, k),
@@ -234,10 +235,10 @@ impl LoraLinearOp {
             let scale = T::from_f64(self.scale);
             let dy = View::rows(dy_data, rows, n);
             // dlow = scale · dy·B   [rows, r]
-            let mut dlow = vec![T::ZERO; rows * r];
+            let mut dlow = output_buffer(rows * r);
             gemm(&mut dlow, dy, View::rows(b, n, r), scale, false, true)?;
             // dB = scale · dyᵀ·low   [n, r]
-            let mut db = vec![T::ZERO; n * r];
+            let mut db = output_buffer(n * r);
             gemm(
                 &mut db,
                 dy.t(),
@@ -248,7 +249,7 @@ impl LoraLinearOp {
             )?;
             // dA = dlowᵀ·(x ⊙ mask)   [r, k]
             let xin = self.masked(x);
-            let mut da = vec![T::ZERO; r * k];
+            let mut da = output_buffer(r * k);
             let dlow_v = View::rows(&dlow, rows, r);
             gemm(
                 &mut da,
@@ -262,14 +263,14 @@ impl LoraLinearOp {
                 false => None,
                 true => {
                     // dx = dy·W + (dlow·A) ⊙ mask
-                    let mut dx = vec![T::ZERO; rows * k];
+                    let mut dx = output_buffer(rows * k);
                     self.weight
                         .cpu_product(&mut dx, dy_data, rows, false, false)?;
                     let a_v = View::rows(a, r, k);
                     match &self.mask {
                         None => gemm(&mut dx, dlow_v, a_v, T::ONE, true, true)?,
                         Some(mask) => {
-                            let mut dxin = vec![T::ZERO; rows * k];
+                            let mut dxin = output_buffer(rows * k);
                             gemm(&mut dxin, dlow_v, a_v, T::ONE, false, true)?;
                             mask.apply(&mut dxin);
                             dx.par_iter_mut().zip(&dxin).for_each(|(d, g)| *d += *g);

@@ -7,7 +7,10 @@
 //! frozen projection.
 
 use super::gemm::{weight_product, WeightData};
-use super::kernel::{contiguous_slice, max, simd_fn, tensor_from_vec, Elem};
+use super::kernel::{
+    contiguous_slice, exp_shifted_in_place, max, output_buffer, simd_fn, sum_exp_shifted,
+    tensor_from_vec, Elem,
+};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -64,17 +67,11 @@ simd_fn! {
             }
             let m = max(row);
             let target = row[t[i] as usize].to_f64();
-            let mut s = T::ZERO;
-            if grad {
-                for x in row.iter_mut() {
-                    *x = (*x - m).vexp();
-                    s += *x;
-                }
+            let s = if grad {
+                exp_shifted_in_place(row, m)
             } else {
-                for x in row.iter() {
-                    s += (*x - m).vexp();
-                }
-            }
+                sum_exp_shifted(row, m)
+            };
             loss += w[i] * (m.to_f64() + s.to_f64().ln() - target);
             if grad {
                 let c = T::from_f64(w[i]) / s;
@@ -112,8 +109,8 @@ impl NllLinearOp {
             _ => WeightData::Same(contiguous_slice::<T>(ws, wl)?),
         };
         let need_grad = self.need_grad;
-        let mut dh = vec![T::ZERO; if need_grad { n * hd } else { 0 }];
-        let mut logits = vec![T::ZERO; ROWS.min(n) * v];
+        let mut dh = output_buffer(if need_grad { n * hd } else { 0 });
+        let mut logits = output_buffer(ROWS.min(n) * v);
         let mut total = 0.0f64;
         // Row blocks in sequence; the gemms and the per-row softmax are parallel inside.
         for r0 in (0..n).step_by(ROWS) {
@@ -161,7 +158,7 @@ pub(crate) fn row_nll<T: Elem>(
         bail!("row_nll: target {bad} out of range for vocabulary {v}");
     }
     let mut out = vec![0.0; n];
-    let mut logits = vec![T::ZERO; ROWS.min(n) * v];
+    let mut logits = output_buffer(ROWS.min(n) * v);
     for r0 in (0..n).step_by(ROWS) {
         let m = ROWS.min(n - r0);
         let lg = &mut logits[..m * v];

@@ -1,7 +1,8 @@
 //! Fused RMS norm: y = x · rsqrt(mean(x²) + eps) · w over the last dim.
 
 use super::kernel::{
-    contiguous_slice, dot, rows_per_task, simd_fn, tensor_from_vec, with_cpu_slices, Elem,
+    contiguous_slice, dot, output_buffer, rows_per_task, simd_fn, tensor_from_vec, with_cpu_slices,
+    Elem,
 };
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -75,7 +76,7 @@ fn fwd<T: Elem>(
     let h = check(xl, wl)?;
     let x = contiguous_slice::<T>(xs, xl)?;
     let w = contiguous_slice::<T>(ws, wl)?;
-    let mut y = vec![T::ZERO; x.len()];
+    let mut y = output_buffer(x.len());
     if let Some(n_rows) = x.len().checked_div(h) {
         let rows = rows_per_task(n_rows, h) * h;
         x.par_chunks(rows)
@@ -96,7 +97,7 @@ fn bwd<T: Elem>(
     let h = *dims.last().unwrap_or(&0);
     with_cpu_slices::<T, _>(&[x, w, g], |s| {
         let (x, w, g) = (s[0], s[1], s[2]);
-        let mut dx = vec![T::ZERO; x.len()];
+        let mut dx = output_buffer(x.len());
         let mut dw = None;
         if let Some(n_rows) = x.len().checked_div(h) {
             let rows = rows_per_task(n_rows, h) * h;

@@ -1,6 +1,8 @@
 //! Fused HF-style (rotate_half, non-interleaved) rotary embedding on [B, H, T, D].
 
-use super::kernel::{contiguous_slice, simd_fn, tensor_from_vec, with_cpu_slices, Elem};
+use super::kernel::{
+    contiguous_slice, output_buffer, simd_fn, tensor_from_vec, with_cpu_slices, Elem,
+};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -50,7 +52,7 @@ pub(crate) fn check_dims(x: &[usize], cos: &[usize], sin: &[usize]) -> Result<(u
 }
 
 fn apply<T: Elem>(x: &[T], cos: &[T], sin: &[T], t: usize, d: usize, inverse: bool) -> Vec<T> {
-    let mut y = vec![T::ZERO; x.len()];
+    let mut y = output_buffer(x.len());
     let block = t * d;
     if let Some(n_blocks) = x.len().checked_div(block) {
         // (b, h) blocks are independent; group small ones so tasks stay ≥ ~16K elements.

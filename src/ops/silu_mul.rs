@@ -1,6 +1,8 @@
 //! Fused SwiGLU: y = silu(gate) ⊙ up.
 
-use super::kernel::{contiguous_slice, simd_fn, tensor_from_vec, with_cpu_slices, Elem};
+use super::kernel::{
+    contiguous_slice, output_buffer, simd_fn, tensor_from_vec, with_cpu_slices, Elem,
+};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -51,7 +53,7 @@ fn fwd<T: Elem>(
     }
     let g = contiguous_slice::<T>(gs, gl)?;
     let u = contiguous_slice::<T>(us, ul)?;
-    let mut y = vec![T::ZERO; g.len()];
+    let mut y = output_buffer(g.len());
     g.par_chunks(CHUNK)
         .zip(u.par_chunks(CHUNK))
         .zip(y.par_chunks_mut(CHUNK))
@@ -63,8 +65,8 @@ fn bwd<T: Elem>(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)>
     let dims = g.dims().to_vec();
     with_cpu_slices::<T, _>(&[g, u, dy], |s| {
         let (g, u, dy) = (s[0], s[1], s[2]);
-        let mut dg = vec![T::ZERO; g.len()];
-        let mut du = vec![T::ZERO; g.len()];
+        let mut dg = output_buffer(g.len());
+        let mut du = output_buffer(g.len());
         g.par_chunks(CHUNK)
             .zip(u.par_chunks(CHUNK))
             .zip(dy.par_chunks(CHUNK))
