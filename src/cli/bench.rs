@@ -29,6 +29,10 @@ pub struct TrainArgs {
     /// Tokens to generate for the generation figure (0 skips it).
     #[arg(long, default_value_t = 32)]
     generate_tokens: usize,
+    /// Run every op as its own graph node instead of one fused node per decoder block (to
+    /// measure what the fusion gives).
+    #[arg(long)]
+    unfused_blocks: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -36,11 +40,12 @@ pub struct TrainArgs {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let Args::Train(args) = args;
-    let base = load_model(
+    let mut base = load_model(
         args.model.model.as_deref(),
         args.model.base_dtype.as_deref().unwrap_or("f32"),
         args.model.device.as_deref().unwrap_or("cpu"),
     )?;
+    base.decoder.set_block_fusion(!args.unfused_blocks);
     let spec = BenchSpec {
         batch_size: args.batch_size,
         seq_len: args.seq_len,

@@ -39,6 +39,14 @@ impl FrozenWeight {
         Ok(dims)
     }
 
+    /// Whether the weight lives in CPU memory.
+    pub fn is_cpu(&self) -> bool {
+        match self {
+            Self::Dense(t) => t.device().is_cpu(),
+            Self::Quantized(q) => q.device().is_cpu(),
+        }
+    }
+
     pub fn is_quantized(&self) -> bool {
         matches!(self, Self::Quantized(_))
     }

@@ -161,15 +161,13 @@ impl LoraLinearOp {
         })
     }
 
-    /// `x ⊙ mask`, or `x` itself without dropout.
-    fn masked<'a, T: Elem>(&self, x: &'a [T]) -> Cow<'a, [T]> {
-        match &self.mask {
-            None => Cow::Borrowed(x),
-            Some(mask) => {
-                let mut out = x.to_vec();
-                mask.apply(&mut out);
-                Cow::Owned(out)
-            }
+    fn branch<'a, T: Elem>(&self, a: &'a [T], b: &'a [T], r: usize) -> Branch<'a, T> {
+        Branch {
+            a,
+            b,
+            r,
+            scale: self.scale,
+            mask: self.mask,
         }
     }
 
@@ -194,24 +192,7 @@ impl LoraLinearOp {
             None => false,
         };
         self.weight.cpu_product(&mut y, x, rows, true, has_bias)?;
-        let xin = self.masked(x);
-        let mut low = output_buffer(rows * r);
-        gemm(
-            &mut low,
-            View::rows(&xin, rows, k),
-            View::rows(a, r, k).t(),
-            T::ONE,
-            false,
-            true,
-        )?;
-        gemm(
-            &mut y,
-            View::rows(&low, rows, r),
-            View::rows(b, n, r).t(),
-            T::from_f64(self.scale),
-            true,
-            true,
-        )?;
+        let low = self.branch(a, b, r).forward(&mut y, x, rows, k, n)?;
         let _ = self.low.set(tensor_from_vec(low, &[rows, r])?);
         let mut out_dims = xl.dims().to_vec();
         *out_dims.last_mut().expect("checked non-empty") = n;
@@ -231,56 +212,31 @@ impl LoraLinearOp {
         })?;
         let need_dx = x.track_op();
         with_cpu_slices::<T, _>(&[x, a, b, dy, low], |s| {
-            let (x, a, b, dy_data, low) = (s[0], s[1], s[2], s[3], s[4]);
-            let scale = T::from_f64(self.scale);
-            let dy = View::rows(dy_data, rows, n);
-            // dlow = scale · dy·B   [rows, r]
-            let mut dlow = output_buffer(rows * r);
-            gemm(&mut dlow, dy, View::rows(b, n, r), scale, false, true)?;
-            // dB = scale · dyᵀ·low   [n, r]
-            let mut db = output_buffer(n * r);
-            gemm(
-                &mut db,
-                dy.t(),
-                View::rows(low, rows, r),
-                scale,
-                false,
-                true,
-            )?;
-            // dA = dlowᵀ·(x ⊙ mask)   [r, k]
-            let xin = self.masked(x);
-            let mut da = output_buffer(r * k);
-            let dlow_v = View::rows(&dlow, rows, r);
-            gemm(
-                &mut da,
-                dlow_v.t(),
-                View::rows(&xin, rows, k),
-                T::ONE,
-                false,
-                true,
-            )?;
+            let (x, a, b, dy, low) = (s[0], s[1], s[2], s[3], s[4]);
+            let (mut da, mut db) = (output_buffer(r * k), output_buffer(n * r));
             let dx = match need_dx {
                 false => None,
                 true => {
-                    // dx = dy·W + (dlow·A) ⊙ mask
+                    // dx = dy·W, then the branch adds its part.
                     let mut dx = output_buffer(rows * k);
-                    self.weight
-                        .cpu_product(&mut dx, dy_data, rows, false, false)?;
-                    let a_v = View::rows(a, r, k);
-                    match &self.mask {
-                        None => gemm(&mut dx, dlow_v, a_v, T::ONE, true, true)?,
-                        Some(mask) => {
-                            let mut dxin = output_buffer(rows * k);
-                            gemm(&mut dxin, dlow_v, a_v, T::ONE, false, true)?;
-                            mask.apply(&mut dxin);
-                            dx.par_iter_mut().zip(&dxin).for_each(|(d, g)| *d += *g);
-                        }
-                    }
-                    Some(tensor_from_vec(dx, &[rows, k])?)
+                    self.weight.cpu_product(&mut dx, dy, rows, false, false)?;
+                    Some(dx)
                 }
             };
+            let mut dx = dx;
+            self.branch(a, b, r).backward(
+                dy,
+                x,
+                low,
+                rows,
+                k,
+                n,
+                &mut da,
+                &mut db,
+                dx.as_deref_mut(),
+            )?;
             Ok((
-                dx,
+                dx.map(|dx| tensor_from_vec(dx, &[rows, k])).transpose()?,
                 Some(tensor_from_vec(da, &[r, k])?),
                 Some(tensor_from_vec(db, &[n, r])?),
             ))
@@ -289,6 +245,111 @@ impl LoraLinearOp {
             let dx = dx.map(|t| t.reshape(x.dims())).transpose()?;
             Ok((dx, da, db))
         })
+    }
+}
+
+/// One LoRA branch on CPU slices, `scale · ((x ⊙ mask)·Aᵀ)·Bᵀ` with `A: [r, k]`, `B: [n, r]`
+/// row-major: the shared arithmetic of [`lora_linear`]'s op and the fused decoder block.
+pub(crate) struct Branch<'a, T> {
+    pub a: &'a [T],
+    pub b: &'a [T],
+    pub r: usize,
+    pub scale: f64,
+    pub mask: Option<DropoutMask>,
+}
+
+impl<T: Elem> Branch<'_, T> {
+    /// `x ⊙ mask`, or `x` itself without dropout.
+    fn masked<'x>(&self, x: &'x [T]) -> Cow<'x, [T]> {
+        match &self.mask {
+            None => Cow::Borrowed(x),
+            Some(mask) => {
+                let mut out = x.to_vec();
+                mask.apply(&mut out);
+                Cow::Owned(out)
+            }
+        }
+    }
+
+    /// `y[rows, n] += scale · low · Bᵀ`; returns `low = (x ⊙ mask)·Aᵀ` (`[rows, r]`), which
+    /// [`Branch::backward`] needs.
+    pub fn forward(
+        &self,
+        y: &mut [T],
+        x: &[T],
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> candle_core::Result<Vec<T>> {
+        let r = self.r;
+        let xin = self.masked(x);
+        let mut low = output_buffer(rows * r);
+        gemm(
+            &mut low,
+            View::rows(&xin, rows, k),
+            View::rows(self.a, r, k).t(),
+            T::ONE,
+            false,
+            true,
+        )?;
+        gemm(
+            y,
+            View::rows(&low, rows, r),
+            View::rows(self.b, n, r).t(),
+            T::from_f64(self.scale),
+            true,
+            true,
+        )?;
+        Ok(low)
+    }
+
+    /// Writes `dA` (`[r, k]`) and `dB` (`[n, r]`) for the output gradient `dy` (`[rows, n]`),
+    /// and adds the branch's part of the input gradient into `dx` when given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        dy: &[T],
+        x: &[T],
+        low: &[T],
+        rows: usize,
+        k: usize,
+        n: usize,
+        da: &mut [T],
+        db: &mut [T],
+        dx: Option<&mut [T]>,
+    ) -> candle_core::Result<()> {
+        let (r, scale) = (self.r, T::from_f64(self.scale));
+        let dy = View::rows(dy, rows, n);
+        // dlow = scale · dy·B   [rows, r]
+        let mut dlow = output_buffer(rows * r);
+        gemm(&mut dlow, dy, View::rows(self.b, n, r), scale, false, true)?;
+        // dB = scale · dyᵀ·low   [n, r]
+        gemm(db, dy.t(), View::rows(low, rows, r), scale, false, true)?;
+        // dA = dlowᵀ·(x ⊙ mask)   [r, k]
+        let xin = self.masked(x);
+        let dlow_v = View::rows(&dlow, rows, r);
+        gemm(
+            da,
+            dlow_v.t(),
+            View::rows(&xin, rows, k),
+            T::ONE,
+            false,
+            true,
+        )?;
+        if let Some(dx) = dx {
+            // dx += (dlow·A) ⊙ mask
+            let a_v = View::rows(self.a, r, k);
+            match &self.mask {
+                None => gemm(dx, dlow_v, a_v, T::ONE, true, true)?,
+                Some(mask) => {
+                    let mut dxin = output_buffer(rows * k);
+                    gemm(&mut dxin, dlow_v, a_v, T::ONE, false, true)?;
+                    mask.apply(&mut dxin);
+                    dx.par_iter_mut().zip(&dxin).for_each(|(d, g)| *d += *g);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

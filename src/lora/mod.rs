@@ -10,4 +10,5 @@ pub mod peft;
 pub use adapter::{LoraAdapter, LoraPair};
 pub use config::{LoraConfig, LoraInit, TargetModules};
 pub use frozen::FrozenWeight;
+pub(crate) use linear::Branch;
 pub use linear::{lora_linear, DropoutMask};

@@ -7,9 +7,10 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::block_op::{BlockOp, BranchSlot};
 use super::config::{ModelConfig, PROJECTIONS};
 use super::rope::RopeTables;
-use crate::lora::{lora_linear, DropoutMask, FrozenWeight, LoraAdapter};
+use crate::lora::{lora_linear, DropoutMask, FrozenWeight, LoraAdapter, LoraPair};
 use crate::ops;
 use crate::Result;
 
@@ -100,6 +101,8 @@ pub struct Decoder {
     rope: RopeTables,
     dtype: DType,
     device: Device,
+    /// Run each block as one fused CPU node when it can (see [`Decoder::set_block_fusion`]).
+    fuse_blocks: bool,
 }
 
 impl Decoder {
@@ -127,7 +130,15 @@ impl Decoder {
             rope,
             dtype,
             device: device.clone(),
+            fuse_blocks: true,
         })
+    }
+
+    /// Whether a whole decoder block runs as one fused autograd node on the CPU (the default;
+    /// same results to rounding, see `block_op`). Off, every op is its own graph node, as on
+    /// other devices: the reference the fused block is tested against.
+    pub fn set_block_fusion(&mut self, enabled: bool) {
+        self.fuse_blocks = enabled;
     }
 
     pub fn device(&self) -> &Device {
@@ -316,6 +327,11 @@ impl Decoder {
         sin: &Tensor,
         ctx: &mut ForwardContext<'_>,
     ) -> Result<Tensor> {
+        if let AttentionMask::Fused(key_padding) = attention {
+            if let Some(out) = self.fused_block(layer, block, x, *key_padding, cos, sin, ctx)? {
+                return Ok(out);
+            }
+        }
         let cfg = &self.config;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
@@ -367,6 +383,96 @@ impl Decoder {
         let up = self.project(layer, 5, block, &h, ctx)?;
         let mlp = self.project(layer, 6, block, &ops::silu_mul(&gate, &up)?, ctx)?;
         Ok((x + mlp)?)
+    }
+}
+
+impl Decoder {
+    /// The block as one [`BlockOp`] node, when everything it touches is on the CPU in the
+    /// activation dtype (f32/f64); `None` otherwise (the caller runs the per-op graph).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_block(
+        &self,
+        layer: usize,
+        block: &Block,
+        x: &Tensor,
+        key_padding: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+        ctx: &mut ForwardContext<'_>,
+    ) -> Result<Option<Tensor>> {
+        let dtype = x.dtype();
+        let on_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == dtype;
+        let pairs: Vec<Option<&LoraPair>> = (0..PROJECTIONS.len())
+            .map(|p| ctx.adapter.and_then(|a| a.pair(layer, p)))
+            .collect();
+        let fusable = self.fuse_blocks
+            && matches!(dtype, DType::F32 | DType::F64)
+            && on_cpu(x)
+            && [&block.input_layernorm, &block.post_attention_layernorm]
+                .into_iter()
+                .all(on_cpu)
+            && block
+                .projections
+                .iter()
+                .all(|p| p.bias.as_ref().is_none_or(on_cpu) && p.weight.is_cpu())
+            && pairs
+                .iter()
+                .flatten()
+                .all(|p| on_cpu(p.a.as_tensor()) && on_cpu(p.b.as_tensor()));
+        if !fusable {
+            return Ok(None);
+        }
+        let (_, t, _) = x.dims3()?;
+        let cfg = &self.config;
+        // Dropout masks in projection order, as the per-op path draws them.
+        let mut slots: [Option<BranchSlot>; 7] = [None; 7];
+        let (mut a_parts, mut b_parts) = (Vec::new(), Vec::new());
+        let (mut a_offset, mut b_offset) = (0, 0);
+        for (p, pair) in pairs.iter().enumerate() {
+            let Some(pair) = pair else { continue };
+            let (out, inp) = block.projections[p].weight.dims()?;
+            let rank = pair.rank()?;
+            if pair.a.dims() != [rank, inp] || pair.b.dims() != [out, rank] {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "layer {layer} {}: LoRA A {:?} / B {:?} do not fit a [{out}, {inp}] weight",
+                    PROJECTIONS[p],
+                    pair.a.dims(),
+                    pair.b.dims()
+                )));
+            }
+            slots[p] = Some(BranchSlot {
+                rank,
+                scale: pair.scale,
+                mask: ctx.dropout.as_deref_mut().and_then(Dropout::mask),
+                a_offset,
+                b_offset,
+            });
+            a_offset += rank * inp;
+            b_offset += out * rank;
+            a_parts.push(pair.a.as_tensor().flatten_all()?);
+            b_parts.push(pair.b.as_tensor().flatten_all()?);
+        }
+        let flat = |parts: &[Tensor]| -> Result<Tensor> {
+            Ok(match parts {
+                [] => Tensor::zeros(0, dtype, x.device())?,
+                _ => Tensor::cat(parts, 0)?,
+            })
+        };
+        let (a_flat, b_flat) = (flat(&a_parts)?, flat(&b_parts)?);
+        let hd = cfg.head_dim;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let attention = ops::rope_attention_kernel(cos, sin, key_padding, scale, t)?;
+        let op = BlockOp::new(
+            block.clone(),
+            cfg.rms_norm_eps,
+            cfg.hidden_size,
+            cfg.num_attention_heads * hd,
+            cfg.num_key_value_heads * hd,
+            attention,
+            slots,
+            x.track_op() || !a_parts.is_empty(),
+        );
+        Ok(Some(x.contiguous()?.apply_op3(&a_flat, &b_flat, op)?))
     }
 }
 

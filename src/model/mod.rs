@@ -1,5 +1,6 @@
 //! The base model: configuration, loading (GGUF or Hugging Face layout), the decoder.
 
+mod block_op;
 pub mod config;
 pub mod decoder;
 pub mod load;

@@ -669,3 +669,39 @@ impl CustomOp3 for AttentionOp {
         ))
     }
 }
+
+/// Slice entry points for ops that run attention inside a larger fused node (the decoder
+/// block): the same kernels as this op's forward and backward.
+impl AttentionOp {
+    /// Output for contiguous q, k, v of the given dims; keeps the logsumexp for
+    /// [`AttentionOp::backward_slices`].
+    pub(crate) fn forward_slices<T: Elem>(
+        &self,
+        [qd, kd, vd]: [&[usize]; 3],
+        q: &[T],
+        k: &[T],
+        v: &[T],
+    ) -> Result<Vec<T>> {
+        let dm = self.check(qd, kd, vd)?;
+        let (out, lse) = self.with_tables(|rope| self.fwd_heads(dm, q, k, v, rope))?;
+        let _ = self.lse.set(lse);
+        Ok(out)
+    }
+
+    /// (dq, dk, dv) for the output gradient `g`, after [`AttentionOp::forward_slices`].
+    pub(crate) fn backward_slices<T: Elem>(
+        &self,
+        [qd, kd, vd]: [&[usize]; 3],
+        [q, k, v, g]: [&[T]; 4],
+    ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+        let dm = self.check(qd, kd, vd)?;
+        let lse = self
+            .lse
+            .get()
+            .filter(|l| l.len() == dm.b * dm.h * dm.t)
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("{}: no forward state", self.layout.op_name()))
+            })?;
+        self.with_tables(|rope| self.bwd_heads(dm, [q, k, v, g], lse, rope))
+    }
+}

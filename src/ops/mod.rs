@@ -12,15 +12,16 @@ pub(crate) mod gemm;
 pub(crate) mod kernel;
 mod nll;
 mod nll_linear;
-mod rms_norm;
+pub(crate) mod rms_norm;
 mod rope;
-mod silu_mul;
+pub(crate) mod silu_mul;
 mod softmax;
 #[cfg(test)]
 mod tests;
 mod tuning;
 pub(crate) mod wgemm;
 
+pub(crate) use attention::AttentionOp;
 use candle_core::{DType, Result, Tensor};
 pub use tuning::{limit_candle_spinning, tune_glibc_malloc};
 
@@ -217,9 +218,7 @@ pub fn rope_causal_attention(
     rope::check_dims(&[dm.b, dm.h, dm.t, dm.d], cos.dims(), sin.dims())?;
     check_key_padding("rope_causal_attention", key_padding, dm.b, dm.t)?;
     if fused(&[q, k, v, cos, sin]) {
-        let table = |x: &Tensor| x.narrow(0, 0, dm.t)?.contiguous().map(|x| x.detach());
-        let tables = Some((table(cos)?, table(sin)?));
-        let op = attention::AttentionOp::new(scale, key_validity(key_padding)?, layout, tables);
+        let op = rope_attention_kernel(cos, sin, key_padding, scale, dm.t)?;
         q.contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
     } else {
@@ -242,6 +241,25 @@ fn check_key_padding(op: &str, key_padding: Option<&Tensor>, b: usize, t: usize)
         }
         _ => Ok(()),
     }
+}
+
+/// The attention kernel of [`rope_causal_attention`] (token-major q/k/v, rope inside) for
+/// callers that run it within a larger fused CPU op; `cos`/`sin` cover at least `t` positions.
+pub(crate) fn rope_attention_kernel(
+    cos: &Tensor,
+    sin: &Tensor,
+    key_padding: Option<&Tensor>,
+    scale: f64,
+    t: usize,
+) -> Result<attention::AttentionOp> {
+    let table = |x: &Tensor| x.narrow(0, 0, t)?.contiguous().map(|x| x.detach());
+    let tables = Some((table(cos)?, table(sin)?));
+    Ok(attention::AttentionOp::new(
+        scale,
+        key_validity(key_padding)?,
+        attention::HeadLayout::TokenMajor,
+        tables,
+    ))
 }
 
 /// The fused ops' form of a key padding mask: `[B·T]` flags, true = real token.

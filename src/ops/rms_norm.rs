@@ -73,17 +73,33 @@ fn fwd<T: Elem>(
     wl: &Layout,
     eps: f64,
 ) -> Result<(CpuStorage, Shape)> {
-    let h = check(xl, wl)?;
+    check(xl, wl)?;
     let x = contiguous_slice::<T>(xs, xl)?;
     let w = contiguous_slice::<T>(ws, wl)?;
     let mut y = output_buffer(x.len());
-    if let Some(n_rows) = x.len().checked_div(h) {
-        let rows = rows_per_task(n_rows, h) * h;
+    forward_into(x, w, &mut y, eps);
+    Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
+}
+
+/// `y = rms_norm(x) ⊙ w` over rows of `w.len()` elements, in parallel (slices of equal length).
+pub(crate) fn forward_into<T: Elem>(x: &[T], w: &[T], y: &mut [T], eps: f64) {
+    if let Some(n_rows) = x.len().checked_div(w.len()) {
+        let rows = rows_per_task(n_rows, w.len()) * w.len();
         x.par_chunks(rows)
             .zip(y.par_chunks_mut(rows))
             .for_each(|(x, y)| fwd_rows(x, w, y, eps));
     }
-    Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
+}
+
+/// `dx` (overwritten) for the output gradient `g`, the weight taken as constant.
+pub(crate) fn backward_into<T: Elem>(x: &[T], w: &[T], g: &[T], dx: &mut [T], eps: f64) {
+    if let Some(n_rows) = x.len().checked_div(w.len()) {
+        let rows = rows_per_task(n_rows, w.len()) * w.len();
+        x.par_chunks(rows)
+            .zip(g.par_chunks(rows))
+            .zip(dx.par_chunks_mut(rows))
+            .for_each(|((x, g), dx)| bwd_rows(x, w, g, dx, None, eps));
+    }
 }
 
 fn bwd<T: Elem>(
@@ -99,32 +115,29 @@ fn bwd<T: Elem>(
         let (x, w, g) = (s[0], s[1], s[2]);
         let mut dx = output_buffer(x.len());
         let mut dw = None;
-        if let Some(n_rows) = x.len().checked_div(h) {
+        if !want_dw {
+            backward_into(x, w, g, &mut dx, eps);
+        } else if let Some(n_rows) = x.len().checked_div(h) {
             let rows = rows_per_task(n_rows, h) * h;
-            let chunks = x
+            // Per-task partial dw, summed afterwards (deterministic order).
+            let parts: Vec<Vec<T>> = x
                 .par_chunks(rows)
                 .zip(g.par_chunks(rows))
-                .zip(dx.par_chunks_mut(rows));
-            if want_dw {
-                // Per-task partial dw, summed afterwards (deterministic order).
-                let parts: Vec<Vec<T>> = chunks
-                    .map(|((x, g), dx)| {
-                        let mut acc = vec![T::ZERO; h];
-                        bwd_rows(x, w, g, dx, Some(&mut acc), eps);
-                        acc
-                    })
-                    .collect();
-                let mut total = vec![T::ZERO; h];
-                for p in parts {
-                    for (t, v) in total.iter_mut().zip(p) {
-                        *t += v;
-                    }
+                .zip(dx.par_chunks_mut(rows))
+                .map(|((x, g), dx)| {
+                    let mut acc = vec![T::ZERO; h];
+                    bwd_rows(x, w, g, dx, Some(&mut acc), eps);
+                    acc
+                })
+                .collect();
+            let mut total = vec![T::ZERO; h];
+            for p in parts {
+                for (t, v) in total.iter_mut().zip(p) {
+                    *t += v;
                 }
-                dw = Some(tensor_from_vec(total, &[h])?);
-            } else {
-                chunks.for_each(|((x, g), dx)| bwd_rows(x, w, g, dx, None, eps));
             }
-        } else if want_dw {
+            dw = Some(tensor_from_vec(total, &[h])?);
+        } else {
             dw = Some(tensor_from_vec(Vec::<T>::new(), &[0])?);
         }
         Ok((tensor_from_vec(dx, &dims)?, dw))

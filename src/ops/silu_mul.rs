@@ -54,11 +54,25 @@ fn fwd<T: Elem>(
     let g = contiguous_slice::<T>(gs, gl)?;
     let u = contiguous_slice::<T>(us, ul)?;
     let mut y = output_buffer(g.len());
+    forward_into(g, u, &mut y);
+    Ok((T::to_cpu_storage_owned(y), gl.shape().clone()))
+}
+
+/// `y = silu(g) ⊙ u` in parallel (slices of equal length).
+pub(crate) fn forward_into<T: Elem>(g: &[T], u: &[T], y: &mut [T]) {
     g.par_chunks(CHUNK)
         .zip(u.par_chunks(CHUNK))
         .zip(y.par_chunks_mut(CHUNK))
         .for_each(|((g, u), y)| fwd_chunk(g, u, y));
-    Ok((T::to_cpu_storage_owned(y), gl.shape().clone()))
+}
+
+/// Gradients of `silu(g) ⊙ u` for the output gradient `dy`, written into `dg` and `du`.
+pub(crate) fn backward_into<T: Elem>(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]) {
+    g.par_chunks(CHUNK)
+        .zip(u.par_chunks(CHUNK))
+        .zip(dy.par_chunks(CHUNK))
+        .zip(dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)))
+        .for_each(|(((g, u), dy), (dg, du))| bwd_chunk(g, u, dy, dg, du));
 }
 
 fn bwd<T: Elem>(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -67,11 +81,7 @@ fn bwd<T: Elem>(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)>
         let (g, u, dy) = (s[0], s[1], s[2]);
         let mut dg = output_buffer(g.len());
         let mut du = output_buffer(g.len());
-        g.par_chunks(CHUNK)
-            .zip(u.par_chunks(CHUNK))
-            .zip(dy.par_chunks(CHUNK))
-            .zip(dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)))
-            .for_each(|(((g, u), dy), (dg, du))| bwd_chunk(g, u, dy, dg, du));
+        backward_into(g, u, dy, &mut dg, &mut du);
         Ok((tensor_from_vec(dg, &dims)?, tensor_from_vec(du, &dims)?))
     })
 }

@@ -1,0 +1,530 @@
+//! A whole decoder block as ONE autograd node on the CPU (f32/f64, full sequences):
+//! rms_norm → q/k/v (+ LoRA) → rope + causal attention → o (+ LoRA) + residual → rms_norm →
+//! gate/up (+ LoRA) → SwiGLU → down (+ LoRA) + residual.
+//!
+//! As separate nodes, candle's backward pays a `zeros_like` + `add` of a full-size gradient for
+//! every input of every node (a dozen activation-sized tensors per block), and runs that
+//! bookkeeping serially between the kernels. As one node, the block keeps exactly the
+//! activations its backward needs, sums the q/k/v (and gate/up) input gradients inside the
+//! gemms, and adds both residual branches in place. The LoRA factors enter as two flat tensors
+//! (every adapted projection's A, then every B, flattened and concatenated), so candle routes
+//! their gradients back to the adapter's `Var`s through `cat`.
+
+use std::sync::Mutex;
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::decoder::Block;
+use crate::lora::{Branch, DropoutMask};
+use crate::ops::kernel::{contiguous_slice, output_buffer, tensor_from_vec, with_cpu_slices, Elem};
+use crate::ops::{rms_norm, silu_mul, AttentionOp};
+
+/// Where one adapted projection's factors sit in the flat A and B inputs.
+#[derive(Clone, Copy)]
+pub(crate) struct BranchSlot {
+    pub rank: usize,
+    pub scale: f64,
+    pub mask: Option<DropoutMask>,
+    /// Offsets of A (`[rank, in]`) and B (`[out, rank]`) in the flat inputs.
+    pub a_offset: usize,
+    pub b_offset: usize,
+}
+
+/// What backward needs from forward (the normed inputs are recomputed: one cheap pass each).
+struct Saved<T> {
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    attn: Vec<T>,
+    x_mid: Vec<T>,
+    gate: Vec<T>,
+    up: Vec<T>,
+    act: Vec<T>,
+    /// `(x ⊙ mask)·Aᵀ` per projection (empty where not adapted).
+    lows: [Vec<T>; 7],
+}
+
+enum SavedAny {
+    F32(Saved<f32>),
+    F64(Saved<f64>),
+}
+
+/// Picks the saved activations of one dtype out of [`SavedAny`].
+trait SavedElem: Elem {
+    fn wrap(s: Saved<Self>) -> SavedAny;
+    fn unwrap(s: &SavedAny) -> Option<&Saved<Self>>;
+}
+
+impl SavedElem for f32 {
+    fn wrap(s: Saved<Self>) -> SavedAny {
+        SavedAny::F32(s)
+    }
+    fn unwrap(s: &SavedAny) -> Option<&Saved<Self>> {
+        match s {
+            SavedAny::F32(s) => Some(s),
+            SavedAny::F64(_) => None,
+        }
+    }
+}
+
+impl SavedElem for f64 {
+    fn wrap(s: Saved<Self>) -> SavedAny {
+        SavedAny::F64(s)
+    }
+    fn unwrap(s: &SavedAny) -> Option<&Saved<Self>> {
+        match s {
+            SavedAny::F64(s) => Some(s),
+            SavedAny::F32(_) => None,
+        }
+    }
+}
+
+/// The block op; build it with [`BlockOp::new`] and apply it to `(x, a_flat, b_flat)`.
+pub(crate) struct BlockOp {
+    block: Block,
+    eps: f64,
+    /// Widths: hidden, q (heads·D), k/v (kv heads·D).
+    hidden: usize,
+    q_width: usize,
+    kv_width: usize,
+    attention: AttentionOp,
+    slots: [Option<BranchSlot>; 7],
+    /// Keep activations for backward (false when nothing upstream can need gradients).
+    save: bool,
+    saved: Mutex<Option<SavedAny>>,
+}
+
+/// One projection's weight dims `(out, in)`.
+fn dims_of(block: &Block, p: usize) -> candle_core::Result<(usize, usize)> {
+    block.projections[p]
+        .weight
+        .dims()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
+impl BlockOp {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        block: Block,
+        eps: f64,
+        hidden: usize,
+        q_width: usize,
+        kv_width: usize,
+        attention: AttentionOp,
+        slots: [Option<BranchSlot>; 7],
+        save: bool,
+    ) -> Self {
+        Self {
+            block,
+            eps,
+            hidden,
+            q_width,
+            kv_width,
+            attention,
+            slots,
+            save,
+            saved: Mutex::new(None),
+        }
+    }
+
+    fn branch<'a, T: Elem>(&self, p: usize, a: &'a [T], b: &'a [T]) -> Option<Branch<'a, T>> {
+        let (out, inp) = dims_of(&self.block, p).ok()?;
+        self.slots[p].map(|s| Branch {
+            a: &a[s.a_offset..s.a_offset + s.rank * inp],
+            b: &b[s.b_offset..s.b_offset + out * s.rank],
+            r: s.rank,
+            scale: s.scale,
+            mask: s.mask,
+        })
+    }
+
+    /// `y (+)= x·Wᵀ + bias + LoRA` for projection `p` over `rows` rows; returns the LoRA
+    /// intermediate (empty without an adapter on `p`).
+    #[allow(clippy::too_many_arguments)]
+    fn project<T: Elem>(
+        &self,
+        p: usize,
+        x: &[T],
+        rows: usize,
+        y: &mut [T],
+        accumulate: bool,
+        a: &[T],
+        b: &[T],
+    ) -> candle_core::Result<Vec<T>> {
+        let proj = &self.block.projections[p];
+        let (out, inp) = dims_of(&self.block, p)?;
+        let mut accumulate = accumulate;
+        if let Some(bias) = &proj.bias {
+            let bias = bias.to_vec1::<T>()?;
+            y.par_chunks_mut(out).for_each(|row| {
+                for (v, b) in row.iter_mut().zip(&bias) {
+                    *v = if accumulate { *v + *b } else { *b };
+                }
+            });
+            accumulate = true;
+        }
+        proj.weight.cpu_product(y, x, rows, true, accumulate)?;
+        match self.branch(p, a, b) {
+            Some(br) => br.forward(y, x, rows, inp, out),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Backward of projection `p` for its output gradient `dy`: `dx (+)= dy·W + LoRA part`
+    /// when `dx` is given, and the factor gradients into the flat `da`/`db`.
+    #[allow(clippy::too_many_arguments)]
+    fn project_back<T: Elem>(
+        &self,
+        p: usize,
+        x: &[T],
+        dy: &[T],
+        rows: usize,
+        low: &[T],
+        dx: Option<(&mut [T], bool)>,
+        [a, b]: [&[T]; 2],
+        da: &mut [T],
+        db: &mut [T],
+    ) -> candle_core::Result<()> {
+        let (out, inp) = dims_of(&self.block, p)?;
+        let dx = match dx {
+            Some((dx, accumulate)) => {
+                self.block.projections[p]
+                    .weight
+                    .cpu_product(dx, dy, rows, false, accumulate)?;
+                Some(dx)
+            }
+            None => None,
+        };
+        if let (Some(br), Some(s)) = (self.branch(p, a, b), self.slots[p]) {
+            let da = &mut da[s.a_offset..s.a_offset + s.rank * inp];
+            let db = &mut db[s.b_offset..s.b_offset + out * s.rank];
+            br.backward(dy, x, low, rows, inp, out, da, db, dx)?;
+        }
+        Ok(())
+    }
+
+    fn norm<T: Elem>(&self, w: &Tensor, x: &[T]) -> candle_core::Result<Vec<T>> {
+        let w = w.to_vec1::<T>()?;
+        let mut y = output_buffer(x.len());
+        rms_norm::forward_into(x, &w, &mut y, self.eps);
+        Ok(y)
+    }
+
+    /// `[B, T, width]` dims for the attention kernel.
+    fn attn_dims(&self, b: usize, t: usize) -> [Vec<usize>; 3] {
+        [
+            vec![b, t, self.q_width],
+            vec![b, t, self.kv_width],
+            vec![b, t, self.kv_width],
+        ]
+    }
+
+    fn fwd<T: SavedElem>(
+        &self,
+        [(xs, xl), (a_s, al), (bs, bl)]: [(&CpuStorage, &Layout); 3],
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let [b_sz, t, h] = xl.dims() else {
+            bail!("decoder block: x must be [B, T, H], got {:?}", xl.dims());
+        };
+        let (b_sz, t, h) = (*b_sz, *t, *h);
+        if h != self.hidden {
+            bail!("decoder block: hidden size {h}, expected {}", self.hidden);
+        }
+        let rows = b_sz * t;
+        let x = contiguous_slice::<T>(xs, xl)?;
+        let a = contiguous_slice::<T>(a_s, al)?;
+        let b = contiguous_slice::<T>(bs, bl)?;
+        let width = |p: usize| dims_of(&self.block, p).map(|(out, _)| out);
+        let mut lows: [Vec<T>; 7] = Default::default();
+
+        let h1 = self.norm(&self.block.input_layernorm, x)?;
+        let mut qkv = [0, 1, 2].map(|_| Vec::new());
+        for (p, y) in qkv.iter_mut().enumerate() {
+            *y = output_buffer(rows * width(p)?);
+            lows[p] = self.project(p, &h1, rows, y, false, a, b)?;
+        }
+        drop(h1);
+        let [q, k, v] = qkv;
+        let dims = self.attn_dims(b_sz, t);
+        let attn = self
+            .attention
+            .forward_slices([&dims[0], &dims[1], &dims[2]], &q, &k, &v)?;
+        // x_mid = x + o(attn)
+        let mut x_mid = x.to_vec();
+        lows[3] = self.project(3, &attn, rows, &mut x_mid, true, a, b)?;
+
+        let h2 = self.norm(&self.block.post_attention_layernorm, &x_mid)?;
+        let mut gate = output_buffer(rows * width(4)?);
+        lows[4] = self.project(4, &h2, rows, &mut gate, false, a, b)?;
+        let mut up = output_buffer(rows * width(5)?);
+        lows[5] = self.project(5, &h2, rows, &mut up, false, a, b)?;
+        drop(h2);
+        let mut act = output_buffer(gate.len());
+        silu_mul::forward_into(&gate, &up, &mut act);
+        // out = x_mid + down(act)
+        let mut out = x_mid.clone();
+        lows[6] = self.project(6, &act, rows, &mut out, true, a, b)?;
+
+        if self.save {
+            let saved = Saved {
+                q,
+                k,
+                v,
+                attn,
+                x_mid,
+                gate,
+                up,
+                act,
+                lows,
+            };
+            *self.saved.lock().map_err(|_| poisoned())? = Some(T::wrap(saved));
+        }
+        Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd_t<T: SavedElem>(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b_sz, t, h) = x.dims3()?;
+        let rows = b_sz * t;
+        let need_dx = x.track_op();
+        let guard = self.saved.lock().map_err(|_| poisoned())?;
+        let s = guard.as_ref().and_then(T::unwrap).ok_or_else(|| {
+            candle_core::Error::Msg("decoder block: backward before forward".into())
+        })?;
+        let (w_in, w_post) = (
+            self.block.input_layernorm.to_vec1::<T>()?,
+            self.block.post_attention_layernorm.to_vec1::<T>()?,
+        );
+        let grads = with_cpu_slices::<T, _>(&[x, a, b, dy], |sl| {
+            let (x, a, b, dy) = (sl[0], sl[1], sl[2], sl[3]);
+            let ab = [a, b];
+            // Every adapted projection writes its whole region; the rest stays 0.
+            let (mut da, mut db) = (vec![T::ZERO; a.len()], vec![T::ZERO; b.len()]);
+
+            // MLP: down, SwiGLU, gate + up into one dh2.
+            let mut d_act = output_buffer(s.act.len());
+            let d_act_out = Some((&mut d_act[..], false));
+            self.project_back(
+                6, &s.act, dy, rows, &s.lows[6], d_act_out, ab, &mut da, &mut db,
+            )?;
+            let (mut dgate, mut dup) = (output_buffer(s.gate.len()), output_buffer(s.up.len()));
+            silu_mul::backward_into(&s.gate, &s.up, &d_act, &mut dgate, &mut dup);
+            drop(d_act);
+            let h2 = self.norm(&self.block.post_attention_layernorm, &s.x_mid)?;
+            let mut dh2 = output_buffer(rows * h);
+            let out = Some((&mut dh2[..], false));
+            self.project_back(4, &h2, &dgate, rows, &s.lows[4], out, ab, &mut da, &mut db)?;
+            let out = Some((&mut dh2[..], true));
+            self.project_back(5, &h2, &dup, rows, &s.lows[5], out, ab, &mut da, &mut db)?;
+            drop((h2, dgate, dup));
+            // dx_mid = dy + rms_norm'(dh2)
+            let mut dx_mid = output_buffer(rows * h);
+            rms_norm::backward_into(&s.x_mid, &w_post, &dh2, &mut dx_mid, self.eps);
+            add_into(&mut dx_mid, dy);
+            drop(dh2);
+
+            // Attention: o, then the kernel's backward, then q/k/v into one dh1.
+            let mut dattn = output_buffer(s.attn.len());
+            let out = Some((&mut dattn[..], false));
+            self.project_back(
+                3, &s.attn, &dx_mid, rows, &s.lows[3], out, ab, &mut da, &mut db,
+            )?;
+            let dims = self.attn_dims(b_sz, t);
+            let (dq, dk, dv) = self
+                .attention
+                .backward_slices([&dims[0], &dims[1], &dims[2]], [&s.q, &s.k, &s.v, &dattn])?;
+            drop(dattn);
+            let h1 = self.norm(&self.block.input_layernorm, x)?;
+            let mut dh1 = need_dx.then(|| output_buffer(rows * h));
+            for (p, dp) in [(0, &dq), (1, &dk), (2, &dv)] {
+                let out = dh1.as_deref_mut().map(|d| (d, p > 0));
+                self.project_back(p, &h1, dp, rows, &s.lows[p], out, ab, &mut da, &mut db)?;
+            }
+            // dx = dx_mid + rms_norm'(dh1)
+            let dx = match dh1 {
+                Some(dh1) => {
+                    let mut dx = output_buffer(rows * h);
+                    rms_norm::backward_into(x, &w_in, &dh1, &mut dx, self.eps);
+                    add_into(&mut dx, &dx_mid);
+                    Some(dx)
+                }
+                None => None,
+            };
+            Ok((dx, da, db))
+        })?;
+        drop(guard);
+        let (dx, da, db) = grads;
+        Ok((
+            dx.map(|dx| tensor_from_vec(dx, x.dims())).transpose()?,
+            a.track_op()
+                .then(|| tensor_from_vec(da, a.dims()))
+                .transpose()?,
+            b.track_op()
+                .then(|| tensor_from_vec(db, b.dims()))
+                .transpose()?,
+        ))
+    }
+}
+
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("decoder block: saved state poisoned by an earlier panic".into())
+}
+
+/// `y += x`, in parallel.
+fn add_into<T: Elem>(y: &mut [T], x: &[T]) {
+    y.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y += *x));
+}
+
+impl CustomOp3 for BlockOp {
+    fn name(&self) -> &'static str {
+        "peft-decoder-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let storages = [(xs, xl), (a_s, al), (bs, bl)];
+        match xs {
+            CpuStorage::F32(_) => self.fwd::<f32>(storages),
+            CpuStorage::F64(_) => self.fwd::<f64>(storages),
+            _ => bail!("decoder block: the fused op supports f32 and f64"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        match x.dtype() {
+            DType::F32 => self.bwd_t::<f32>(x, a, b, dy),
+            DType::F64 => self.bwd_t::<f64>(x, a, b, dy),
+            dt => bail!("decoder block: no fused backward for {dt:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use rand::SeedableRng;
+
+    use crate::lora::{LoraAdapter, LoraConfig, TargetModules};
+    use crate::model::decoder::{Dropout, ForwardContext};
+    use crate::model::random::{random_decoder, tiny_config};
+
+    /// The fused block against the per-op graph (f64): hidden states, and the gradients of a
+    /// random projection of them for every LoRA factor.
+    fn compare(qkv_bias: bool, lora: LoraConfig, padded: bool) {
+        let device = Device::Cpu;
+        let config = tiny_config(qkv_bias);
+        let mut decoder = random_decoder(&config, 5, DType::F64, None, &device).unwrap();
+        let adapter = LoraAdapter::init(&lora, &config, 3, DType::F64, &device).unwrap();
+        for (k, var) in adapter.vars().into_iter().enumerate() {
+            let values: Vec<f64> = (0..var.elem_count())
+                .map(|i| 0.2 * ((i as f64) * 0.61 + k as f64 * 0.9).sin())
+                .collect();
+            var.set(&Tensor::from_vec(values, var.dims(), &device).unwrap())
+                .unwrap();
+        }
+        let (b, t) = (2, 7);
+        let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % 45 + 3) as u32).collect();
+        let ids = Tensor::from_vec(ids, (b, t), &device).unwrap();
+        let mask = padded.then(|| {
+            let m: Vec<f32> = (0..b * t).map(|i| f32::from(i < b * t - 2)).collect();
+            Tensor::from_vec(m, (b, t), &device).unwrap()
+        });
+        let r = Tensor::randn(0f64, 1.0, (b, t, config.hidden_size), &device).unwrap();
+        let run = |decoder: &crate::model::Decoder| {
+            let mut dropout = Dropout {
+                p: lora.lora_dropout,
+                rng: rand::rngs::StdRng::seed_from_u64(11),
+            };
+            let mut ctx = ForwardContext {
+                adapter: Some(&adapter),
+                dropout: Some(&mut dropout),
+                cache: None,
+            };
+            let hidden = decoder
+                .forward_hidden(&ids, mask.as_ref(), &mut ctx)
+                .unwrap();
+            let grads = (&hidden * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let mut out = vec![flat(&hidden)];
+            for (key, var) in adapter.named_vars() {
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{key}: no grad"));
+                out.push(flat(g));
+            }
+            out
+        };
+        let fused = run(&decoder);
+        decoder.set_block_fusion(false);
+        let reference = run(&decoder);
+        assert_eq!(fused.len(), reference.len());
+        for (i, (f, r)) in fused.iter().zip(&reference).enumerate() {
+            let scale = r.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+            let diff = f.iter().zip(r).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff <= 1e-10 * scale,
+                "tensor {i}: max diff {diff:e} (scale {scale:e})"
+            );
+            assert!(r.iter().any(|v| *v != 0.0), "tensor {i} is all zero");
+        }
+    }
+
+    #[test]
+    fn fused_block_matches_per_op_graph() {
+        let all = LoraConfig {
+            r: 3,
+            lora_alpha: 6.0,
+            lora_dropout: 0.0,
+            ..Default::default()
+        };
+        compare(false, all.clone(), false);
+        // qwen2 biases, dropout on every branch, a padded row.
+        compare(
+            true,
+            LoraConfig {
+                lora_dropout: 0.3,
+                ..all.clone()
+            },
+            true,
+        );
+        // Some projections and only the top layer adapted: the lower block runs without
+        // factors and without saving activations, the upper one mixes plain and adapted ones.
+        compare(
+            false,
+            LoraConfig {
+                target_modules: TargetModules::parse("q_proj,v_proj,down_proj").unwrap(),
+                layers_to_transform: Some(vec![1]),
+                ..all
+            },
+            true,
+        );
+    }
+}
