@@ -32,7 +32,7 @@ pub(crate) struct BranchSlot {
 }
 
 /// What backward needs from forward (the normed inputs are recomputed: one cheap pass each).
-struct Saved<T> {
+pub(crate) struct Saved<T> {
     q: Vec<T>,
     k: Vec<T>,
     v: Vec<T>,
@@ -45,7 +45,7 @@ struct Saved<T> {
     lows: [Vec<T>; 7],
 }
 
-enum SavedAny {
+pub(crate) enum SavedAny {
     F32(Saved<f32>),
     F64(Saved<f64>),
 }
@@ -56,43 +56,38 @@ trait SavedElem: Elem {
     fn unwrap(s: &SavedAny) -> Option<&Saved<Self>>;
 }
 
-impl SavedElem for f32 {
-    fn wrap(s: Saved<Self>) -> SavedAny {
-        SavedAny::F32(s)
-    }
-    fn unwrap(s: &SavedAny) -> Option<&Saved<Self>> {
-        match s {
-            SavedAny::F32(s) => Some(s),
-            SavedAny::F64(_) => None,
+macro_rules! saved_elem {
+    ($t:ty, $variant:ident, $other:ident) => {
+        impl SavedElem for $t {
+            fn wrap(s: Saved<Self>) -> SavedAny {
+                SavedAny::$variant(s)
+            }
+            fn unwrap(s: &SavedAny) -> Option<&Saved<Self>> {
+                match s {
+                    SavedAny::$variant(s) => Some(s),
+                    SavedAny::$other(_) => None,
+                }
+            }
         }
-    }
+    };
 }
+saved_elem!(f32, F32, F64);
+saved_elem!(f64, F64, F32);
 
-impl SavedElem for f64 {
-    fn wrap(s: Saved<Self>) -> SavedAny {
-        SavedAny::F64(s)
-    }
-    fn unwrap(s: &SavedAny) -> Option<&Saved<Self>> {
-        match s {
-            SavedAny::F64(s) => Some(s),
-            SavedAny::F32(_) => None,
-        }
-    }
-}
-
-/// The block op; build it with [`BlockOp::new`] and apply it to `(x, a_flat, b_flat)`.
+/// The block op, applied to `(x, a_flat, b_flat)`.
 pub(crate) struct BlockOp {
-    block: Block,
-    eps: f64,
+    pub block: Block,
+    pub eps: f64,
     /// Widths: hidden, q (heads·D), k/v (kv heads·D).
-    hidden: usize,
-    q_width: usize,
-    kv_width: usize,
-    attention: AttentionOp,
-    slots: [Option<BranchSlot>; 7],
+    pub hidden: usize,
+    pub q_width: usize,
+    pub kv_width: usize,
+    pub attention: AttentionOp,
+    pub slots: [Option<BranchSlot>; 7],
     /// Keep activations for backward (false when nothing upstream can need gradients).
-    save: bool,
-    saved: Mutex<Option<SavedAny>>,
+    pub save: bool,
+    /// Filled by forward when `save`.
+    pub saved: Mutex<Option<SavedAny>>,
 }
 
 /// One projection's weight dims `(out, in)`.
@@ -104,30 +99,6 @@ fn dims_of(block: &Block, p: usize) -> candle_core::Result<(usize, usize)> {
 }
 
 impl BlockOp {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        block: Block,
-        eps: f64,
-        hidden: usize,
-        q_width: usize,
-        kv_width: usize,
-        attention: AttentionOp,
-        slots: [Option<BranchSlot>; 7],
-        save: bool,
-    ) -> Self {
-        Self {
-            block,
-            eps,
-            hidden,
-            q_width,
-            kv_width,
-            attention,
-            slots,
-            save,
-            saved: Mutex::new(None),
-        }
-    }
-
     fn branch<'a, T: Elem>(&self, p: usize, a: &'a [T], b: &'a [T]) -> Option<Branch<'a, T>> {
         let (out, inp) = dims_of(&self.block, p).ok()?;
         self.slots[p].map(|s| Branch {

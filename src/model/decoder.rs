@@ -461,17 +461,17 @@ impl Decoder {
         let (a_flat, b_flat) = (flat(&a_parts)?, flat(&b_parts)?);
         let hd = cfg.head_dim;
         let scale = 1.0 / (hd as f64).sqrt();
-        let attention = ops::rope_attention_kernel(cos, sin, key_padding, scale, t)?;
-        let op = BlockOp::new(
-            block.clone(),
-            cfg.rms_norm_eps,
-            cfg.hidden_size,
-            cfg.num_attention_heads * hd,
-            cfg.num_key_value_heads * hd,
-            attention,
+        let op = BlockOp {
+            block: block.clone(),
+            eps: cfg.rms_norm_eps,
+            hidden: cfg.hidden_size,
+            q_width: cfg.num_attention_heads * hd,
+            kv_width: cfg.num_key_value_heads * hd,
+            attention: ops::rope_attention_kernel(cos, sin, key_padding, scale, t)?,
             slots,
-            x.track_op() || !a_parts.is_empty(),
-        );
+            save: x.track_op() || !a_parts.is_empty(),
+            saved: Default::default(),
+        };
         Ok(Some(x.contiguous()?.apply_op3(&a_flat, &b_flat, op)?))
     }
 }
