@@ -10,6 +10,12 @@
 //! projections produce (no transposes or copies around the op). With rope, rotated q/k heads
 //! are recomputed per task into [T, D] scratch in both passes (O(T·D) against the O(T²·D)
 //! attention work) instead of being stored.
+//!
+//! f32 on CPUs with AVX-512 takes [`fast`]: the products run through register-tiled micro-
+//! kernels written for these shapes (k = D or a 64-row query block; the `gemm` crate's per-call
+//! packing and dispatch dominated them), with K and V packed once per task, causal skipping
+//! per 8-row micro-tile rather than per query block, and 16-wide softmax passes. Everything
+//! else (f64, other CPUs) takes the generic path through the `gemm` crate.
 
 use super::gemm::{gemm_raw, View};
 use super::kernel::{
