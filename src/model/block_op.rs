@@ -423,7 +423,9 @@ mod tests {
             let m: Vec<f32> = (0..b * t).map(|i| f32::from(i < b * t - 2)).collect();
             Tensor::from_vec(m, (b, t), &device).unwrap()
         });
-        let r = Tensor::randn(0f64, 1.0, (b, t, config.hidden_size), &device).unwrap();
+        let n = b * t * config.hidden_size;
+        let r: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).cos()).collect();
+        let r = Tensor::from_vec(r, (b, t, config.hidden_size), &device).unwrap();
         let run = |decoder: &crate::model::Decoder| {
             let mut dropout = Dropout {
                 p: lora.lora_dropout,
