@@ -232,3 +232,4 @@ pub(crate) fn weight_product<T: Elem>(
         }
     }
 }
+
