@@ -4,6 +4,20 @@ mod cli;
 
 use clap::Parser;
 
+/// Runs the command on a rayon worker thread rather than on `main`: every parallel region
+/// (thousands per training step) then starts by work-stealing from a thread that takes part in
+/// it, instead of injecting a job into the pool and putting `main` to sleep until it is done.
+fn run_on_worker(args: cli::Cli) -> anyhow::Result<()> {
+    match rayon::ThreadPoolBuilder::new()
+        // The command's own stack: candle's backward walks the graph recursively.
+        .stack_size(64 << 20)
+        .build()
+    {
+        Ok(pool) => pool.install(|| cli::run(args)),
+        Err(_) => cli::run(args),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     // Reuse large tensor buffers instead of faulting in fresh zeroed pages for every op
@@ -12,7 +26,7 @@ fn main() -> std::process::ExitCode {
         peft_wit::ops::tune_glibc_malloc();
     }
     peft_wit::ops::limit_candle_spinning();
-    match cli::run(args) {
+    match run_on_worker(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");

@@ -16,7 +16,9 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::{FrozenWeight, LoraPair};
 use crate::ops::gemm::{gemm, View};
-use crate::ops::kernel::{contiguous_slice, output_buffer, tensor_from_vec, with_cpu_slices, Elem};
+use crate::ops::kernel::{
+    contiguous_slice, output_buffer, par_copy, tensor_from_vec, with_cpu_slices, Elem,
+};
 use crate::Result;
 use rayon::prelude::*;
 
@@ -264,7 +266,7 @@ impl<T: Elem> Branch<'_, T> {
         match &self.mask {
             None => Cow::Borrowed(x),
             Some(mask) => {
-                let mut out = x.to_vec();
+                let mut out = par_copy(x);
                 mask.apply(&mut out);
                 Cow::Owned(out)
             }

@@ -17,7 +17,9 @@ use rayon::prelude::*;
 
 use super::decoder::Block;
 use crate::lora::{Branch, DropoutMask};
-use crate::ops::kernel::{contiguous_slice, output_buffer, tensor_from_vec, with_cpu_slices, Elem};
+use crate::ops::kernel::{
+    contiguous_slice, output_buffer, par_copy, tensor_from_vec, with_cpu_slices, Elem,
+};
 use crate::ops::{rms_norm, silu_mul, AttentionOp};
 
 /// Where one adapted projection's factors sit in the flat A and B inputs.
@@ -222,7 +224,7 @@ impl BlockOp {
             .attention
             .forward_slices([&dims[0], &dims[1], &dims[2]], &q, &k, &v)?;
         // x_mid = x + o(attn)
-        let mut x_mid = x.to_vec();
+        let mut x_mid = par_copy(x);
         lows[3] = self.project(3, &attn, rows, &mut x_mid, true, a, b)?;
 
         let h2 = self.norm(&self.block.post_attention_layernorm, &x_mid)?;
@@ -234,7 +236,7 @@ impl BlockOp {
         let mut act = output_buffer(gate.len());
         silu_mul::forward_into(&gate, &up, &mut act);
         // out = x_mid + down(act)
-        let mut out = x_mid.clone();
+        let mut out = par_copy(&x_mid);
         lows[6] = self.project(6, &act, rows, &mut out, true, a, b)?;
 
         if self.save {

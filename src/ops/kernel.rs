@@ -3,6 +3,7 @@
 //! a second time with AVX2+FMA and picked at run time).
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor, WithDType};
+use rayon::prelude::*;
 
 /// Float element types the fused CPU kernels support (f32 for training, f64 for grad checks).
 pub(crate) trait Elem: WithDType {
@@ -223,6 +224,16 @@ pub(crate) fn output_buffer<T: Elem>(n: usize) -> Vec<T> {
         v.set_len(n)
     };
     v
+}
+
+/// A copy of `src`, made in parallel (a serial memcpy of an activation leaves the other
+/// cores idle).
+pub(crate) fn par_copy<T: Elem>(src: &[T]) -> Vec<T> {
+    let mut out = output_buffer(src.len());
+    out.par_chunks_mut(1 << 15)
+        .zip(src.par_chunks(1 << 15))
+        .for_each(|(o, s)| o.copy_from_slice(s));
+    out
 }
 
 /// Rows per rayon task: big enough to amortise scheduling (≥ ~16K elements), small enough to
