@@ -232,4 +232,3 @@ pub(crate) fn weight_product<T: Elem>(
         }
     }
 }
-
