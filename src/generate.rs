@@ -73,6 +73,7 @@ pub fn generate(
         let mut ctx = ForwardContext {
             adapter,
             cache: Some(&mut cache),
+            no_grad: true,
             ..Default::default()
         };
         let hidden = decoder.forward_hidden(&ids, None, &mut ctx)?;

@@ -132,7 +132,10 @@ pub fn position_nll(
 ) -> Result<Vec<(usize, f32)>> {
     let device = decoder.device();
     let (ids, mask) = batch_tensors(batch, device)?;
-    let hidden = decoder.forward_hidden(&ids, mask.as_ref(), ctx)?.detach();
+    let grad_mode = std::mem::replace(&mut ctx.no_grad, true);
+    let hidden = decoder.forward_hidden(&ids, mask.as_ref(), ctx);
+    ctx.no_grad = grad_mode;
+    let hidden = hidden?.detach();
     let (rows, targets, _) = weighted_positions(batch);
     if rows.is_empty() {
         return Ok(Vec::new());

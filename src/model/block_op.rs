@@ -436,7 +436,7 @@ mod tests {
             let mut ctx = ForwardContext {
                 adapter: Some(&adapter),
                 dropout: Some(&mut dropout),
-                cache: None,
+                ..Default::default()
             };
             let hidden = decoder
                 .forward_hidden(&ids, mask.as_ref(), &mut ctx)
@@ -458,6 +458,23 @@ mod tests {
             out
         };
         let fused = run(&decoder);
+        // Evaluation mode: the same hidden states, and no graph to backpropagate through.
+        let mut ctx = ForwardContext {
+            adapter: Some(&adapter),
+            no_grad: true,
+            ..Default::default()
+        };
+        let hidden = decoder
+            .forward_hidden(&ids, mask.as_ref(), &mut ctx)
+            .unwrap();
+        assert!(
+            !hidden.track_op(),
+            "a no_grad forward must not build a graph"
+        );
+        if lora.lora_dropout == 0.0 {
+            let h: Vec<f64> = hidden.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(h, fused[0], "no_grad changes the forward pass");
+        }
         decoder.set_block_fusion(false);
         let reference = run(&decoder);
         assert_eq!(fused.len(), reference.len());

@@ -81,6 +81,10 @@ pub struct ForwardContext<'a> {
     /// Training-time dropout on LoRA inputs; `None` in evaluation.
     pub dropout: Option<&'a mut Dropout>,
     pub cache: Option<&'a mut KvCache>,
+    /// Evaluation and generation: nothing will call backward, so no block keeps activations or
+    /// a graph through the adapter beyond its own step (peak memory is one block's, not the
+    /// whole stack's).
+    pub no_grad: bool,
 }
 
 /// How attention is masked in one forward pass.
@@ -188,6 +192,11 @@ impl Decoder {
         let (cos, sin) = self.rope.slice(offset, t)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             x = self.block_forward(layer, block, &x, &attention, &cos, &sin, ctx)?;
+            if ctx.no_grad {
+                // Each block's graph (through the adapter's vars) is dropped as soon as the
+                // next block has its input.
+                x = x.detach();
+            }
         }
         Ok(x)
     }
@@ -362,7 +371,9 @@ impl Decoder {
                         k = Tensor::cat(&[pk, &k], 2)?;
                         v = Tensor::cat(&[pv, &v], 2)?;
                     }
-                    cache.layers[layer] = Some((k.clone(), v.clone()));
+                    // Cached without their graph: decoding never differentiates through
+                    // earlier tokens, and an attached cache keeps every step's graph alive.
+                    cache.layers[layer] = Some((k.detach(), v.detach()));
                 }
                 let n_rep = nh / nkv;
                 let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
@@ -458,7 +469,10 @@ impl Decoder {
                 _ => Tensor::cat(parts, 0)?,
             })
         };
-        let (a_flat, b_flat) = (flat(&a_parts)?, flat(&b_parts)?);
+        let (mut a_flat, mut b_flat) = (flat(&a_parts)?, flat(&b_parts)?);
+        if ctx.no_grad {
+            (a_flat, b_flat) = (a_flat.detach(), b_flat.detach());
+        }
         let hd = cfg.head_dim;
         let scale = 1.0 / (hd as f64).sqrt();
         let op = BlockOp {
@@ -469,7 +483,7 @@ impl Decoder {
             kv_width: cfg.num_key_value_heads * hd,
             attention: ops::rope_attention_kernel(cos, sin, key_padding, scale, t)?,
             slots,
-            save: x.track_op() || !a_parts.is_empty(),
+            save: !ctx.no_grad && (x.track_op() || !a_parts.is_empty()),
             saved: Default::default(),
         };
         Ok(Some(x.contiguous()?.apply_op3(&a_flat, &b_flat, op)?))
@@ -479,4 +493,39 @@ impl Decoder {
 /// Index of a projection name in [`PROJECTIONS`].
 pub fn projection_index(name: &str) -> Option<usize> {
     PROJECTIONS.iter().position(|&p| p == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::LoraConfig;
+    use crate::model::random::{random_decoder, tiny_config};
+
+    /// Cached keys/values carry no graph (an attached cache would keep every decoding step's
+    /// graph through the adapter alive: gigabytes over a long generation), and a no_grad pass
+    /// returns untracked hidden states on the cached path too.
+    #[test]
+    fn kv_cache_and_no_grad_keep_no_graph() {
+        let device = Device::Cpu;
+        let config = tiny_config(false);
+        let decoder = random_decoder(&config, 3, DType::F32, None, &device).unwrap();
+        let adapter =
+            LoraAdapter::init(&LoraConfig::default(), &config, 1, DType::F32, &device).unwrap();
+        let mut cache = KvCache::new(config.num_hidden_layers);
+        for (step, no_grad) in [(0, false), (1, true)] {
+            let ids = Tensor::from_vec(vec![3u32 + step, 4, 5], (1, 3), &device).unwrap();
+            let mut ctx = ForwardContext {
+                adapter: Some(&adapter),
+                cache: Some(&mut cache),
+                no_grad,
+                ..Default::default()
+            };
+            let hidden = decoder.forward_hidden(&ids, None, &mut ctx).unwrap();
+            assert_eq!(hidden.track_op(), !no_grad);
+        }
+        assert_eq!(cache.len(), 6);
+        for (k, v) in cache.layers.iter().flatten() {
+            assert!(!k.track_op() && !v.track_op(), "cached k/v carry a graph");
+        }
+    }
 }
