@@ -101,15 +101,30 @@ fn dims_of(block: &Block, p: usize) -> candle_core::Result<(usize, usize)> {
 }
 
 impl BlockOp {
-    fn branch<'a, T: Elem>(&self, p: usize, a: &'a [T], b: &'a [T]) -> Option<Branch<'a, T>> {
-        let (out, inp) = dims_of(&self.block, p).ok()?;
-        self.slots[p].map(|s| Branch {
-            a: &a[s.a_offset..s.a_offset + s.rank * inp],
-            b: &b[s.b_offset..s.b_offset + out * s.rank],
+    /// Projection `p`'s LoRA branch over the flat factor inputs, if it is adapted.
+    fn branch<'a, T: Elem>(
+        &self,
+        p: usize,
+        a: &'a [T],
+        b: &'a [T],
+    ) -> candle_core::Result<Option<Branch<'a, T>>> {
+        let Some(s) = self.slots[p] else {
+            return Ok(None);
+        };
+        let (out, inp) = dims_of(&self.block, p)?;
+        let (Some(a), Some(b)) = (
+            a.get(s.a_offset..s.a_offset + s.rank * inp),
+            b.get(s.b_offset..s.b_offset + out * s.rank),
+        ) else {
+            bail!("decoder block: flat LoRA factors too short for projection {p}");
+        };
+        Ok(Some(Branch {
+            a,
+            b,
             r: s.rank,
             scale: s.scale,
             mask: s.mask,
-        })
+        }))
     }
 
     /// `y (+)= x·Wᵀ + bias + LoRA` for projection `p` over `rows` rows; returns the LoRA
@@ -138,7 +153,7 @@ impl BlockOp {
             accumulate = true;
         }
         proj.weight.cpu_product(y, x, rows, true, accumulate)?;
-        match self.branch(p, a, b) {
+        match self.branch(p, a, b)? {
             Some(br) => br.forward(y, x, rows, inp, out),
             None => Ok(Vec::new()),
         }
@@ -169,7 +184,7 @@ impl BlockOp {
             }
             None => None,
         };
-        if let (Some(br), Some(s)) = (self.branch(p, a, b), self.slots[p]) {
+        if let (Some(br), Some(s)) = (self.branch(p, a, b)?, self.slots[p]) {
             let da = &mut da[s.a_offset..s.a_offset + s.rank * inp];
             let db = &mut db[s.b_offset..s.b_offset + out * s.rank];
             br.backward(dy, x, low, rows, inp, out, da, db, dx)?;
