@@ -17,7 +17,8 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use super::{FrozenWeight, LoraPair};
 use crate::ops::gemm::{gemm, View};
 use crate::ops::kernel::{
-    contiguous_slice, output_buffer, par_copy, tensor_from_vec, with_cpu_slices, Elem,
+    add_assign_par, contiguous_slice, output_buffer, par_copy, tensor_from_vec, with_cpu_slices,
+    Elem,
 };
 use crate::Result;
 use rayon::prelude::*;
@@ -347,7 +348,7 @@ impl<T: Elem> Branch<'_, T> {
                     let mut dxin = output_buffer(rows * k);
                     gemm(&mut dxin, dlow_v, a_v, T::ONE, false, true)?;
                     mask.apply(&mut dxin);
-                    dx.par_iter_mut().zip(&dxin).for_each(|(d, g)| *d += *g);
+                    add_assign_par(dx, &dxin);
                 }
             }
         }

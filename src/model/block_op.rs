@@ -18,7 +18,8 @@ use rayon::prelude::*;
 use super::decoder::Block;
 use crate::lora::{Branch, DropoutMask};
 use crate::ops::kernel::{
-    contiguous_slice, output_buffer, par_copy, tensor_from_vec, with_cpu_slices, Elem,
+    add_assign_par, contiguous_slice, output_buffer, par_copy, tensor_from_vec, with_cpu_slices,
+    Elem,
 };
 use crate::ops::{rms_norm, silu_mul, AttentionOp};
 
@@ -192,11 +193,18 @@ impl BlockOp {
         Ok(())
     }
 
-    fn norm<T: Elem>(&self, w: &Tensor, x: &[T]) -> candle_core::Result<Vec<T>> {
-        let w = w.to_vec1::<T>()?;
+    fn norm<T: Elem>(&self, w: &[T], x: &[T]) -> Vec<T> {
         let mut y = output_buffer(x.len());
-        rms_norm::forward_into(x, &w, &mut y, self.eps);
-        Ok(y)
+        rms_norm::forward_into(x, w, &mut y, self.eps);
+        y
+    }
+
+    /// The two norm weights (input, post-attention) as `T`.
+    fn norm_weights<T: Elem>(&self) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+        Ok((
+            self.block.input_layernorm.to_vec1::<T>()?,
+            self.block.post_attention_layernorm.to_vec1::<T>()?,
+        ))
     }
 
     /// `[B, T, width]` dims for the attention kernel.
@@ -225,8 +233,9 @@ impl BlockOp {
         let b = contiguous_slice::<T>(bs, bl)?;
         let width = |p: usize| dims_of(&self.block, p).map(|(out, _)| out);
         let mut lows: [Vec<T>; 7] = Default::default();
+        let (w_in, w_post) = self.norm_weights::<T>()?;
 
-        let h1 = self.norm(&self.block.input_layernorm, x)?;
+        let h1 = self.norm(&w_in, x);
         let mut qkv = [0, 1, 2].map(|_| Vec::new());
         for (p, y) in qkv.iter_mut().enumerate() {
             *y = output_buffer(rows * width(p)?);
@@ -242,7 +251,7 @@ impl BlockOp {
         let mut x_mid = par_copy(x);
         lows[3] = self.project(3, &attn, rows, &mut x_mid, true, a, b)?;
 
-        let h2 = self.norm(&self.block.post_attention_layernorm, &x_mid)?;
+        let h2 = self.norm(&w_post, &x_mid);
         let mut gate = output_buffer(rows * width(4)?);
         lows[4] = self.project(4, &h2, rows, &mut gate, false, a, b)?;
         let mut up = output_buffer(rows * width(5)?);
@@ -286,10 +295,7 @@ impl BlockOp {
         let s = guard.as_ref().and_then(T::unwrap).ok_or_else(|| {
             candle_core::Error::Msg("decoder block: backward before forward".into())
         })?;
-        let (w_in, w_post) = (
-            self.block.input_layernorm.to_vec1::<T>()?,
-            self.block.post_attention_layernorm.to_vec1::<T>()?,
-        );
+        let (w_in, w_post) = self.norm_weights::<T>()?;
         let grads = with_cpu_slices::<T, _>(&[x, a, b, dy], |sl| {
             let (x, a, b, dy) = (sl[0], sl[1], sl[2], sl[3]);
             let ab = [a, b];
@@ -305,7 +311,7 @@ impl BlockOp {
             let (mut dgate, mut dup) = (output_buffer(s.gate.len()), output_buffer(s.up.len()));
             silu_mul::backward_into(&s.gate, &s.up, &d_act, &mut dgate, &mut dup);
             drop(d_act);
-            let h2 = self.norm(&self.block.post_attention_layernorm, &s.x_mid)?;
+            let h2 = self.norm(&w_post, &s.x_mid);
             let mut dh2 = output_buffer(rows * h);
             let out = Some((&mut dh2[..], false));
             self.project_back(4, &h2, &dgate, rows, &s.lows[4], out, ab, &mut da, &mut db)?;
@@ -315,7 +321,7 @@ impl BlockOp {
             // dx_mid = dy + rms_norm'(dh2)
             let mut dx_mid = output_buffer(rows * h);
             rms_norm::backward_into(&s.x_mid, &w_post, &dh2, &mut dx_mid, self.eps);
-            add_into(&mut dx_mid, dy);
+            add_assign_par(&mut dx_mid, dy);
             drop(dh2);
 
             // Attention: o, then the kernel's backward, then q/k/v into one dh1.
@@ -329,7 +335,7 @@ impl BlockOp {
                 .attention
                 .backward_slices([&dims[0], &dims[1], &dims[2]], [&s.q, &s.k, &s.v, &dattn])?;
             drop(dattn);
-            let h1 = self.norm(&self.block.input_layernorm, x)?;
+            let h1 = self.norm(&w_in, x);
             let mut dh1 = need_dx.then(|| output_buffer(rows * h));
             for (p, dp) in [(0, &dq), (1, &dk), (2, &dv)] {
                 let out = dh1.as_deref_mut().map(|d| (d, p > 0));
@@ -340,7 +346,7 @@ impl BlockOp {
                 Some(dh1) => {
                     let mut dx = output_buffer(rows * h);
                     rms_norm::backward_into(x, &w_in, &dh1, &mut dx, self.eps);
-                    add_into(&mut dx, &dx_mid);
+                    add_assign_par(&mut dx, &dx_mid);
                     Some(dx)
                 }
                 None => None,
@@ -363,13 +369,6 @@ impl BlockOp {
 
 fn poisoned() -> candle_core::Error {
     candle_core::Error::Msg("decoder block: saved state poisoned by an earlier panic".into())
-}
-
-/// `y += x`, in parallel.
-fn add_into<T: Elem>(y: &mut [T], x: &[T]) {
-    y.par_chunks_mut(1 << 14)
-        .zip(x.par_chunks(1 << 14))
-        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y += *x));
 }
 
 impl CustomOp3 for BlockOp {

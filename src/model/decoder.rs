@@ -412,24 +412,17 @@ impl Decoder {
         ctx: &mut ForwardContext<'_>,
     ) -> Result<Option<Tensor>> {
         let dtype = x.dtype();
-        let on_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == dtype;
         let pairs: Vec<Option<&LoraPair>> = (0..PROJECTIONS.len())
             .map(|p| ctx.adapter.and_then(|a| a.pair(layer, p)))
             .collect();
+        let mut tensors = vec![x, &block.input_layernorm, &block.post_attention_layernorm];
+        tensors.extend(block.projections.iter().filter_map(|p| p.bias.as_ref()));
+        for pair in pairs.iter().flatten() {
+            tensors.extend([pair.a.as_tensor(), pair.b.as_tensor()]);
+        }
         let fusable = self.fuse_blocks
-            && matches!(dtype, DType::F32 | DType::F64)
-            && on_cpu(x)
-            && [&block.input_layernorm, &block.post_attention_layernorm]
-                .into_iter()
-                .all(on_cpu)
-            && block
-                .projections
-                .iter()
-                .all(|p| p.bias.as_ref().is_none_or(on_cpu) && p.weight.is_cpu())
-            && pairs
-                .iter()
-                .flatten()
-                .all(|p| on_cpu(p.a.as_tensor()) && on_cpu(p.b.as_tensor()));
+            && ops::fused(&tensors)
+            && block.projections.iter().all(|p| p.weight.is_cpu());
         if !fusable {
             return Ok(None);
         }

@@ -236,6 +236,13 @@ pub(crate) fn par_copy<T: Elem>(src: &[T]) -> Vec<T> {
     out
 }
 
+/// `y += x` elementwise, in parallel.
+pub(crate) fn add_assign_par<T: Elem>(y: &mut [T], x: &[T]) {
+    y.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y += *x));
+}
+
 /// Rows per rayon task: big enough to amortise scheduling (≥ ~16K elements), small enough to
 /// give every thread a few tasks.
 pub(crate) fn rows_per_task(n_rows: usize, row_len: usize) -> usize {

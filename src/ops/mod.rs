@@ -26,7 +26,7 @@ use candle_core::{DType, Result, Tensor};
 pub use tuning::{limit_candle_spinning, tune_glibc_malloc};
 
 /// True when every tensor is on the CPU and in the same float dtype the fused kernels support.
-fn fused(ts: &[&Tensor]) -> bool {
+pub(crate) fn fused(ts: &[&Tensor]) -> bool {
     let dt = ts[0].dtype();
     matches!(dt, DType::F32 | DType::F64)
         && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dt)
