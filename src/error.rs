@@ -72,6 +72,9 @@ pub enum Error {
     Data(#[from] crate::data::DataError),
 
     #[error(transparent)]
+    Task(#[from] crate::tasks::TaskError),
+
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

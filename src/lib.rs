@@ -4,6 +4,7 @@
 //! - [`model`]: the frozen base (GGUF or Hugging Face layout; dense or kept quantized).
 //! - [`lora`]: trainable low-rank adapters in PEFT's format.
 //! - [`loss`]: the weighted prompt/response loss.
+//! - [`tasks`]: standard benchmarks (MMLU, BBH, GSM8K, IFEval) scored as lm-evaluation-harness does.
 
 pub mod bench;
 pub mod data;
@@ -20,6 +21,7 @@ pub mod ops;
 pub mod plot;
 pub mod registry;
 pub mod sweep;
+pub mod tasks;
 pub mod tokenizer;
 pub mod train;
 

@@ -163,7 +163,154 @@ pub fn run_sweep(
     })
 }
 
+/// The file in an adapter's folder holding its benchmark scores and the settings they were
+/// measured with (a rerun with the same settings reuses them).
+pub const BENCHMARK_FILE: &str = "benchmarks.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct StoredScores {
+    settings: String,
+    scores: BTreeMap<String, f64>,
+}
+
+/// Scores every finished cell on the benchmark `suite` with the base loaded once (each adapter
+/// merged into a dense base, or as a side path on a quantized one), stores the scores beside the
+/// adapter, and adds them to the cells' metrics under the suite's column names (`mmlu`,
+/// `gsm8k:strict-match`, ...). Returns the column names.
+pub fn benchmark_cells(
+    base: &mut BaseModel,
+    registry: &Registry,
+    result: &mut SweepResult,
+    suite: &crate::tasks::Suite,
+) -> Result<Vec<String>> {
+    let settings = suite.settings();
+    let mut columns: Vec<String> = Vec::new();
+    for cell in &mut result.cells {
+        if !registry.contains(&cell.name) || cell.metrics.is_empty() {
+            continue;
+        }
+        let dir = registry.path(&cell.name);
+        let stored_path = dir.join(BENCHMARK_FILE);
+        let stored: Option<StoredScores> = std::fs::read_to_string(&stored_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .filter(|s: &StoredScores| s.settings == settings);
+        let scores = match stored {
+            Some(s) => s.scores,
+            None => {
+                let adapter = crate::lora::load::load_for_base(&dir, base, false)?;
+                let scored = if base.base_dtype == crate::model::BaseDType::Quantized {
+                    suite.evaluate(base, Some(&adapter), &cell.name)?
+                } else {
+                    let unmerge = crate::export::merge_into(&mut base.decoder, &adapter)?;
+                    let scored = suite.evaluate(base, None, &cell.name);
+                    unmerge.restore(&mut base.decoder);
+                    scored?
+                };
+                let scores: BTreeMap<String, f64> = scored
+                    .columns()
+                    .into_iter()
+                    .map(|(l, s, _)| (l, s))
+                    .collect();
+                atomic_write_json(
+                    &stored_path,
+                    &StoredScores {
+                        settings: settings.clone(),
+                        scores: scores.clone(),
+                    },
+                )?;
+                scores
+            }
+        };
+        for label in scores.keys() {
+            if !columns.contains(label) {
+                columns.push(label.clone());
+            }
+        }
+        cell.metrics.extend(scores);
+    }
+    Ok(columns)
+}
+
+/// One row of the paper's summary table: a cell's relative gain over the standard cell
+/// (λp = 0, λr = 1) on each benchmark, and their mean.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GainRow {
+    pub name: String,
+    pub prompt_weight: f32,
+    pub response_weight: f32,
+    /// Benchmark → (score, relative gain in % over the standard cell).
+    pub scores: BTreeMap<String, (f64, Option<f64>)>,
+    pub mean_gain: Option<f64>,
+}
+
 impl SweepResult {
+    /// This sweep judged by another metric (best cell recomputed).
+    pub fn by_metric(&self, metric: &str) -> SweepResult {
+        let better = |a: f64, b: f64| {
+            if higher_is_better(metric) {
+                a > b
+            } else {
+                a < b
+            }
+        };
+        let mut best: Option<(&SweepCell, f64)> = None;
+        for cell in &self.cells {
+            if let Some(&v) = cell.metrics.get(metric) {
+                if v.is_finite() && best.is_none_or(|(_, b)| better(v, b)) {
+                    best = Some((cell, v));
+                }
+            }
+        }
+        SweepResult {
+            metric: metric.to_string(),
+            best: best.map(|(c, _)| c.name.clone()),
+            ..self.clone()
+        }
+    }
+
+    /// The summary table over `benchmarks` (empty when the grid has no standard cell).
+    pub fn gains(&self, benchmarks: &[String]) -> Vec<GainRow> {
+        let standard = self
+            .cells
+            .iter()
+            .find(|c| c.prompt_weight == 0.0 && c.response_weight == 1.0);
+        self.cells
+            .iter()
+            .filter(|c| benchmarks.iter().any(|b| c.metrics.contains_key(b)))
+            .map(|c| {
+                let mut scores = BTreeMap::new();
+                let mut gains = Vec::new();
+                for b in benchmarks {
+                    let Some(&v) = c.metrics.get(b) else { continue };
+                    let gain = standard
+                        .and_then(|s| s.metrics.get(b))
+                        .filter(|s| **s != 0.0)
+                        .map(|s| 100.0 * (v - s) / s.abs());
+                    gains.extend(gain);
+                    scores.insert(b.clone(), (v, gain));
+                }
+                GainRow {
+                    name: c.name.clone(),
+                    prompt_weight: c.prompt_weight,
+                    response_weight: c.response_weight,
+                    scores,
+                    mean_gain: (!gains.is_empty())
+                        .then(|| gains.iter().sum::<f64>() / gains.len() as f64),
+                }
+            })
+            .collect()
+    }
+
+    /// Writes one heatmap per benchmark (`heatmap-<benchmark>.svg`) into `dir`.
+    pub fn write_benchmark_heatmaps(&self, dir: &Path, benchmarks: &[String]) -> Result<()> {
+        for b in benchmarks {
+            let file = format!("heatmap-{}.svg", b.replace([':', '/', ','], "-"));
+            atomic_write(&dir.join(file), self.by_metric(b).heatmap_svg().as_bytes())?;
+        }
+        Ok(())
+    }
+
     /// `values[row = response weight][col = prompt weight]` of the metric (NaN where missing).
     pub fn grid(&self) -> Vec<Vec<f64>> {
         self.response_weights
@@ -238,5 +385,35 @@ mod tests {
         assert_eq!(cell_name("", 0.2, 1.0), "wit-p0.2-r1");
         assert!(!higher_is_better("response_loss"));
         assert!(higher_is_better("exact_match"));
+    }
+
+    #[test]
+    fn relative_gains_over_the_standard_cell() {
+        let cell = |p: f32, r: f32, mmlu: f64, bbh: f64| SweepCell {
+            prompt_weight: p,
+            response_weight: r,
+            name: cell_name("", p, r),
+            status: "trained".into(),
+            metrics: [("mmlu".to_string(), mmlu), ("bbh".to_string(), bbh)].into(),
+        };
+        let result = SweepResult {
+            metric: "response_loss".into(),
+            prompt_weights: vec![0.0, 0.2],
+            response_weights: vec![1.0],
+            cells: vec![cell(0.0, 1.0, 0.40, 0.20), cell(0.2, 1.0, 0.44, 0.19)],
+            best: None,
+            interrupted: false,
+        };
+        let benches = vec!["mmlu".to_string(), "bbh".to_string()];
+        let rows = result.gains(&benches);
+        let wit = &rows[1];
+        assert!((wit.scores["mmlu"].1.unwrap() - 10.0).abs() < 1e-9);
+        assert!((wit.scores["bbh"].1.unwrap() + 5.0).abs() < 1e-9);
+        assert!((wit.mean_gain.unwrap() - 2.5).abs() < 1e-9);
+        assert_eq!(
+            result.by_metric("mmlu").best.as_deref(),
+            Some("wit-p0.2-r1")
+        );
+        assert_eq!(result.by_metric("bbh").best.as_deref(), Some("wit-p0-r1"));
     }
 }

@@ -5,15 +5,17 @@ use std::time::Instant;
 
 use anyhow::Context;
 use peft_wit::data::{self, Format, LoadOptions, LossWeights, OnBadRow};
-use peft_wit::eval::{evaluate_adapter, EvalData, EvalReport, EvalSpec};
+use peft_wit::eval::{evaluate_adapter, AdapterResult, EvalData, EvalReport, EvalSpec};
 use peft_wit::export::merge_into;
 use peft_wit::fsutil::atomic_write;
 use peft_wit::lora::load::load_for_base;
 use peft_wit::model::BaseDType;
 use peft_wit::registry::Registry;
+use peft_wit::tasks::SuiteResult;
 use peft_wit::train::prepare::{build_template, field_map};
 
 use super::common::{load_model, table, ModelArgs};
+use super::tasks::TaskArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,15 +33,18 @@ pub struct Args {
     #[arg(long)]
     registry: Option<PathBuf>,
     /// Evaluation data (JSONL/JSON in any supported format), or `builtin` for the built-in tasks.
-    #[arg(long)]
-    data: String,
+    #[arg(long, required_unless_present = "tasks")]
+    data: Option<String>,
     #[arg(long)]
     prompt_field: Option<String>,
     #[arg(long)]
     response_field: Option<String>,
-    /// Use at most this many examples.
-    #[arg(long, default_value_t = 200)]
-    limit: usize,
+    /// Use at most this many examples (with --tasks: the first N documents of each subtask, as
+    /// the harness's --limit; default all; with --data: default 200).
+    #[arg(long)]
+    limit: Option<usize>,
+    #[command(flatten)]
+    bench: TaskArgs,
     /// Templates to compare (chat, alpaca, raw, or Jinja files); the first is the main one.
     #[arg(long, value_delimiter = ',', default_value = "chat")]
     templates: Vec<String>,
@@ -102,41 +107,84 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
     let base_load_seconds = load_started.elapsed().as_secs_f64();
 
-    let mut examples = if args.data == "builtin" {
-        data::builtin_examples(args.limit, peft_wit::train::prepare::BUILTIN_DATA_SEED + 1)
-    } else {
-        let field_map = field_map(args.prompt_field.as_deref(), args.response_field.as_deref());
-        let opts = LoadOptions {
-            format: Format::Auto,
-            field_map,
-            on_bad_row: OnBadRow::Skip,
+    let data_eval = match &args.data {
+        Some(data_arg) => {
+            let limit = args.limit.unwrap_or(200);
+            let mut examples = if data_arg == "builtin" {
+                data::builtin_examples(limit, peft_wit::train::prepare::BUILTIN_DATA_SEED + 1)
+            } else {
+                let field_map =
+                    field_map(args.prompt_field.as_deref(), args.response_field.as_deref());
+                let opts = LoadOptions {
+                    format: Format::Auto,
+                    field_map,
+                    on_bad_row: OnBadRow::Skip,
+                };
+                let (examples, report) =
+                    data::load_examples(std::path::Path::new(data_arg), &opts)?;
+                eprintln!("data: {report}");
+                examples
+            };
+            examples.truncate(limit);
+            let templates = args
+                .templates
+                .iter()
+                .map(|t| Ok((t.clone(), build_template(t, &base)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let spec = EvalSpec {
+                templates,
+                weights: LossWeights::new(args.prompt_weight, args.response_weight),
+                normalization: peft_wit::loss::Normalization::TokenCount,
+                batch_size: args.batch_size,
+                max_seq_len: args.max_seq_len,
+                generate: args.generate,
+                sensitivity_examples: args.sensitivity,
+            };
+            let eval_data = EvalData::new(&base, examples, &spec)?;
+            Some((spec, eval_data))
+        }
+        None => None,
+    };
+    let n_examples = data_eval.as_ref().map_or(0, |(_, d)| d.examples.len());
+    let suite = args.bench.prepare(&base, args.limit, args.batch_size)?;
+
+    // One model at a time: the data metrics and the benchmark scores under the same weights.
+    let evaluate = |base: &peft_wit::model::BaseModel,
+                    name: &str,
+                    adapter: Option<&peft_wit::lora::LoraAdapter>|
+     -> anyhow::Result<(AdapterResult, Option<SuiteResult>)> {
+        let started = Instant::now();
+        let mut result = match &data_eval {
+            Some((spec, eval_data)) => evaluate_adapter(base, name, adapter, eval_data, spec)?,
+            None => AdapterResult {
+                name: name.to_string(),
+                metrics: Default::default(),
+                per_template: Default::default(),
+                generations: Vec::new(),
+                seconds: 0.0,
+            },
         };
-        let (examples, report) = data::load_examples(std::path::Path::new(&args.data), &opts)?;
-        eprintln!("data: {report}");
-        examples
+        let scores = match &suite {
+            Some(suite) => {
+                let scores = suite.evaluate(base, adapter, name)?;
+                for (label, score, _) in scores.columns() {
+                    result.metrics.insert(label, score);
+                }
+                Some(scores)
+            }
+            None => None,
+        };
+        result.seconds = started.elapsed().as_secs_f64();
+        Ok((result, scores))
     };
-    examples.truncate(args.limit);
-    let templates = args
-        .templates
-        .iter()
-        .map(|t| Ok((t.clone(), build_template(t, &base)?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let spec = EvalSpec {
-        templates,
-        weights: LossWeights::new(args.prompt_weight, args.response_weight),
-        normalization: peft_wit::loss::Normalization::TokenCount,
-        batch_size: args.batch_size,
-        max_seq_len: args.max_seq_len,
-        generate: args.generate,
-        sensitivity_examples: args.sensitivity,
-    };
-    let eval_data = EvalData::new(&base, examples, &spec)?;
-    let n_examples = eval_data.examples.len();
 
     let mut results = Vec::new();
+    let mut suite_results = Vec::new();
     if args.base {
         eprintln!("evaluating base ...");
-        results.push(evaluate_adapter(&base, "base", None, &eval_data, &spec)?);
+        let (r, s) = evaluate(&base, "base", None)?;
+        results.push(r);
+        suite_results.extend(s);
     }
     let mut base = base;
     for name in &names {
@@ -144,21 +192,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let adapter = load_for_base(&dir, &base, args.allow_other_base)
             .with_context(|| format!("loading adapter {}", dir.display()))?;
         eprintln!("evaluating {name} ...");
-        let result = if base.base_dtype == BaseDType::Quantized || args.unmerged {
-            evaluate_adapter(&base, name, Some(&adapter), &eval_data, &spec)?
+        let (r, s) = if base.base_dtype == BaseDType::Quantized || args.unmerged {
+            evaluate(&base, name, Some(&adapter))?
         } else {
             // A dense base evaluates fastest with W + s·B·A merged in place (no low-rank
             // side path); the originals are put back bit-exactly before the next adapter.
             let unmerge = merge_into(&mut base.decoder, &adapter)?;
-            let result = evaluate_adapter(&base, name, None, &eval_data, &spec);
+            let outcome = evaluate(&base, name, None);
             unmerge.restore(&mut base.decoder);
-            result?
+            outcome?
         };
-        results.push(result);
+        results.push(r);
+        suite_results.extend(s);
+    }
+    if let Some(suite) = &suite {
+        args.bench.report(suite, &suite_results, &base.name)?;
     }
     let report = EvalReport {
         model: base.name.clone(),
-        data: args.data.clone(),
+        data: args
+            .data
+            .clone()
+            .unwrap_or_else(|| args.bench.tasks.join(",")),
         examples: n_examples,
         templates: args.templates.clone(),
         base_load_seconds,

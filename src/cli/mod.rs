@@ -10,6 +10,7 @@ mod generate;
 mod merge;
 mod quickstart;
 mod sweep;
+mod tasks;
 mod train;
 
 use clap::{Parser, Subcommand};

@@ -3,10 +3,11 @@
 use std::path::PathBuf;
 
 use peft_wit::registry::Registry;
-use peft_wit::sweep::{parse_weights, run_sweep};
+use peft_wit::sweep::{benchmark_cells, parse_weights, run_sweep};
 use peft_wit::train::{prepare_data, RunOptions};
 
 use super::common::{load_model, stop_on_ctrl_c, table};
+use super::tasks::TaskArgs;
 use super::train::ConfigArgs;
 
 #[derive(clap::Args)]
@@ -32,6 +33,14 @@ pub struct Args {
     /// Retrain cells that already exist.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    bench: TaskArgs,
+    /// With --tasks: the first N documents of each subtask.
+    #[arg(long)]
+    task_limit: Option<usize>,
+    /// With --tasks: sequences decoded together.
+    #[arg(long, default_value_t = 8)]
+    task_batch_size: usize,
     #[arg(long)]
     quiet: bool,
 }
@@ -40,7 +49,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = args.config.resolve()?;
     let prompt_weights = parse_weights(&args.prompt_weights)?;
     let response_weights = parse_weights(&args.response_weights)?;
-    let base = load_model(cfg.model.as_deref(), &cfg.base_dtype, &cfg.device)?;
+    anyhow::ensure!(
+        args.bench.log_samples.is_none() && args.bench.output_path.is_none(),
+        "--log-samples and --output-path belong to `peft-wit eval --tasks ... --adapters <cells>`; a sweep keeps each cell's scores in <registry>/<cell>/{}",
+        peft_wit::sweep::BENCHMARK_FILE
+    );
+    let mut base = load_model(cfg.model.as_deref(), &cfg.base_dtype, &cfg.device)?;
+    // Benchmarks are prepared before training so a bad task or missing data stops the sweep
+    // before hours of training, not after.
+    let suite = args
+        .bench
+        .prepare(&base, args.task_limit, args.task_batch_size)?;
     let data = prepare_data(&cfg, &base)?;
     if !args.quiet {
         for line in &data.report {
@@ -59,7 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         force: args.force,
     };
     let started = std::time::Instant::now();
-    let result = run_sweep(
+    let mut result = run_sweep(
         &base,
         &data,
         &cfg,
@@ -73,10 +92,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let report_dir = args.report_dir.unwrap_or_else(|| {
         registry
             .root()
-            .join("sweeps")
+            .join(".sweeps")
             .join(format!("{}grid", args.prefix))
     });
+    let benchmarks = match &suite {
+        Some(suite) if !result.interrupted => {
+            eprintln!("benchmarks: scoring the finished cells ...");
+            benchmark_cells(&mut base, &registry, &mut result, suite)?
+        }
+        _ => Vec::new(),
+    };
     result.write(&report_dir)?;
+    if !benchmarks.is_empty() {
+        result.write_benchmark_heatmaps(&report_dir, &benchmarks)?;
+        print_gains(&result, &benchmarks);
+    }
     let metric_names = ["response_loss", "wit_loss", "exact_match", "rouge_l"];
     let rows: Vec<Vec<String>> = result
         .cells
@@ -121,4 +151,43 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// The paper's summary table: every cell's score and relative gain over the standard cell
+/// (λp = 0, λr = 1) per benchmark, their mean, and the best cell per benchmark.
+fn print_gains(result: &peft_wit::sweep::SweepResult, benchmarks: &[String]) {
+    let rows = result.gains(benchmarks);
+    let table_rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut row = vec![
+                r.name.clone(),
+                format!("{}", r.prompt_weight),
+                format!("{}", r.response_weight),
+            ];
+            for b in benchmarks {
+                row.push(match r.scores.get(b) {
+                    Some((score, Some(gain))) => format!("{score:.4} ({gain:+.1}%)"),
+                    Some((score, None)) => format!("{score:.4}"),
+                    None => "-".into(),
+                });
+            }
+            row.push(
+                r.mean_gain
+                    .map(|g| format!("{g:+.1}%"))
+                    .unwrap_or_else(|| "-".into()),
+            );
+            row
+        })
+        .collect();
+    let mut header = vec!["adapter", "λp", "λr"];
+    header.extend(benchmarks.iter().map(String::as_str));
+    header.push("mean gain");
+    println!("\nbenchmarks (relative gain over λp=0, λr=1):");
+    println!("{}", table(&header, &table_rows));
+    for b in benchmarks {
+        if let Some(best) = result.by_metric(b).best {
+            println!("best on {b}: {best}");
+        }
+    }
 }

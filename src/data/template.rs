@@ -454,7 +454,7 @@ impl serde_json::ser::Formatter for PyFormatter {
 
 /// The Python string/dict methods chat templates call most (`.strip()`, `.split()`, ...), which
 /// minijinja lacks without `minijinja-contrib`.
-fn pycompat(
+pub(crate) fn pycompat(
     _state: &State,
     value: &Value,
     method: &str,

@@ -72,6 +72,17 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Keeps the first `len` positions (a shared prompt prefix reused for another
+    /// continuation); the tensors are views, nothing is copied.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let keep = len.min(k.dims()[2]);
+            *k = k.narrow(2, 0, keep)?;
+            *v = v.narrow(2, 0, keep)?;
+        }
+        Ok(())
+    }
 }
 
 /// What one forward pass runs with besides its inputs.
@@ -299,7 +310,13 @@ impl Decoder {
                 let zeros = Tensor::zeros((b, total), DType::F32, &self.device)?;
                 let negs = Tensor::full(neg, (b, total), &self.device)?;
                 let pad = keep.where_cond(&zeros, &negs)?.reshape((b, 1, 1, total))?;
-                causal.broadcast_add(&pad)?
+                // A padding position still attends to itself: a query row with every key
+                // masked would be NaN, and its NaN keys would poison the real rows' sums.
+                let own: Vec<f32> = (0..t)
+                    .flat_map(|i| (0..total).map(move |j| if j == offset + i { 0.0 } else { neg }))
+                    .collect();
+                let own = Tensor::from_vec(own, (1, 1, t, total), &self.device)?;
+                causal.broadcast_add(&pad)?.broadcast_maximum(&own)?
             }
         };
         Ok(Some(bias.to_dtype(self.dtype)?))
