@@ -385,3 +385,71 @@ fn eval_command_writes_harness_results_and_samples() {
         "{stderr}"
     );
 }
+
+#[test]
+fn sweep_scores_every_cell_on_benchmarks_with_one_heatmap_each() {
+    let Some(model) = common::real_model() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    task_data(dir.path());
+    let registry = dir.path().join("adapters");
+    let sweep = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_peft-wit"))
+            .args([
+                "sweep",
+                "--prompt-weights",
+                "0,0.5",
+                "--response-weights",
+                "1",
+                "--max-steps",
+                "2",
+            ])
+            .args([
+                "--batch-size",
+                "2",
+                "--tasks",
+                "mmlu_anatomy,mmlu_astronomy",
+                "--task-limit",
+                "2",
+                "--quiet",
+            ])
+            .arg("--model")
+            .arg(&model)
+            .arg("--task-data")
+            .arg(dir.path())
+            .arg("--registry")
+            .arg(&registry)
+            .output()
+            .unwrap()
+    };
+    let run = sweep();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("relative gain over λp=0, λr=1"), "{stdout}");
+    assert!(stdout.contains("best on mmlu:"), "{stdout}");
+    let report = registry.join(".sweeps/grid");
+    let svg = std::fs::read_to_string(report.join("heatmap-mmlu.svg")).unwrap();
+    assert!(svg.starts_with("<svg"));
+    let sweep_json = common::read_json(report.join("sweep.json"));
+    for cell in sweep_json["cells"].as_array().unwrap() {
+        assert!(cell["metrics"]["mmlu"].is_number(), "{cell}");
+    }
+    // The registry lists the cells and nothing else (the report lives in .sweeps/).
+    let scores = registry
+        .join("wit-p0.5-r1")
+        .join(peft_wit::sweep::BENCHMARK_FILE);
+    let written = std::fs::metadata(&scores).unwrap().modified().unwrap();
+    // A rerun with the same settings reuses the stored scores (the file is not rewritten).
+    let again = sweep();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("best on mmlu:"));
+    assert_eq!(
+        std::fs::metadata(&scores).unwrap().modified().unwrap(),
+        written
+    );
+}

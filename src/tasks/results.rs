@@ -10,13 +10,20 @@ use serde_json::{json, Map, Value};
 use super::run::{PreparedTask, TaskOutcome};
 use super::scoring::pooled;
 
+/// A score and its standard error (where the harness reports one).
+pub type Score = (f64, Option<f64>);
+/// Metric key (`"acc,none"`) → score.
+pub type Scores = BTreeMap<String, Score>;
+/// Metric key → (score, standard error, documents behind it).
+pub type SizedScores = BTreeMap<String, (f64, Option<f64>, usize)>;
+
 /// One model's (base or adapter) scores.
 #[derive(Debug, Clone)]
 pub struct SuiteResult {
     pub adapter: String,
     pub tasks: Vec<TaskOutcome>,
     /// Group name → metric key → (score, stderr, size).
-    pub groups: BTreeMap<String, BTreeMap<String, (f64, Option<f64>, usize)>>,
+    pub groups: BTreeMap<String, SizedScores>,
     /// Group name → its direct children (tasks and groups).
     pub group_children: BTreeMap<String, Vec<String>>,
     pub seconds: f64,
@@ -35,8 +42,7 @@ impl SuiteResult {
                 child = g.clone();
             }
         }
-        let mut groups: BTreeMap<String, BTreeMap<String, (f64, Option<f64>, usize)>> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<String, SizedScores> = BTreeMap::new();
         // Innermost groups first: a group's children are done before it.
         let mut pending: Vec<String> = children.keys().cloned().collect();
         while !pending.is_empty() {
@@ -49,7 +55,7 @@ impl SuiteResult {
                 {
                     return true;
                 }
-                let parts: Vec<BTreeMap<String, (f64, Option<f64>, usize)>> = kids
+                let parts: Vec<SizedScores> = kids
                     .iter()
                     .map(|k| match groups.get(k) {
                         Some(m) => m.clone(),
@@ -95,8 +101,8 @@ impl SuiteResult {
 
     /// The top-level units (outermost groups and ungrouped tasks) with their metrics, in the
     /// order the tasks ran.
-    pub fn headline(&self) -> Vec<(String, BTreeMap<String, (f64, Option<f64>)>)> {
-        let mut out: Vec<(String, BTreeMap<String, (f64, Option<f64>)>)> = Vec::new();
+    pub fn headline(&self) -> Vec<(String, Scores)> {
+        let mut out: Vec<(String, Scores)> = Vec::new();
         for t in &self.tasks {
             let unit = t.groups.first().cloned().unwrap_or_else(|| t.task.clone());
             if out.iter().any(|(u, _)| *u == unit) {

@@ -496,7 +496,7 @@ pub struct TaskOutcome {
     pub task: String,
     pub groups: Vec<String>,
     /// `"<metric>,<filter>"` → (score, standard error when the harness reports one).
-    pub metrics: BTreeMap<String, (f64, Option<f64>)>,
+    pub metrics: super::results::Scores,
     pub n: usize,
     pub original_len: usize,
     pub truncated: usize,
