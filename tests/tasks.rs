@@ -453,3 +453,49 @@ fn sweep_scores_every_cell_on_benchmarks_with_one_heatmap_each() {
         written
     );
 }
+
+#[test]
+fn hub_datasets_are_read_from_the_local_cache_offline() {
+    let Some(model) = common::real_model() else {
+        return;
+    };
+    let home = tempfile::tempdir().unwrap();
+    let snapshot = home
+        .path()
+        .join("hub/datasets--google--IFEval/snapshots/0123abcd");
+    write(
+        &snapshot.join("ifeval_input_data.jsonl"),
+        "{\"key\": 7, \"prompt\": \"Say hi without commas.\", \"instruction_id_list\": [\"punctuation:no_comma\"], \"kwargs\": [{}]}\n",
+    );
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_peft-wit"))
+        .args(["eval", "--base", "--tasks", "ifeval", "--max-gen-toks", "4"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--registry")
+        .arg(home.path().join("adapters"))
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("1 subtasks, 1 documents"), "{stderr}");
+    // Without the cache and offline: a clear error that names the dataset.
+    let empty = tempfile::tempdir().unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_peft-wit"))
+        .args(["eval", "--base", "--tasks", "gsm8k"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--registry")
+        .arg(empty.path().join("adapters"))
+        .env("HF_HOME", empty.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("openai/gsm8k") && stderr.contains("--task-data"),
+        "{stderr}"
+    );
+}

@@ -412,6 +412,40 @@ mod tests {
     }
 
     #[test]
+    fn chat_template_single_and_multi_turn() {
+        let task = task_named("mmlu_anatomy");
+        let chat = ChatTemplate::new(
+            "{% for m in messages %}<{{ m.role }}>{{ m.content }}</>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let dev: Vec<Doc> = (0..2).map(|i| mmlu_doc(&format!("d{i}"), i)).collect();
+        let q = "\nA. w\nB. x\nC. y\nD. z\nAnswer:";
+        let desc = "The following are multiple choice questions (with answers) about anatomy.\n\n";
+        let mut opts = PromptOptions {
+            num_fewshot: 1,
+            chat_template: Some(&chat),
+            fewshot_as_multiturn: false,
+        };
+        let single = ContextBuilder::new(&task)
+            .context(&mmlu_doc("T", 0), &dev, &opts)
+            .unwrap();
+        assert_eq!(
+            single,
+            format!("<system>{desc}</><user>d0{q} A\n\nT{q}</><assistant>")
+        );
+        opts.fewshot_as_multiturn = true;
+        let multi = ContextBuilder::new(&task)
+            .context(&mmlu_doc("T", 0), &dev, &opts)
+            .unwrap();
+        assert_eq!(
+            multi,
+            format!("<system>{desc}</><user>d0{q}</><assistant>A</><user>T{q}</><assistant>")
+        );
+    }
+
+    #[test]
     fn template_errors_name_the_field() {
         let mut task = task_named("gsm8k");
         task.doc_to_text = "{{ question | nosuchfilter }}".into();

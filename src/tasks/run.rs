@@ -53,6 +53,9 @@ pub struct PreparedTask {
     ifeval: bool,
     pub num_fewshot: usize,
     pub max_gen_toks: usize,
+    /// Written between a context and a choice: the task's `target_delimiter`, or nothing when
+    /// the context ends in a chat template's generation prompt (the harness's rule).
+    choice_delimiter: String,
     /// `[variant][doc]` contexts of the first `--sensitivity` documents under `doc_to_text`
     /// and each of its variants (empty when off).
     variant_contexts: Vec<Vec<String>>,
@@ -204,6 +207,11 @@ impl PreparedTask {
             num_fewshot,
             max_gen_toks,
             variant_contexts,
+            choice_delimiter: if opts.apply_chat_template {
+                String::new()
+            } else {
+                config.target_delimiter.clone()
+            },
             config,
         })
     }
@@ -229,7 +237,7 @@ impl PreparedTask {
                         };
                         let conts: Vec<String> = choices
                             .iter()
-                            .map(|c| format!("{}{c}", self.config.target_delimiter))
+                            .map(|c| format!("{}{c}", self.choice_delimiter))
                             .collect();
                         let lls = lm.loglikelihoods(context, &conts)?;
                         let lps: Vec<f64> = lls.iter().map(|l| l.logprob).collect();
@@ -291,7 +299,7 @@ impl PreparedTask {
                     };
                     let continuations: Vec<String> = choices
                         .iter()
-                        .map(|c| format!("{}{c}", self.config.target_delimiter))
+                        .map(|c| format!("{}{c}", self.choice_delimiter))
                         .collect();
                     let lls = lm.loglikelihoods(context, &continuations)?;
                     let logprobs: Vec<f64> = lls.iter().map(|l| l.logprob).collect();

@@ -591,6 +591,20 @@ fn hub_get(repo_id: &str, file: &str) -> Result<PathBuf, TaskError> {
     if let Some(path) = cache.dataset(repo_id.to_string()).get(file) {
         return Ok(path);
     }
+    // A file of another cached revision than `refs/main`.
+    let snapshots = cache
+        .path()
+        .join(format!("datasets--{}", repo_id.replace('/', "--")))
+        .join("snapshots");
+    if let Some(path) = std::fs::read_dir(&snapshots)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|s| s.path().join(file))
+        .find(|p| p.is_file())
+    {
+        return Ok(path);
+    }
     if offline() {
         return Err(TaskError::Hub(format!(
             "{repo_id}/{file} is not in the local cache and HF_HUB_OFFLINE is set"
@@ -666,6 +680,48 @@ mod tests {
         std::fs::write(&parquet, b"not parquet").unwrap();
         let err = read_table(&parquet, None).unwrap_err().to_string();
         assert!(err.contains("x.parquet"), "{err}");
+    }
+
+    /// A Hub-style parquet split (as `openai/gsm8k` stores them) reads into documents.
+    #[test]
+    fn parquet_rows_become_docs() {
+        use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use parquet::schema::parser::parse_message_type;
+        use std::sync::Arc;
+
+        let schema = Arc::new(
+            parse_message_type(
+                "message schema { REQUIRED BYTE_ARRAY question (UTF8); REQUIRED INT64 answer; }",
+            )
+            .unwrap(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test-00000-of-00001.parquet");
+        let file = std::fs::File::create(&path).unwrap();
+        let mut writer =
+            SerializedFileWriter::new(file, schema, Arc::new(WriterProperties::builder().build()))
+                .unwrap();
+        let mut group = writer.next_row_group().unwrap();
+        let mut col = group.next_column().unwrap().unwrap();
+        let questions: Vec<ByteArray> = vec!["one?".into(), "two?".into()];
+        col.typed::<ByteArrayType>()
+            .write_batch(&questions, None, None)
+            .unwrap();
+        col.close().unwrap();
+        let mut col = group.next_column().unwrap().unwrap();
+        col.typed::<Int64Type>()
+            .write_batch(&[1, 2], None, None)
+            .unwrap();
+        col.close().unwrap();
+        group.close().unwrap();
+        writer.close().unwrap();
+
+        let docs = read_table(&path, None).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[1]["question"], "two?");
+        assert_eq!(docs[1]["answer"], 2);
     }
 
     #[test]
