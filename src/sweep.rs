@@ -138,29 +138,15 @@ pub fn run_sweep(
             cells.push(cell);
         }
     }
-    let better = |a: f64, b: f64| {
-        if higher_is_better(metric) {
-            a > b
-        } else {
-            a < b
-        }
-    };
-    let mut best: Option<(&SweepCell, f64)> = None;
-    for cell in &cells {
-        if let Some(&v) = cell.metrics.get(metric) {
-            if v.is_finite() && best.is_none_or(|(_, b)| better(v, b)) {
-                best = Some((cell, v));
-            }
-        }
-    }
     Ok(SweepResult {
         metric: metric.to_string(),
         prompt_weights: prompt_weights.to_vec(),
         response_weights: response_weights.to_vec(),
-        best: best.map(|(c, _)| c.name.clone()),
+        best: None,
         cells,
         interrupted,
-    })
+    }
+    .by_metric(metric))
 }
 
 /// The file in an adapter's folder holding its benchmark scores and the settings they were
