@@ -185,14 +185,9 @@ pub fn benchmark_cells(
             Some(s) => s.scores,
             None => {
                 let adapter = crate::lora::load::load_for_base(&dir, base, false)?;
-                let scored = if base.base_dtype == crate::model::BaseDType::Quantized {
-                    suite.evaluate(base, Some(&adapter), &cell.name)?
-                } else {
-                    let unmerge = crate::export::merge_into(&mut base.decoder, &adapter)?;
-                    let scored = suite.evaluate(base, None, &cell.name);
-                    unmerge.restore(&mut base.decoder);
-                    scored?
-                };
+                let scored = crate::export::with_adapter(base, &adapter, false, |b, a| {
+                    suite.evaluate(b, a, &cell.name)
+                })?;
                 let scores: BTreeMap<String, f64> = scored
                     .columns()
                     .into_iter()

@@ -6,10 +6,9 @@ use std::time::Instant;
 use anyhow::Context;
 use peft_wit::data::{self, Format, LoadOptions, LossWeights, OnBadRow};
 use peft_wit::eval::{evaluate_adapter, AdapterResult, EvalData, EvalReport, EvalSpec};
-use peft_wit::export::merge_into;
+use peft_wit::export::with_adapter;
 use peft_wit::fsutil::atomic_write;
 use peft_wit::lora::load::load_for_base;
-use peft_wit::model::BaseDType;
 use peft_wit::registry::Registry;
 use peft_wit::tasks::SuiteResult;
 use peft_wit::train::prepare::{build_template, field_map};
@@ -192,16 +191,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let adapter = load_for_base(&dir, &base, args.allow_other_base)
             .with_context(|| format!("loading adapter {}", dir.display()))?;
         eprintln!("evaluating {name} ...");
-        let (r, s) = if base.base_dtype == BaseDType::Quantized || args.unmerged {
-            evaluate(&base, name, Some(&adapter))?
-        } else {
-            // A dense base evaluates fastest with W + s·B·A merged in place (no low-rank
-            // side path); the originals are put back bit-exactly before the next adapter.
-            let unmerge = merge_into(&mut base.decoder, &adapter)?;
-            let outcome = evaluate(&base, name, None);
-            unmerge.restore(&mut base.decoder);
-            outcome?
-        };
+        let (r, s) = with_adapter(&mut base, &adapter, args.unmerged, |b, a| {
+            evaluate(b, name, a)
+        })?;
         results.push(r);
         suite_results.extend(s);
     }

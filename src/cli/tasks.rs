@@ -124,21 +124,19 @@ pub fn print_task_table(results: &[SuiteResult]) {
     let Some(first) = results.first() else {
         return;
     };
+    let columns: Vec<Vec<(String, f64, Option<f64>)>> =
+        results.iter().map(|r| r.columns()).collect();
     let labels: Vec<String> = first.columns().into_iter().map(|(l, _, _)| l).collect();
+    let score = |i: usize, label: &str| columns[i].iter().find(|(l, _, _)| l == label);
     let best: Vec<Option<usize>> = labels
         .iter()
         .map(|label| {
+            let higher = peft_wit::sweep::higher_is_better(label);
             let mut best: Option<(usize, f64)> = None;
-            for (i, r) in results.iter().enumerate() {
-                if let Some((_, s, _)) = r.columns().into_iter().find(|(l, _, _)| l == label) {
-                    let better = |b: f64| {
-                        if peft_wit::sweep::higher_is_better(label) {
-                            s > b
-                        } else {
-                            s < b
-                        }
-                    };
-                    if s.is_finite() && best.is_none_or(|(_, b)| better(b)) {
+            for i in 0..results.len() {
+                if let Some(&(_, s, _)) = score(i, label) {
+                    let better = best.is_none_or(|(_, b)| if higher { s > b } else { s < b });
+                    if s.is_finite() && better {
                         best = Some((i, s));
                     }
                 }
@@ -150,12 +148,9 @@ pub fn print_task_table(results: &[SuiteResult]) {
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let cols = r.columns();
             let mut row = vec![r.adapter.clone()];
             for (j, label) in labels.iter().enumerate() {
-                let cell = cols
-                    .iter()
-                    .find(|(l, _, _)| l == label)
+                let cell = score(i, label)
                     .map(|(_, s, se)| {
                         let mark = if results.len() > 1 && best[j] == Some(i) {
                             " *"

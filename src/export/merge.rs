@@ -95,6 +95,24 @@ impl Unmerge {
     }
 }
 
+/// Runs `f` on the base with `adapter` applied the fastest exact way: merged into a dense base
+/// in place (no low-rank side path; the originals are put back bit-exactly afterwards, also when
+/// `f` fails), or as a side path on a quantized base or when `side_path` is asked for.
+pub fn with_adapter<T, E: From<crate::Error>>(
+    base: &mut crate::model::BaseModel,
+    adapter: &LoraAdapter,
+    side_path: bool,
+    f: impl FnOnce(&crate::model::BaseModel, Option<&LoraAdapter>) -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
+    if side_path || base.base_dtype == crate::model::BaseDType::Quantized {
+        return f(base, Some(adapter));
+    }
+    let unmerge = merge_into(&mut base.decoder, adapter)?;
+    let outcome = f(base, None);
+    unmerge.restore(&mut base.decoder);
+    outcome
+}
+
 /// Merges `adapter` into `decoder` for fast adapter-free generation. Adapted projections become
 /// dense: in their own dtype for a dense base, in f32 for a quantized one (re-quantizing would
 /// lose most of the update). Nothing is changed if any weight fails to merge.

@@ -26,7 +26,7 @@ use crate::{Error, Result};
 pub use combine::{combine_adapters, CombineMethod, WeightedAdapter};
 pub use gguf::{write_gguf_lora, write_merged_gguf, GgufQuant};
 pub use hf::{parse_size, write_hf_dir, HfExportOptions};
-pub use merge::{merge_into, merged_weight, Unmerge};
+pub use merge::{merge_into, merged_weight, with_adapter, Unmerge};
 pub use peft_dir::export_peft_dir;
 
 /// Loads a PEFT adapter for `model`, first refusing target modules that peft-wit cannot apply

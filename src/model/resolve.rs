@@ -79,7 +79,8 @@ const OPTIONAL: [&str; 4] = [
     "model.safetensors",
 ];
 
-fn offline() -> bool {
+/// Whether `HF_HUB_OFFLINE` asks for the local cache only.
+pub fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .map(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"))
         .unwrap_or(false)

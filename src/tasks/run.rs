@@ -69,7 +69,12 @@ impl PreparedTask {
         opts: &RunOptions,
         chat_template: Option<&ChatTemplate>,
     ) -> Result<Self> {
-        let loaded = data.load(&config)?;
+        let num_fewshot = opts.num_fewshot.unwrap_or(config.num_fewshot);
+        // Loaded once, with the few-shot split when the effective shot count needs it.
+        let loaded = data.load(&TaskConfig {
+            num_fewshot,
+            ..config.clone()
+        })?;
         let original_len = loaded.test.len();
         let mut docs = loaded.test;
         if let Some(limit) = opts.limit {
@@ -82,14 +87,7 @@ impl PreparedTask {
             }
             .into());
         }
-        let num_fewshot = opts.num_fewshot.unwrap_or(config.num_fewshot);
-        let fewshot_pool = if num_fewshot > 0 && loaded.fewshot.is_empty() {
-            let mut with_shots = config.clone();
-            with_shots.num_fewshot = num_fewshot;
-            data.load(&with_shots)?.fewshot
-        } else {
-            loaded.fewshot
-        };
+        let fewshot_pool = loaded.fewshot;
         let prompt_opts = PromptOptions {
             num_fewshot,
             chat_template: if opts.apply_chat_template {

@@ -7,13 +7,13 @@
 //! fields: MMLU `{question, subject, choices, answer}`, BBH `{input, target, description}`,
 //! GSM8K `{question, answer}`, IFEval `{key, prompt, instruction_id_list, kwargs}`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
 use super::config::{DatasetSpec, TaskConfig};
 use super::TaskError;
+use crate::model::resolve::offline;
 
 /// One document.
 pub type Doc = Map<String, Value>;
@@ -533,10 +533,6 @@ fn read_parquet(path: &Path) -> Result<Vec<Doc>, TaskError> {
     Ok(docs)
 }
 
-fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
-}
-
 /// The files of a Hub dataset repository (from the cached snapshot when offline).
 fn hub_files(repo_id: &str) -> Result<Vec<String>, TaskError> {
     let cache = hf_hub::Cache::from_env();
@@ -618,13 +614,12 @@ fn hub_get(repo_id: &str, file: &str) -> Result<PathBuf, TaskError> {
         .map_err(|e| TaskError::Hub(format!("{repo_id}/{file}: {e}")))
 }
 
-/// Test documents with `BTreeMap` order, for tests that build documents by hand.
-pub fn doc_from_pairs(pairs: &[(&str, Value)]) -> Doc {
+/// A document built by hand, for tests.
+#[cfg(test)]
+pub(crate) fn doc_from_pairs(pairs: &[(&str, Value)]) -> Doc {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect::<BTreeMap<_, _>>()
-        .into_iter()
         .collect()
 }
 
