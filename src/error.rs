@@ -6,19 +6,25 @@ use std::path::PathBuf;
 /// Errors raised by the `peft_wit` library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    // The cause is part of the message and deliberately not a `source()`, so the binary, which
+    // prints the chain of causes, shows it once.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{path}: invalid JSON: {error}")]
     Json {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
+
+    #[error("{path} already exists (use --force to replace it)")]
+    AlreadyExists { path: PathBuf },
+
+    #[error("adapter `{name}` already exists in {registry} (use --force to overwrite)")]
+    AdapterExists { name: String, registry: PathBuf },
 
     #[error("{path}: {message}")]
     InvalidFile { path: PathBuf, message: String },
@@ -82,7 +88,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 

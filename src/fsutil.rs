@@ -34,9 +34,9 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Atomically writes `value` as pretty JSON.
 pub fn atomic_write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
+    let mut text = serde_json::to_string_pretty(value).map_err(|error| Error::Json {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     text.push('\n');
     atomic_write(path, text.as_bytes())
@@ -45,9 +45,9 @@ pub fn atomic_write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<
 /// Reads and parses a JSON file, naming the file in any error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    serde_json::from_str(&text).map_err(|error| Error::Json {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 

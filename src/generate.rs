@@ -71,7 +71,7 @@ pub fn generate(
     for _ in 0..config.max_new_tokens {
         let ids = Tensor::from_slice(&input, (1, input.len()), decoder.device())?;
         let mut ctx = ForwardContext {
-            adapter,
+            adapter: adapter.map(|a| a as _),
             cache: Some(&mut cache),
             no_grad: true,
             ..Default::default()

@@ -7,6 +7,7 @@
 //! - [`tasks`]: standard benchmarks (MMLU, BBH, GSM8K, IFEval) scored as lm-evaluation-harness does.
 
 pub mod bench;
+pub mod config_value;
 pub mod data;
 pub mod device;
 pub mod error;

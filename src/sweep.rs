@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::eval::higher_is_better;
 use crate::fsutil::{atomic_write, atomic_write_json};
 use crate::model::BaseModel;
 use crate::registry::{AdapterMeta, Registry};
@@ -35,11 +36,6 @@ pub struct SweepResult {
     /// Name of the best cell under `metric` (lower is better for losses, higher otherwise).
     pub best: Option<String>,
     pub interrupted: bool,
-}
-
-/// Whether a larger value of `metric` is better.
-pub fn higher_is_better(metric: &str) -> bool {
-    !(metric.contains("loss") || metric.contains("ppl") || metric.contains("sensitivity"))
 }
 
 /// Parses `0,0.2,0.4` (or `0:1:0.2` for a range with step) into weights.
@@ -184,7 +180,7 @@ pub fn benchmark_cells(
         let scores = match stored {
             Some(s) => s.scores,
             None => {
-                let adapter = crate::lora::load::load_for_base(&dir, base, false)?;
+                let adapter = crate::registry::load_for_base(&dir, base, false)?;
                 let scored = crate::export::with_adapter(base, &adapter, false, |b, a| {
                     suite.evaluate(b, a, &cell.name)
                 })?;

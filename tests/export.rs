@@ -43,7 +43,7 @@ fn tiny(arch: &str) -> (BaseModel, LoraAdapter) {
 fn logits(model: &BaseModel, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Vec<f32> {
     let input = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu).unwrap();
     let mut ctx = ForwardContext {
-        adapter,
+        adapter: adapter.map(|a| a as _),
         ..Default::default()
     };
     model

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::tiny::{tiny_base, tiny_data};
-use peft_wit::lora::peft::save_peft;
+use peft_wit::lora::peft::{read_peft, save_peft};
 use peft_wit::lora::{LoraAdapter, LoraConfig, TargetModules};
 use peft_wit::model::config::{module_path, ModelConfig, PROJECTIONS};
 use peft_wit::model::random::tiny_config;
@@ -116,8 +116,8 @@ fn train_config(name: &str, steps: usize) -> TrainConfig {
         loss: LossPreset::Wit,
         prompt_weight: 0.2,
         response_weight: 0.8,
-        rank: 4,
-        alpha: 8.0,
+        r: 4,
+        lora_alpha: 8.0,
         lora_dropout: 0.0,
         lr: 5e-3,
         batch_size: 4,
@@ -284,8 +284,8 @@ fn imports_each_reference_adapter() {
         assert!(entry.is_healthy(), "{which}: {:?}", entry.problems);
         // The copy holds the same weights as the source.
         let (src, dst) = (
-            registry::read_adapter(&reference(which)).unwrap(),
-            registry::read_adapter(&path).unwrap(),
+            read_peft(&reference(which)).unwrap().adapter,
+            read_peft(&path).unwrap().adapter,
         );
         let d = registry::diff(&src, &dst).unwrap();
         assert!(d.overall.norm_a > 0.0 && (d.overall.cosine.unwrap() - 1.0).abs() < 1e-9);
@@ -423,8 +423,8 @@ fn list_show_and_rm_a_trained_and_an_imported_entry() {
         assert!(names.contains(&f), "{f} not in {names:?}");
     }
     // A trained adapter can be compared with an imported one of another base: shapes differ.
-    let x = registry::read_adapter(&reg.path("trained")).unwrap();
-    let y = registry::read_adapter(&reg.path("imported")).unwrap();
+    let x = read_peft(&reg.path("trained")).unwrap().adapter;
+    let y = read_peft(&reg.path("imported")).unwrap().adapter;
     assert!(matches!(
         registry::diff(&x, &y),
         Err(Error::ShapeMismatch { .. })

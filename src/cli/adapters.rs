@@ -7,7 +7,7 @@ use peft_wit::lora::TargetModules;
 use peft_wit::registry::{self, AdapterDiff, DiffTotals, EntryInfo, Presence, Registry, RunInfo};
 use serde_json::json;
 
-use super::common::table;
+use super::common::{open_registry, table};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -60,7 +60,7 @@ enum Command {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let registry = Registry::open(args.registry.unwrap_or_else(registry::default_root))?;
+    let registry = open_registry(args.registry.as_deref())?;
     match args.command {
         Command::List { json } => list(&registry, json),
         Command::Show { name, json } => show(&registry, &name, json),
@@ -313,7 +313,9 @@ fn diff(
 ) -> anyhow::Result<()> {
     let load = |spec: &str| -> anyhow::Result<_> {
         let dir = registry.resolve(spec)?;
-        registry::read_adapter(&dir).with_context(|| format!("reading {}", dir.display()))
+        peft_wit::lora::peft::read_peft(&dir)
+            .map(|p| p.adapter)
+            .with_context(|| format!("reading {}", dir.display()))
     };
     let (x, y) = (load(a)?, load(b)?);
     let d = registry::diff(&x, &y)?;

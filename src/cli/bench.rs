@@ -3,7 +3,7 @@
 
 use peft_wit::bench::{run as run_bench, BenchSpec};
 
-use super::common::{load_model, ModelArgs};
+use super::common::ModelArgs;
 
 #[derive(clap::Subcommand)]
 pub enum Args {
@@ -40,11 +40,7 @@ pub struct TrainArgs {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let Args::Train(args) = args;
-    let mut base = load_model(
-        args.model.model.as_deref(),
-        args.model.base_dtype.as_deref().unwrap_or("f32"),
-        args.model.device.as_deref().unwrap_or("cpu"),
-    )?;
+    let mut base = args.model.load()?;
     base.decoder.set_block_fusion(!args.unfused_blocks);
     let spec = BenchSpec {
         batch_size: args.batch_size,

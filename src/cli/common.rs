@@ -1,10 +1,13 @@
 //! Flags and helpers shared by the commands that load a model.
 
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Context;
+use peft_wit::device::DeviceSpec;
 use peft_wit::model::{resolve_model, BaseDType, BaseModel};
+use peft_wit::registry::Registry;
 
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct ModelArgs {
@@ -13,21 +16,39 @@ pub struct ModelArgs {
     pub model: Option<String>,
     /// How the frozen base is held: f32, f16, bf16 or quantized (GGUF blocks).
     #[arg(long)]
-    pub base_dtype: Option<String>,
+    pub base_dtype: Option<BaseDType>,
     /// cpu, cuda[:N] or metal[:N].
     #[arg(long)]
-    pub device: Option<String>,
+    pub device: Option<DeviceSpec>,
+}
+
+impl ModelArgs {
+    /// Loads the base these flags name: f32 on the CPU unless told otherwise.
+    pub fn load(&self) -> anyhow::Result<BaseModel> {
+        load_model(
+            self.model.as_deref(),
+            self.base_dtype.unwrap_or(BaseDType::F32),
+            self.device.unwrap_or_default(),
+        )
+    }
+}
+
+/// Opens the registry at `path`, or the default one (`$PEFT_WIT_REGISTRY` or `adapters/`).
+pub fn open_registry(path: Option<&Path>) -> anyhow::Result<Registry> {
+    let root = path
+        .map(Path::to_path_buf)
+        .unwrap_or_else(peft_wit::registry::default_root);
+    Ok(Registry::open(root)?)
 }
 
 /// Loads the base model, printing what and how long to stderr.
 pub fn load_model(
     model: Option<&str>,
-    base_dtype: &str,
-    device: &str,
+    base_dtype: BaseDType,
+    device: DeviceSpec,
 ) -> anyhow::Result<BaseModel> {
     let location = resolve_model(model)?;
-    let base_dtype: BaseDType = base_dtype.parse()?;
-    let device = peft_wit::device::parse_device(device)?;
+    let device = device.open()?;
     let started = std::time::Instant::now();
     let base = BaseModel::load(&location, base_dtype, &device)
         .with_context(|| format!("loading {location:?}"))?;

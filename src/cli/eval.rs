@@ -8,12 +8,10 @@ use peft_wit::data::{self, Format, LoadOptions, LossWeights, OnBadRow};
 use peft_wit::eval::{evaluate_adapter, AdapterResult, EvalData, EvalReport, EvalSpec};
 use peft_wit::export::with_adapter;
 use peft_wit::fsutil::atomic_write;
-use peft_wit::lora::load::load_for_base;
-use peft_wit::registry::Registry;
+use peft_wit::registry::load_for_base;
 use peft_wit::tasks::SuiteResult;
-use peft_wit::train::prepare::{build_template, field_map};
 
-use super::common::{load_model, table, ModelArgs};
+use super::common::{open_registry, table, ModelArgs};
 use super::tasks::TaskArgs;
 
 #[derive(clap::Args)]
@@ -78,11 +76,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let registry = Registry::open(
-        args.registry
-            .clone()
-            .unwrap_or_else(peft_wit::registry::default_root),
-    )?;
+    let registry = open_registry(args.registry.as_deref())?;
     let mut names = args.adapters.clone();
     if args.all {
         // Folders of finished adapters only (not reports or other files kept beside them).
@@ -99,11 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "nothing to evaluate: give --adapters, --all or --base"
     );
     let load_started = Instant::now();
-    let base = load_model(
-        args.model.model.as_deref(),
-        args.model.base_dtype.as_deref().unwrap_or("f32"),
-        args.model.device.as_deref().unwrap_or("cpu"),
-    )?;
+    let base = args.model.load()?;
     let base_load_seconds = load_started.elapsed().as_secs_f64();
 
     let data_eval = match &args.data {
@@ -112,8 +102,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let mut examples = if data_arg == "builtin" {
                 data::builtin_examples(limit, peft_wit::train::prepare::BUILTIN_DATA_SEED + 1)
             } else {
-                let field_map =
-                    field_map(args.prompt_field.as_deref(), args.response_field.as_deref());
+                let field_map = peft_wit::data::FieldMap::from_fields(
+                    args.prompt_field.as_deref(),
+                    args.response_field.as_deref(),
+                );
                 let opts = LoadOptions {
                     format: Format::Auto,
                     field_map,
@@ -128,7 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let templates = args
                 .templates
                 .iter()
-                .map(|t| Ok((t.clone(), build_template(t, &base)?)))
+                .map(|t| Ok((t.clone(), base.template(t)?)))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let spec = EvalSpec {
                 templates,

@@ -1,11 +1,12 @@
 //! `peft-wit export`: an adapter in a form another tool loads (llama.cpp's LoRA GGUF, or a clean
 //! PEFT directory for the Hub).
 
+use super::common::open_registry;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use peft_wit::export::{export_peft_dir, load_adapter, read_model_config, write_gguf_lora};
-use peft_wit::registry::Registry;
+use peft_wit::export::{export_peft_dir, load_adapter, write_gguf_lora};
+use peft_wit::model::read_model_config;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,11 +37,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !matches!(format.as_str(), "gguf-lora" | "peft") {
         anyhow::bail!("unknown --format `{format}` (gguf-lora, peft)");
     }
-    let registry = Registry::open(
-        args.registry
-            .clone()
-            .unwrap_or_else(peft_wit::registry::default_root),
-    )?;
+    let registry = open_registry(args.registry.as_deref())?;
     let dir = registry.resolve(&args.adapter)?;
     let location = peft_wit::model::resolve_model(args.model.as_deref())?;
     let config = read_model_config(&location)

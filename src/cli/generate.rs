@@ -6,9 +6,8 @@ use anyhow::Context;
 use peft_wit::data::{ChatTemplate, Message, Role};
 use peft_wit::generate::{generate, GenerationConfig};
 use peft_wit::lora::peft::load_peft;
-use peft_wit::registry::Registry;
 
-use super::common::{load_model, ModelArgs};
+use super::common::{open_registry, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,19 +35,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let base = load_model(
-        args.model.model.as_deref(),
-        args.model.base_dtype.as_deref().unwrap_or("f32"),
-        args.model.device.as_deref().unwrap_or("cpu"),
-    )?;
+    let base = args.model.load()?;
     let adapter = match &args.adapter {
         None => None,
         Some(spec) => {
-            let registry = Registry::open(
-                args.registry
-                    .clone()
-                    .unwrap_or_else(peft_wit::registry::default_root),
-            )?;
+            let registry = open_registry(args.registry.as_deref())?;
             let dir = registry.resolve(spec)?;
             let adapter = load_peft(
                 &dir,

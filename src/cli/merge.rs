@@ -10,9 +10,9 @@ use peft_wit::export::{
     combine_adapters, load_adapter, parse_size, write_hf_dir, write_merged_gguf, CombineMethod,
     GgufQuant, HfExportOptions, WeightedAdapter,
 };
-use peft_wit::registry::{AdapterMeta, Registry, SIDECAR_FILE};
+use peft_wit::registry::{AdapterMeta, SIDECAR_FILE};
 
-use super::common::{load_model, ModelArgs};
+use super::common::{open_registry, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -66,17 +66,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "gguf" => (None, Some(args.quant.parse::<GgufQuant>()?)),
         other => anyhow::bail!("unknown --format `{other}` (hf, gguf)"),
     };
-    let registry = Registry::open(
-        args.registry
-            .clone()
-            .unwrap_or_else(peft_wit::registry::default_root),
-    )?;
+    let registry = open_registry(args.registry.as_deref())?;
     let dir = registry.resolve(&args.adapter)?;
-    let base = load_model(
-        args.model.model.as_deref(),
-        args.model.base_dtype.as_deref().unwrap_or("f32"),
-        args.model.device.as_deref().unwrap_or("cpu"),
-    )?;
+    let base = args.model.load()?;
     let adapter = load_adapter(&dir, &base.decoder.config, base.decoder.device())
         .with_context(|| format!("loading adapter {}", dir.display()))?;
     let started = std::time::Instant::now();
@@ -124,13 +116,9 @@ pub fn run_combine(args: CombineArgs) -> anyhow::Result<()> {
     }
     peft_wit::registry::validate_name(&args.out)?;
     let specs = parse_weighted_specs(&args.adapters)?;
-    let registry = Registry::open(
-        args.registry
-            .clone()
-            .unwrap_or_else(peft_wit::registry::default_root),
-    )?;
+    let registry = open_registry(args.registry.as_deref())?;
     let location = peft_wit::model::resolve_model(args.model.as_deref())?;
-    let config = peft_wit::export::read_model_config(&location)?;
+    let config = peft_wit::model::read_model_config(&location)?;
     let mut adapters = Vec::new();
     let mut sources = Vec::new();
     for (spec, weight) in &specs {

@@ -7,10 +7,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use peft_wit::data::write_jsonl;
-use peft_wit::registry::Registry;
 use peft_wit::train::{prepare_data, train, LossPreset, RunOptions, TrainConfig, TrainOutcome};
 
-use super::common::{load_model, stop_on_ctrl_c, table};
+use super::common::{load_model, open_registry, stop_on_ctrl_c, table};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,9 +23,9 @@ pub struct Args {
     #[arg(long, default_value_t = 12)]
     generate: usize,
     #[arg(long, default_value = "f32")]
-    base_dtype: String,
+    base_dtype: peft_wit::model::BaseDType,
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: peft_wit::device::DeviceSpec,
     #[arg(long)]
     registry: Option<PathBuf>,
     #[arg(long)]
@@ -69,16 +68,12 @@ fn ensure_default_model() -> anyhow::Result<()> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     ensure_default_model()?;
-    let base = load_model(None, &args.base_dtype, &args.device)?;
-    let registry = Registry::open(
-        args.registry
-            .clone()
-            .unwrap_or_else(peft_wit::registry::default_root),
-    )?;
+    let base = load_model(None, args.base_dtype, args.device)?;
+    let registry = open_registry(args.registry.as_deref())?;
 
     let mut cfg = TrainConfig {
-        base_dtype: args.base_dtype.clone(),
-        device: args.device.clone(),
+        base_dtype: args.base_dtype,
+        device: args.device,
         builtin_examples: args.examples,
         max_steps: Some(args.steps),
         batch_size: 4,
@@ -114,7 +109,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     // The untouched base, for reference.
     let weights = peft_wit::data::LossWeights::new(0.0, 1.0);
-    let base_losses = peft_wit::train::trainer::evaluate_losses(
+    let base_losses = peft_wit::eval::evaluate_losses(
         &base,
         None,
         &data.eval,

@@ -2,11 +2,10 @@
 
 use std::path::PathBuf;
 
-use peft_wit::registry::Registry;
 use peft_wit::sweep::{benchmark_cells, parse_weights, run_sweep};
 use peft_wit::train::{prepare_data, RunOptions};
 
-use super::common::{load_model, stop_on_ctrl_c, table};
+use super::common::{load_model, open_registry, stop_on_ctrl_c, table};
 use super::tasks::TaskArgs;
 use super::train::ConfigArgs;
 
@@ -54,7 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "--log-samples and --output-path belong to `peft-wit eval --tasks ... --adapters <cells>`; a sweep keeps each cell's scores in <registry>/<cell>/{}",
         peft_wit::sweep::BENCHMARK_FILE
     );
-    let mut base = load_model(cfg.model.as_deref(), &cfg.base_dtype, &cfg.device)?;
+    let mut base = load_model(cfg.model.as_deref(), cfg.base_dtype, cfg.device)?;
     // Benchmarks are prepared before training so a bad task or missing data stops the sweep
     // before hours of training, not after.
     let suite = args
@@ -66,11 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             eprintln!("data: {line}");
         }
     }
-    let registry = Registry::open(
-        cfg.registry
-            .clone()
-            .unwrap_or_else(peft_wit::registry::default_root),
-    )?;
+    let registry = open_registry(cfg.registry.as_deref())?;
     let opts = RunOptions {
         progress: !args.quiet,
         stop: stop_on_ctrl_c(),

@@ -131,7 +131,7 @@ pub fn print_task_table(results: &[SuiteResult]) {
     let best: Vec<Option<usize>> = labels
         .iter()
         .map(|label| {
-            let higher = peft_wit::sweep::higher_is_better(label);
+            let higher = peft_wit::eval::higher_is_better(label);
             let mut best: Option<(usize, f64)> = None;
             for i in 0..results.len() {
                 if let Some(&(_, s, _)) = score(i, label) {

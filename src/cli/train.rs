@@ -2,10 +2,9 @@
 
 use std::path::PathBuf;
 
-use peft_wit::registry::Registry;
 use peft_wit::train::{prepare_data, train, LossPreset, RunOptions, TrainConfig, TrainOutcome};
 
-use super::common::{load_model, stop_on_ctrl_c, ModelArgs};
+use super::common::{load_model, open_registry, stop_on_ctrl_c, ModelArgs};
 
 /// Every flag overrides the same-named field of the TOML config (or the default).
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -24,7 +23,7 @@ pub struct ConfigArgs {
     pub eval_fraction: Option<f64>,
     /// auto, alpaca, prompt-response, chat.
     #[arg(long)]
-    pub format: Option<String>,
+    pub format: Option<peft_wit::data::DataFormat>,
     /// chat, alpaca, raw, or a Jinja template file.
     #[arg(long)]
     pub template: Option<String>,
@@ -37,7 +36,7 @@ pub struct ConfigArgs {
     pub max_seq_len: Option<usize>,
     /// error (default) or skip.
     #[arg(long)]
-    pub on_bad_row: Option<String>,
+    pub on_bad_row: Option<peft_wit::data::OnBadRow>,
     /// Earlier assistant turns count as prompt.
     #[arg(long)]
     pub last_turn_only: bool,
@@ -106,17 +105,17 @@ impl ConfigArgs {
             None => TrainConfig::default(),
         };
         set(&mut c.model, self.model.model.clone().map(Some));
-        set(&mut c.base_dtype, self.model.base_dtype.clone());
-        set(&mut c.device, self.model.device.clone());
+        set(&mut c.base_dtype, self.model.base_dtype);
+        set(&mut c.device, self.model.device);
         set(&mut c.data, self.data.clone().map(Some));
         set(&mut c.eval_data, self.eval_data.clone().map(Some));
         set(&mut c.eval_fraction, self.eval_fraction);
-        set(&mut c.format, self.format.clone());
+        set(&mut c.format, self.format);
         set(&mut c.template, self.template.clone());
         set(&mut c.prompt_field, self.prompt_field.clone().map(Some));
         set(&mut c.response_field, self.response_field.clone().map(Some));
         set(&mut c.max_seq_len, self.max_seq_len);
-        set(&mut c.on_bad_row, self.on_bad_row.clone());
+        set(&mut c.on_bad_row, self.on_bad_row);
         c.last_turn_only |= self.last_turn_only;
         if let Some(loss) = &self.loss {
             c.loss = loss.parse()?;
@@ -147,11 +146,11 @@ impl ConfigArgs {
         set(&mut c.warmup_steps, self.warmup_steps.map(Some));
         set(&mut c.weight_decay, self.weight_decay);
         set(&mut c.max_grad_norm, self.max_grad_norm.map(Some));
-        set(&mut c.rank, self.rank);
-        set(&mut c.alpha, self.alpha);
+        set(&mut c.r, self.rank);
+        set(&mut c.lora_alpha, self.alpha);
         set(&mut c.lora_dropout, self.lora_dropout);
-        set(&mut c.targets, self.targets.clone());
-        c.rslora |= self.rslora;
+        set(&mut c.target_modules, self.targets.clone());
+        c.use_rslora |= self.rslora;
         set(&mut c.seed, self.seed);
         set(&mut c.eval_every, self.eval_every);
         set(&mut c.checkpoint_every, self.checkpoint_every);
@@ -193,7 +192,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.quiet {
         eprintln!("resolved config:\n{}", toml::to_string(&cfg)?);
     }
-    let base = load_model(cfg.model.as_deref(), &cfg.base_dtype, &cfg.device)?;
+    let base = load_model(cfg.model.as_deref(), cfg.base_dtype, cfg.device)?;
     let data = prepare_data(&cfg, &base)?;
     if !args.quiet {
         for line in &data.report {
@@ -206,11 +205,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &data.fingerprint[..16]
         );
     }
-    let registry = Registry::open(
-        cfg.registry
-            .clone()
-            .unwrap_or_else(peft_wit::registry::default_root),
-    )?;
+    let registry = open_registry(cfg.registry.as_deref())?;
     let opts = RunOptions {
         progress: !args.quiet,
         stop: stop_on_ctrl_c(),

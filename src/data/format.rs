@@ -26,6 +26,18 @@ impl FieldMap {
             response: response.into(),
         }
     }
+
+    /// The mapping named by `--prompt-field` / `--response-field`; a missing half keeps its
+    /// default name. `None` when neither is given (auto-detection).
+    pub fn from_fields(prompt: Option<&str>, response: Option<&str>) -> Option<Self> {
+        if prompt.is_none() && response.is_none() {
+            return None;
+        }
+        Some(Self::new(
+            prompt.unwrap_or("prompt"),
+            response.unwrap_or("response"),
+        ))
+    }
 }
 
 impl Default for FieldMap {
@@ -54,7 +66,51 @@ pub enum Format {
     Messages,
 }
 
+/// What loading does with a malformed row.
+/// The data layout a config or flag names; [`DataFormat::resolve`] gives the [`Format`] to load
+/// with (a prompt/response layout takes its field names from the config's field map).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// Detected from the first row.
+    #[default]
+    Auto,
+    Alpaca,
+    PromptResponse,
+    /// `messages` (or ShareGPT `conversations`).
+    #[serde(alias = "messages")]
+    Chat,
+}
+
+impl std::str::FromStr for DataFormat {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        crate::config_value::parse_enum("format", s)
+    }
+}
+
+impl std::str::FromStr for OnBadRow {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        crate::config_value::parse_enum("on_bad_row", s)
+    }
+}
+
+impl DataFormat {
+    /// The loader's format; `fields` names the prompt/response fields (default names if `None`).
+    pub fn resolve(self, fields: Option<&FieldMap>) -> Format {
+        match self {
+            Self::Auto => Format::Auto,
+            Self::Alpaca => Format::Alpaca,
+            Self::PromptResponse => Format::PromptResponse(fields.cloned().unwrap_or_default()),
+            Self::Chat => Format::Messages,
+        }
+    }
+}
+
+/// What loading does with a malformed row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OnBadRow {
     /// Stop at the first bad row.
     #[default]

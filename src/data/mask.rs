@@ -129,12 +129,20 @@ impl LossWeights {
 
 /// Which end of the prompt is cut when an example is longer than `max_seq_len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Truncation {
     /// Drop the start of the prompt (keeps the question nearest the answer).
     #[default]
     Left,
     /// Drop the end of the prompt, just before the final response.
     Right,
+}
+
+impl std::str::FromStr for Truncation {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        crate::config_value::parse_enum("truncate_prompt", s)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -19,13 +19,13 @@ use serde::{Deserialize, Serialize};
 pub use batch::{fingerprint, length_grouped_batches, Batch};
 pub use builtin::{builtin_examples, write_jsonl};
 pub use format::{
-    load_examples, parse_examples, FieldMap, Format, LoadOptions, LoadReport, OnBadRow,
+    load_examples, parse_examples, DataFormat, FieldMap, Format, LoadOptions, LoadReport, OnBadRow,
 };
 pub use mask::{
     tokenize_example, tokenize_examples, Boundary, LossWeights, TokenKind, TokenizeOptions,
     TokenizeReport, Tokenized, TokenizedExample, Truncation,
 };
-pub use template::{ChatTemplate, Template};
+pub use template::{ChatTemplate, ModelTokens, Template};
 
 /// Errors in user data, always naming the file and line.
 #[derive(Debug, thiserror::Error)]

@@ -119,6 +119,43 @@ pub enum Template {
     Custom(ChatTemplate),
 }
 
+/// What a base model brings to templating: its own chat template and special tokens, and its
+/// name for error messages.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelTokens<'a> {
+    pub model_name: &'a str,
+    pub chat_template: Option<&'a str>,
+    pub bos: &'a str,
+    pub eos: &'a str,
+}
+
+impl Template {
+    /// The template named by `spec`: `chat` (the model's own), `alpaca`, `raw`, or a path to a
+    /// Jinja file.
+    pub fn from_spec(spec: &str, model: ModelTokens<'_>) -> Result<Template> {
+        match spec {
+            "chat" => {
+                let source = model.chat_template.ok_or_else(|| {
+                    Error::Template(format!(
+                        "model `{}` has no chat template; use --template alpaca|raw|FILE",
+                        model.model_name
+                    ))
+                })?;
+                Ok(Template::Chat(ChatTemplate::new(
+                    source, model.bos, model.eos,
+                )?))
+            }
+            "alpaca" => Ok(Template::alpaca(model.eos.to_string())),
+            "raw" => Ok(Template::raw(model.eos.to_string())),
+            path => Ok(Template::Custom(ChatTemplate::from_file(
+                std::path::Path::new(path),
+                model.bos,
+                model.eos,
+            )?)),
+        }
+    }
+}
+
 const ALPACA_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n";
 const ALPACA_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n";
 

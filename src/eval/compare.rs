@@ -215,7 +215,7 @@ fn log_prob(base: &BaseModel, adapter: Option<&LoraAdapter>, x: &[u32], y: &[u32
         seq_len: len,
     };
     let mut ctx = ForwardContext {
-        adapter,
+        adapter: adapter.map(|a| a as _),
         ..Default::default()
     };
     let nll = position_nll(&base.decoder, &batch, &mut ctx)?;

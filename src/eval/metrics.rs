@@ -9,6 +9,7 @@ use crate::data::{Batch, LossWeights, TokenKind, TokenizedExample};
 use crate::lora::LoraAdapter;
 use crate::loss::{position_nll, Normalization};
 use crate::model::decoder::{Decoder, ForwardContext};
+use crate::model::BaseModel;
 use crate::Result;
 
 /// Loss metrics over a whole evaluation set (micro-averaged over tokens).
@@ -28,6 +29,31 @@ impl LossMetrics {
         map.insert("response_ppl".into(), self.response_ppl);
         map.insert("wit_loss".into(), self.wit_loss);
     }
+}
+
+/// Loss metrics of `adapter` (or the bare base) on a tokenized eval split; `None` when the split
+/// is empty. Pads with the base's pad id.
+pub fn evaluate_losses(
+    base: &BaseModel,
+    adapter: Option<&LoraAdapter>,
+    eval: &[TokenizedExample],
+    weights: &LossWeights,
+    normalization: Normalization,
+    batch_size: usize,
+) -> Result<Option<LossMetrics>> {
+    if eval.is_empty() {
+        return Ok(None);
+    }
+    let metrics = loss_metrics(
+        &base.decoder,
+        adapter,
+        eval,
+        weights,
+        normalization,
+        batch_size,
+        base.pad_id(),
+    )?;
+    Ok(Some(metrics))
 }
 
 /// Evaluates `examples` in batches of `batch_size` (in length order, to cut padding).
@@ -55,7 +81,7 @@ pub fn loss_metrics(
         let rows: Vec<&TokenizedExample> = chunk.iter().map(|&i| &examples[i]).collect();
         let batch = Batch::new(&rows, &any, pad_id);
         let mut ctx = ForwardContext {
-            adapter,
+            adapter: adapter.map(|a| a as _),
             ..Default::default()
         };
         let nll = position_nll(decoder, &batch, &mut ctx)?;
@@ -97,4 +123,10 @@ pub fn loss_metrics(
 
 fn has_prompt_weight(w: &LossWeights) -> bool {
     w.prompt != 0.0 || w.system.is_some_and(|x| x != 0.0) || w.user.is_some_and(|x| x != 0.0)
+}
+
+/// Whether a larger value of `metric` is better (losses, perplexities and prompt sensitivity are
+/// better lower; accuracies and match rates higher). The one rule every table and sweep uses.
+pub fn higher_is_better(metric: &str) -> bool {
+    !(metric.contains("loss") || metric.contains("ppl") || metric.contains("sensitivity"))
 }

@@ -8,5 +8,5 @@ pub mod scoring;
 
 pub use compare::{evaluate_adapter, AdapterResult, EvalData, EvalSpec};
 pub use generation::{generate_answers, generation_scores, ScoredGeneration};
-pub use metrics::{loss_metrics, LossMetrics};
+pub use metrics::{evaluate_losses, higher_is_better, loss_metrics, LossMetrics};
 pub use report::EvalReport;

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use serde::{Deserialize, Serialize};
 
 use super::compare::AdapterResult;
-use crate::sweep::higher_is_better;
+use super::higher_is_better;
 
 /// Everything an `eval` run produced.
 #[derive(Debug, Clone, Serialize, Deserialize)]

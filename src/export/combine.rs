@@ -14,10 +14,10 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::svd::truncate_product;
-use crate::lora::adapter::LoraPair;
 use crate::lora::config::{LoraConfig, LoraInit, TargetModules};
 use crate::lora::peft::save_peft;
 use crate::lora::LoraAdapter;
+use crate::lora::LoraPair;
 use crate::model::config::{ModelConfig, PROJECTIONS};
 use crate::registry::{AdapterMeta, BaseInfo, DataInfo, LossInfo, Registry};
 use crate::{Error, Result};

@@ -308,10 +308,9 @@ fn write_gguf_file(
     force: bool,
 ) -> Result<()> {
     if out.exists() && !force {
-        return Err(Error::InvalidArgument(format!(
-            "{} already exists (use --force to replace it)",
-            out.display()
-        )));
+        return Err(Error::AlreadyExists {
+            path: out.to_path_buf(),
+        });
     }
     let staged = staging_path(out, "tmp");
     let write = || -> Result<()> {

@@ -125,9 +125,9 @@ pub fn hf_config_json(config: &ModelConfig, dtype: DType) -> serde_json::Value {
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
+    let mut text = serde_json::to_string_pretty(value).map_err(|error| Error::Json {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     text.push('\n');
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
@@ -154,10 +154,9 @@ pub fn write_hf_dir(
             .map(|mut d| d.next().is_some())
             .unwrap_or(true)
     {
-        return Err(Error::InvalidArgument(format!(
-            "{} already exists (use --force to replace it)",
-            out.display()
-        )));
+        return Err(Error::AlreadyExists {
+            path: out.to_path_buf(),
+        });
     }
     let merged = MergedTensors::new(&base.decoder, adapter)?;
     let staged = staging_path(out, "tmp");

@@ -5,9 +5,10 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::check_finite;
-use crate::lora::{FrozenWeight, LoraAdapter, LoraPair};
+use crate::lora::{LoraAdapter, LoraPair};
 use crate::model::config::{module_path, PROJECTIONS};
 use crate::model::Decoder;
+use crate::model::FrozenWeight;
 use crate::{Error, Result};
 
 /// The merged `[out, in]` weight in f32 on `device`, checked finite. `name` is used in errors.

@@ -16,11 +16,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use crate::lora::config::TargetModules;
-use crate::lora::peft::{load_peft, PeftAdapterConfig, CONFIG_FILE};
+use crate::lora::peft::load_peft;
 use crate::lora::LoraAdapter;
-use crate::model::config::{module_path, ModelConfig, PROJECTIONS};
-use crate::model::ModelLocation;
+use crate::model::config::ModelConfig;
 use crate::{Error, Result};
 
 pub use combine::{combine_adapters, CombineMethod, WeightedAdapter};
@@ -29,60 +27,9 @@ pub use hf::{parse_size, write_hf_dir, HfExportOptions};
 pub use merge::{merge_into, merged_weight, with_adapter, Unmerge};
 pub use peft_dir::export_peft_dir;
 
-/// Loads a PEFT adapter for `model`, first refusing target modules that peft-wit cannot apply
-/// (PEFT itself would adapt them, so silently dropping them would change the model).
+/// Loads a PEFT adapter for `model` on `device` (f32) through the one PEFT reader.
 pub fn load_adapter(dir: &Path, model: &ModelConfig, device: &Device) -> Result<LoraAdapter> {
-    check_target_modules(dir, model)?;
     load_peft(dir, model, DType::F32, device)
-}
-
-/// Every name in `target_modules` must select one of the seven projections.
-pub fn check_target_modules(dir: &Path, model: &ModelConfig) -> Result<()> {
-    let path = dir.join(CONFIG_FILE);
-    if !path.is_file() {
-        return Err(Error::invalid_file(
-            path,
-            "not found: not a PEFT adapter directory",
-        ));
-    }
-    let config: PeftAdapterConfig = crate::fsutil::read_json(&path)?;
-    if let TargetModules::Names(names) = &config.target_modules {
-        for name in names {
-            let known = (0..model.num_hidden_layers).any(|layer| {
-                PROJECTIONS.iter().any(|p| {
-                    let full = module_path(layer, p);
-                    name == p || *name == full || full.ends_with(&format!(".{name}"))
-                })
-            });
-            if !known {
-                return Err(Error::UnsupportedAdapter {
-                    path: dir.to_path_buf(),
-                    message: format!(
-                        "target module `{name}` is not a projection peft-wit can merge ({})",
-                        PROJECTIONS.join(", ")
-                    ),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The base's configuration alone, without reading any weights (for exports that need only
-/// shapes and head counts).
-pub fn read_model_config(location: &ModelLocation) -> Result<ModelConfig> {
-    match location {
-        ModelLocation::HfDir(dir) => ModelConfig::from_hf_file(&dir.join("config.json")),
-        ModelLocation::Gguf(path) => {
-            let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-            let content = candle_core::quantized::gguf_file::Content::read(&mut file)
-                .map_err(|e| Error::invalid_file(path, format!("not a readable GGUF file: {e}")))?;
-            ModelConfig::from_gguf(&content).map_err(|e| match e {
-                Error::UnsupportedArchitecture(_) => e,
-                other => Error::invalid_file(path, other.to_string()),
-            })
-        }
-    }
 }
 
 /// Fails with [`Error::NonFiniteWeight`] when `t` holds a NaN or an infinity.
@@ -121,10 +68,9 @@ pub(crate) fn publish(staged: &Path, target: &Path, force: bool) -> Result<()> {
     } else if target.exists() {
         if !force {
             let _ = remove_any(staged);
-            return Err(Error::InvalidArgument(format!(
-                "{} already exists (use --force to replace it)",
-                target.display()
-            )));
+            return Err(Error::AlreadyExists {
+                path: target.to_path_buf(),
+            });
         }
         let trash = staging_path(target, "replaced");
         std::fs::rename(target, &trash).map_err(|e| Error::io(target, e))?;

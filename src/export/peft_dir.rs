@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::Device;
 
 use super::{load_adapter, publish, remove_any, staging_path};
-use crate::lora::peft::{save_peft, PeftAdapterConfig, CONFIG_FILE};
+use crate::lora::peft::{read_peft_config, save_peft};
 use crate::model::config::ModelConfig;
 use crate::registry::AdapterMeta;
 use crate::{Error, Result};
@@ -24,7 +24,7 @@ pub fn export_peft_dir(
     } else {
         None
     };
-    let original: PeftAdapterConfig = crate::fsutil::read_json(&adapter_dir.join(CONFIG_FILE))?;
+    let original = read_peft_config(adapter_dir)?;
     let base_name = meta
         .as_ref()
         .map(|m| m.base.name.clone())
@@ -37,10 +37,9 @@ pub fn export_peft_dir(
             .map(|mut d| d.next().is_some())
             .unwrap_or(true)
     {
-        return Err(Error::InvalidArgument(format!(
-            "{} already exists (use --force to replace it)",
-            out.display()
-        )));
+        return Err(Error::AlreadyExists {
+            path: out.to_path_buf(),
+        });
     }
     let staged = staging_path(out, "tmp");
     remove_any(&staged)?;

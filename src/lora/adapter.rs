@@ -9,35 +9,9 @@ use rand::{Rng, SeedableRng};
 
 use super::config::{LoraConfig, LoraInit};
 use crate::model::config::{module_path, ModelConfig, PROJECTIONS};
+use crate::model::linear::LoraPair;
+use crate::model::LowRankBranches;
 use crate::{Error, Result};
-
-/// One trainable pair: `A: [r, in]`, `B: [out, r]`, applied as `scale · B·A·x`.
-#[derive(Debug, Clone)]
-pub struct LoraPair {
-    pub a: Var,
-    pub b: Var,
-    pub scale: f64,
-}
-
-impl LoraPair {
-    /// `scale · (x·Aᵀ)·Bᵀ` for `x: [..., in]`. The scale is applied to the rank-r intermediate,
-    /// and `x` is flattened to 2-D, so no full-width elementwise op or broadcast-sum is added.
-    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let (lead, last) = dims.split_at(dims.len() - 1);
-        let rows: usize = lead.iter().product();
-        let x2 = x.reshape((rows, last[0]))?;
-        let low = (x2.matmul(&self.a.as_tensor().t()?)? * self.scale)?;
-        let out = low.matmul(&self.b.as_tensor().t()?)?;
-        let mut out_dims = lead.to_vec();
-        out_dims.push(out.dim(1)?);
-        Ok(out.reshape(out_dims)?)
-    }
-
-    pub fn rank(&self) -> Result<usize> {
-        Ok(self.a.as_tensor().dim(0)?)
-    }
-}
 
 /// The PEFT key of a LoRA factor: `base_model.model.<module path>.lora_{A,B}.weight`.
 pub fn peft_key(layer: usize, projection: &str, factor: char) -> String {
@@ -188,4 +162,10 @@ pub(crate) fn normal(rng: &mut StdRng) -> f64 {
     let u1: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
     let u2: f64 = rng.random();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+impl LowRankBranches for LoraAdapter {
+    fn pair(&self, layer: usize, projection: usize) -> Option<&LoraPair> {
+        LoraAdapter::pair(self, layer, projection)
+    }
 }

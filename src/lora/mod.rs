@@ -1,14 +1,12 @@
-//! LoRA: the frozen base weight, trainable low-rank pairs, PEFT-format adapters.
+//! LoRA adapters: their configuration, the set of trainable low-rank pairs of one adapter, and
+//! the one reader and writer of PEFT's adapter format. The adapted linear op itself is part of
+//! the model (`model::linear`), which sees an adapter only as [`LowRankBranches`].
 
 pub mod adapter;
 pub mod config;
-pub mod frozen;
-pub mod linear;
-pub mod load;
 pub mod peft;
 
-pub use adapter::{LoraAdapter, LoraPair};
+pub use crate::model::linear::LoraPair;
+pub use crate::model::LowRankBranches;
+pub use adapter::LoraAdapter;
 pub use config::{LoraConfig, LoraInit, TargetModules};
-pub use frozen::FrozenWeight;
-pub(crate) use linear::Branch;
-pub use linear::{lora_linear, DropoutMask};

@@ -16,7 +16,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::decoder::Block;
-use crate::lora::{Branch, DropoutMask};
+use super::linear::{Branch, DropoutMask};
 use crate::ops::kernel::{
     add_assign_par, contiguous_slice, output_buffer, par_copy, tensor_from_vec, with_cpu_slices,
     Elem,

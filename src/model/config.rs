@@ -118,9 +118,9 @@ impl ModelConfig {
     /// Reads and validates a Hugging Face `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let raw: HfConfig = serde_json::from_str(&text).map_err(|source| Error::Json {
+        let raw: HfConfig = serde_json::from_str(&text).map_err(|error| Error::Json {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::from_hf(raw).map_err(|e| Error::invalid_file(path, e.to_string()))
     }

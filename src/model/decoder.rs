@@ -9,8 +9,9 @@ use candle_core::{DType, Device, Tensor};
 
 use super::block_op::{BlockOp, BranchSlot};
 use super::config::{ModelConfig, PROJECTIONS};
+use super::frozen::FrozenWeight;
+use super::linear::{lora_linear, DropoutMask, LoraPair};
 use super::rope::RopeTables;
-use crate::lora::{lora_linear, DropoutMask, FrozenWeight, LoraAdapter, LoraPair};
 use crate::ops;
 use crate::Result;
 
@@ -85,10 +86,18 @@ impl KvCache {
     }
 }
 
+/// The trainable low-rank branches a forward pass adds to the frozen projections: a LoRA adapter
+/// (`lora::LoraAdapter`), seen by the model only through this lookup so the model does not depend
+/// on how adapters are built, stored or read.
+pub trait LowRankBranches: Sync {
+    /// The pair on `(layer, index in PROJECTIONS)`, if that projection is adapted.
+    fn pair(&self, layer: usize, projection: usize) -> Option<&LoraPair>;
+}
+
 /// What one forward pass runs with besides its inputs.
 #[derive(Default)]
 pub struct ForwardContext<'a> {
-    pub adapter: Option<&'a LoraAdapter>,
+    pub adapter: Option<&'a dyn LowRankBranches>,
     /// Training-time dropout on LoRA inputs; `None` in evaluation.
     pub dropout: Option<&'a mut Dropout>,
     pub cache: Option<&'a mut KvCache>,
@@ -508,7 +517,7 @@ pub fn projection_index(name: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lora::LoraConfig;
+    use crate::lora::{LoraAdapter, LoraConfig};
     use crate::model::random::{random_decoder, tiny_config};
 
     /// Cached keys/values carry no graph (an attached cache would keep every decoding step's

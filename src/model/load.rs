@@ -18,17 +18,21 @@ use sha2::{Digest, Sha256};
 
 use super::config::{Architecture, ModelConfig, PROJECTIONS};
 use super::decoder::{Block, Decoder, Projection};
-use crate::lora::FrozenWeight;
+use super::frozen::FrozenWeight;
 use crate::{Error, Result};
 
 /// How the frozen base weights are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BaseDType {
+    #[serde(alias = "float32")]
     F32,
+    #[serde(alias = "float16")]
     F16,
+    #[serde(alias = "bfloat16")]
     Bf16,
     /// Kept as GGUF blocks (from a GGUF file), or quantized to Q8_0 on load (from safetensors).
+    #[serde(alias = "q")]
     Quantized,
 }
 
@@ -94,6 +98,24 @@ impl BaseModel {
             ModelLocation::Gguf(path) => load_gguf(path, base_dtype, device),
             ModelLocation::HfDir(dir) => load_hf_dir(dir, base_dtype, device),
         }
+    }
+
+    /// The template named by `spec` (`chat`, `alpaca`, `raw` or a Jinja file) for this model.
+    pub fn template(&self, spec: &str) -> Result<crate::data::Template> {
+        crate::data::Template::from_spec(
+            spec,
+            crate::data::ModelTokens {
+                model_name: &self.name,
+                chat_template: self.chat_template.as_deref(),
+                bos: self.bos_token.as_deref().unwrap_or(""),
+                eos: self.eos_token.as_deref().unwrap_or(""),
+            },
+        )
+    }
+
+    /// Padding id: the configured eos (padding never enters the loss or attention).
+    pub fn pad_id(&self) -> u32 {
+        self.decoder.config.eos_token_id.unwrap_or(0)
     }
 
     /// The tokenizer, or an error naming the model when it has none.
@@ -605,4 +627,21 @@ pub fn fingerprint_files(files: &[PathBuf]) -> Result<String> {
         }
     }
     Ok(hex::encode(&hasher.finalize()[..16]))
+}
+
+/// The base's configuration alone, without reading any weights (for exports that need only
+/// shapes and head counts).
+pub fn read_model_config(location: &ModelLocation) -> Result<ModelConfig> {
+    match location {
+        ModelLocation::HfDir(dir) => ModelConfig::from_hf_file(&dir.join("config.json")),
+        ModelLocation::Gguf(path) => {
+            let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+                .map_err(|e| Error::invalid_file(path, format!("not a readable GGUF file: {e}")))?;
+            ModelConfig::from_gguf(&content).map_err(|e| match e {
+                Error::UnsupportedArchitecture(_) => e,
+                other => Error::invalid_file(path, other.to_string()),
+            })
+        }
+    }
 }

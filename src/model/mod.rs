@@ -3,12 +3,16 @@
 mod block_op;
 pub mod config;
 pub mod decoder;
+pub mod frozen;
+pub mod linear;
 pub mod load;
 pub mod random;
 pub mod resolve;
 pub mod rope;
 
 pub use config::{Architecture, ModelConfig, PROJECTIONS};
-pub use decoder::{Decoder, ForwardContext, KvCache};
-pub use load::{BaseDType, BaseModel, ModelLocation};
+pub use decoder::{Decoder, ForwardContext, KvCache, LowRankBranches};
+pub use frozen::FrozenWeight;
+pub use linear::{lora_linear, DropoutMask, LoraPair};
+pub use load::{read_model_config, BaseDType, BaseModel, ModelLocation};
 pub use resolve::resolve_model;

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use super::config::{Architecture, ModelConfig, PROJECTIONS};
 use super::decoder::{Block, Decoder, Projection};
-use crate::lora::FrozenWeight;
+use super::frozen::FrozenWeight;
 use crate::Result;
 
 /// A tiny llama-style config (`qkv_bias` adds qwen2-style biases).

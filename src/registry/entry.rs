@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{AdapterMeta, Registry, SIDECAR_FILE};
 use crate::fsutil::read_json;
-use crate::lora::peft::{PeftAdapterConfig, CONFIG_FILE, WEIGHTS_FILE};
+use crate::lora::peft::{read_peft_config, PeftAdapterConfig, CONFIG_FILE, WEIGHTS_FILE};
 use crate::{Error, Result};
 
 /// One finished entry as found on disk.
@@ -69,7 +69,9 @@ impl Registry {
         let mut problems = Vec::new();
         let meta = match AdapterMeta::read(&path) {
             Ok(m) => Some(m),
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(Error::Io { error: source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
                 problems.push(format!("no {SIDECAR_FILE}"));
                 None
             }
@@ -78,15 +80,16 @@ impl Registry {
                 None
             }
         };
-        let peft = match read_json::<PeftAdapterConfig>(&path.join(CONFIG_FILE)) {
-            Ok(c) => Some(c),
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                problems.push(format!("no {CONFIG_FILE}"));
-                None
-            }
-            Err(e) => {
-                problems.push(format!("unreadable {CONFIG_FILE}: {}", short(&e)));
-                None
+        let peft = if !path.join(CONFIG_FILE).is_file() {
+            problems.push(format!("no {CONFIG_FILE}"));
+            None
+        } else {
+            match read_peft_config(&path) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    problems.push(format!("unreadable {CONFIG_FILE}: {}", short(&e)));
+                    None
+                }
             }
         };
         if let Some(p) = check_weights(&path.join(WEIGHTS_FILE)) {
@@ -134,8 +137,8 @@ impl Registry {
 /// The error's message without the (already known) path prefix, for one-line problem reports.
 fn short(e: &Error) -> String {
     match e {
-        Error::Json { source, .. } => source.to_string(),
-        Error::Io { source, .. } => source.to_string(),
+        Error::Json { error: source, .. } => source.to_string(),
+        Error::Io { error: source, .. } => source.to_string(),
         other => other.to_string(),
     }
 }
@@ -212,7 +215,7 @@ fn latest_step(run: &Path) -> Option<usize> {
 }
 
 fn last_metrics_step(run: &Path) -> Option<usize> {
-    let text = std::fs::read_to_string(run.join(crate::train::trainer::METRICS_FILE)).ok()?;
+    let text = std::fs::read_to_string(run.join(super::METRICS_FILE)).ok()?;
     text.lines()
         .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -6,10 +6,12 @@
 mod diff;
 mod entry;
 mod import;
+mod load;
 
 pub use diff::{diff, AdapterDiff, DiffTotals, LayerDiff, ModuleDiff, Presence};
 pub use entry::{EntryInfo, FileInfo, RunInfo};
-pub use import::{import, read_adapter};
+pub use import::import;
+pub use load::load_for_base;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,10 @@ use crate::{Error, Result};
 
 /// peft-wit's own metadata beside the PEFT files (never inside adapter_config.json).
 pub const SIDECAR_FILE: &str = "peft_wit.json";
+
+/// A run's metric history, one JSON line per logged step (in `.runs/<name>/` while training,
+/// kept beside the adapter once it is committed).
+pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Where the registry lives by default: `$PEFT_WIT_REGISTRY` or `adapters/`.
 pub fn default_root() -> PathBuf {
@@ -55,8 +61,9 @@ pub struct AdapterMeta {
     pub loss: LossInfo,
     pub data: DataInfo,
     pub lora: crate::lora::LoraConfig,
-    /// The full resolved training configuration (absent for imported adapters).
-    pub train_config: Option<crate::train::config::TrainConfig>,
+    /// The full resolved training configuration as the trainer wrote it (absent for imported
+    /// adapters). Kept as a plain value: the registry records it, it does not interpret it.
+    pub train_config: Option<serde_json::Value>,
     pub seed: Option<u64>,
     /// Final evaluation metrics (`response_loss`, `response_ppl`, `wit_loss`, `exact_match`, ...).
     pub metrics: std::collections::BTreeMap<String, f64>,
@@ -192,10 +199,10 @@ impl Registry {
         let dest = self.path(name);
         if dest.exists() {
             if !force {
-                return Err(Error::InvalidArgument(format!(
-                    "adapter `{name}` already exists in {} (use --force to overwrite)",
-                    self.root.display()
-                )));
+                return Err(Error::AdapterExists {
+                    name: name.to_string(),
+                    registry: self.root.to_path_buf(),
+                });
             }
             let trash = self
                 .root

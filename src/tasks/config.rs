@@ -421,35 +421,16 @@ impl TaskCatalog {
 
     /// The known name closest to `name` (edit distance), for "did you mean".
     fn nearest(&self, name: &str) -> Option<String> {
-        let candidates = self
+        let candidates: Vec<String> = self
             .tasks
             .iter()
             .map(|t| t.task.clone())
             .chain(self.groups())
-            .chain(self.aliases.keys().cloned());
-        candidates
-            .map(|c| (edit_distance(name, &c), c))
-            .filter(|(d, _)| *d <= name.len().max(3) / 2 + 2)
-            .min()
-            .map(|(_, c)| c)
+            .chain(self.aliases.keys().cloned())
+            .collect();
+        crate::config_value::nearest(name, candidates.iter().map(String::as_str))
+            .map(str::to_string)
     }
-}
-
-/// Levenshtein distance over chars.
-pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]

@@ -113,7 +113,7 @@ impl<'m> LanguageModel<'m> {
         let t = ids.len() / batch;
         let input = Tensor::from_slice(ids, (batch, t), self.decoder.device())?;
         let mut ctx = ForwardContext {
-            adapter: self.adapter,
+            adapter: self.adapter.map(|a| a as _),
             cache: Some(cache),
             no_grad: true,
             ..Default::default()

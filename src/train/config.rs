@@ -6,8 +6,12 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::optim::Schedule;
+use crate::config_value::with_key_hint;
+use crate::data::{DataFormat, OnBadRow, Truncation};
+use crate::device::DeviceSpec;
 use crate::lora::{LoraConfig, LoraInit, TargetModules};
 use crate::loss::Normalization;
+use crate::model::BaseDType;
 use crate::{Error, Result};
 
 /// Named loss weightings.
@@ -43,8 +47,8 @@ pub struct TrainConfig {
     // Model.
     /// GGUF file, HF directory or Hub id; `None` = the default model under `models/`.
     pub model: Option<String>,
-    pub base_dtype: String,
-    pub device: String,
+    pub base_dtype: BaseDType,
+    pub device: DeviceSpec,
 
     // Data.
     /// Training file; `None` = the built-in generated dataset.
@@ -55,17 +59,17 @@ pub struct TrainConfig {
     /// Examples generated for the built-in dataset.
     pub builtin_examples: usize,
     /// `auto`, `alpaca`, `prompt-response`, `chat`.
-    pub format: String,
+    pub format: DataFormat,
     /// `chat` (the model's own), `alpaca`, `raw`, or a path to a Jinja file.
     pub template: String,
     pub prompt_field: Option<String>,
     pub response_field: Option<String>,
     pub max_seq_len: usize,
     /// `error` or `skip`.
-    pub on_bad_row: String,
+    pub on_bad_row: OnBadRow,
     pub last_turn_only: bool,
     /// Cut over-long prompts from the `left` (default) or `right`.
-    pub truncate_prompt: String,
+    pub truncate_prompt: Truncation,
 
     // Loss.
     pub loss: LossPreset,
@@ -75,13 +79,17 @@ pub struct TrainConfig {
     pub user_weight: Option<f32>,
     pub normalization: Normalization,
 
-    // LoRA.
-    pub rank: usize,
-    pub alpha: f64,
+    // LoRA, with PEFT's field names (the older peft-wit names are accepted as aliases).
+    #[serde(alias = "rank")]
+    pub r: usize,
+    #[serde(alias = "alpha")]
+    pub lora_alpha: f64,
     pub lora_dropout: f32,
     /// Comma-separated names, `all-linear`, or `re:<regex>`.
-    pub targets: String,
-    pub rslora: bool,
+    #[serde(alias = "targets")]
+    pub target_modules: String,
+    #[serde(alias = "rslora")]
+    pub use_rslora: bool,
     pub lora_init: LoraInit,
     pub layers_to_transform: Option<Vec<usize>>,
 
@@ -115,31 +123,31 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             model: None,
-            base_dtype: "f32".into(),
-            device: "cpu".into(),
+            base_dtype: BaseDType::F32,
+            device: DeviceSpec::Cpu,
             data: None,
             eval_data: None,
             eval_fraction: 0.1,
             builtin_examples: 240,
-            format: "auto".into(),
+            format: DataFormat::Auto,
             template: "chat".into(),
             prompt_field: None,
             response_field: None,
             max_seq_len: 512,
-            on_bad_row: "error".into(),
+            on_bad_row: OnBadRow::Error,
             last_turn_only: false,
-            truncate_prompt: "left".into(),
+            truncate_prompt: Truncation::Left,
             loss: LossPreset::Standard,
             prompt_weight: 0.0,
             response_weight: 1.0,
             system_weight: None,
             user_weight: None,
             normalization: Normalization::TokenCount,
-            rank: 16,
-            alpha: 32.0,
+            r: 16,
+            lora_alpha: 32.0,
             lora_dropout: 0.05,
-            targets: "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".into(),
-            rslora: false,
+            target_modules: "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".into(),
+            use_rslora: false,
             lora_init: LoraInit::Kaiming,
             layers_to_transform: None,
             lr: 2e-4,
@@ -167,11 +175,73 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Reads a TOML config file; unknown keys are an error naming the file.
+    /// Reads a TOML config file; an unknown key is an error naming the file, the key and the
+    /// nearest valid one.
     pub fn from_toml_file(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| Error::invalid_file(path, e.to_string()))
+        Self::from_toml_str(&text).map_err(|message| Error::invalid_file(path, message))
     }
+
+    /// Parses TOML text; the error message names an unknown key's nearest valid one.
+    pub fn from_toml_str(text: &str) -> std::result::Result<Self, String> {
+        toml::from_str(text).map_err(|e| with_key_hint(&e.to_string(), &Self::KEYS))
+    }
+
+    /// Every key a TOML config may hold (with the older aliases), for "did you mean".
+    pub const KEYS: [&'static str; 52] = [
+        "model",
+        "base_dtype",
+        "device",
+        "data",
+        "eval_data",
+        "eval_fraction",
+        "builtin_examples",
+        "format",
+        "template",
+        "prompt_field",
+        "response_field",
+        "max_seq_len",
+        "on_bad_row",
+        "last_turn_only",
+        "truncate_prompt",
+        "loss",
+        "prompt_weight",
+        "response_weight",
+        "system_weight",
+        "user_weight",
+        "normalization",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "use_rslora",
+        "lora_init",
+        "layers_to_transform",
+        "lr",
+        "beta1",
+        "beta2",
+        "adam_eps",
+        "weight_decay",
+        "schedule",
+        "warmup_steps",
+        "warmup_ratio",
+        "max_grad_norm",
+        "batch_size",
+        "grad_accum",
+        "epochs",
+        "max_steps",
+        "seed",
+        "name",
+        "registry",
+        "eval_every",
+        "checkpoint_every",
+        "log_every",
+        "eval_generate",
+        "rank",
+        "alpha",
+        "targets",
+        "rslora",
+    ];
 
     /// `(λp, λr)` after applying the preset.
     pub fn loss_weights(&self) -> (f32, f32) {
@@ -194,11 +264,11 @@ impl TrainConfig {
 
     pub fn lora_config(&self) -> Result<LoraConfig> {
         let config = LoraConfig {
-            r: self.rank,
-            lora_alpha: self.alpha,
+            r: self.r,
+            lora_alpha: self.lora_alpha,
             lora_dropout: self.lora_dropout,
-            target_modules: TargetModules::parse(&self.targets)?,
-            use_rslora: self.rslora,
+            target_modules: TargetModules::parse(&self.target_modules)?,
+            use_rslora: self.use_rslora,
             layers_to_transform: self.layers_to_transform.clone(),
             init: self.lora_init,
         };
@@ -278,7 +348,35 @@ mod tests {
         let text = toml::to_string(&c).unwrap();
         let back: TrainConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, c);
-        let err = toml::from_str::<TrainConfig>("rnak = 4").unwrap_err();
-        assert!(err.to_string().contains("rnak"), "{err}");
+        let err = TrainConfig::from_toml_str("rnak = 4").unwrap_err();
+        assert!(
+            err.contains("unknown key `rnak` (did you mean `rank`?)"),
+            "{err}"
+        );
+        let err = TrainConfig::from_toml_str("lora_alhpa = 4.0").unwrap_err();
+        assert!(err.contains("did you mean `lora_alpha`?"), "{err}");
+        // The older peft-wit names still parse, into PEFT's names.
+        let old = TrainConfig::from_toml_str(
+            "rank = 8\nalpha = 16.0\ntargets = \"q_proj\"\nrslora = true",
+        )
+        .unwrap();
+        assert_eq!((old.r, old.lora_alpha, old.use_rslora), (8, 16.0, true));
+        assert_eq!(old.target_modules, "q_proj");
+        // Enumerated values are checked when the config is read, not after the model loads.
+        let err = TrainConfig::from_toml_str("format = \"jsonl\"").unwrap_err();
+        assert!(
+            err.contains("jsonl") && err.contains("prompt-response"),
+            "{err}"
+        );
+        let err = TrainConfig::from_toml_str("device = \"tpu\"").unwrap_err();
+        assert!(err.contains("tpu"), "{err}");
+        let c = TrainConfig::from_toml_str(
+            "base_dtype = \"bf16\"\ndevice = \"cuda:1\"\nformat = \"messages\"",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.base_dtype, c.device, c.format),
+            (BaseDType::Bf16, DeviceSpec::Cuda(1), DataFormat::Chat)
+        );
     }
 }

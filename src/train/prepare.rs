@@ -1,15 +1,12 @@
 //! From a config to tokenized train/eval sets: load (or generate) examples, split, render with
 //! the chosen template, tokenize once with token kinds so any loss weighting can reuse them.
 
-use std::path::Path;
-
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::config::TrainConfig;
 use crate::data::{
-    self, ChatTemplate, Example, FieldMap, Format, LoadOptions, OnBadRow, Template,
-    TokenizeOptions, TokenizedExample, Truncation,
+    self, Example, FieldMap, LoadOptions, Template, TokenizeOptions, TokenizedExample,
 };
 use crate::model::BaseModel;
 use crate::{Error, Result};
@@ -32,76 +29,21 @@ pub struct PreparedData {
     pub report: Vec<String>,
 }
 
-/// The template named by `spec`: `chat`, `alpaca`, `raw`, or a Jinja file path.
-pub fn build_template(spec: &str, base: &BaseModel) -> Result<Template> {
-    let eos = base.eos_token.clone().unwrap_or_default();
-    let bos = base.bos_token.clone().unwrap_or_default();
-    match spec {
-        "chat" => {
-            let source = base.chat_template.as_deref().ok_or_else(|| {
-                Error::Template(format!(
-                    "model `{}` has no chat template; use --template alpaca|raw|FILE",
-                    base.name
-                ))
-            })?;
-            Ok(Template::Chat(ChatTemplate::new(source, &bos, &eos)?))
-        }
-        "alpaca" => Ok(Template::alpaca(eos)),
-        "raw" => Ok(Template::raw(eos)),
-        path => Ok(Template::Custom(ChatTemplate::from_file(
-            Path::new(path),
-            &bos,
-            &eos,
-        )?)),
-    }
-}
-
-/// The prompt/response field mapping named by `--prompt-field` / `--response-field`; a missing
-/// half keeps its default name. `None` when neither is given (auto-detection).
-pub fn field_map(prompt: Option<&str>, response: Option<&str>) -> Option<FieldMap> {
-    if prompt.is_none() && response.is_none() {
-        return None;
-    }
-    Some(FieldMap::new(
-        prompt.unwrap_or("prompt"),
-        response.unwrap_or("response"),
-    ))
-}
-
-fn load_options(cfg: &TrainConfig) -> Result<LoadOptions> {
-    let field_map = field_map(cfg.prompt_field.as_deref(), cfg.response_field.as_deref());
-    let format = match cfg.format.as_str() {
-        "auto" => Format::Auto,
-        "alpaca" => Format::Alpaca,
-        "chat" | "messages" => Format::Messages,
-        "prompt-response" => Format::PromptResponse(field_map.clone().unwrap_or_default()),
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "unknown data format `{other}` (auto, alpaca, prompt-response, chat)"
-            )))
-        }
-    };
-    let on_bad_row = match cfg.on_bad_row.as_str() {
-        "error" => OnBadRow::Error,
-        "skip" => OnBadRow::Skip,
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "unknown on_bad_row `{other}` (error, skip)"
-            )))
-        }
-    };
-    Ok(LoadOptions {
-        format,
+fn load_options(cfg: &TrainConfig) -> LoadOptions {
+    let field_map =
+        FieldMap::from_fields(cfg.prompt_field.as_deref(), cfg.response_field.as_deref());
+    LoadOptions {
+        format: cfg.format.resolve(field_map.as_ref()),
         field_map,
-        on_bad_row,
-    })
+        on_bad_row: cfg.on_bad_row,
+    }
 }
 
 /// Loads, splits and tokenizes the data a config names.
 pub fn prepare_data(cfg: &TrainConfig, base: &BaseModel) -> Result<PreparedData> {
     let tokenizer = base.tokenizer()?;
-    let template = build_template(&cfg.template, base)?;
-    let opts = load_options(cfg)?;
+    let template = base.template(&cfg.template)?;
+    let opts = load_options(cfg);
     let mut report = Vec::new();
     let (mut train_examples, source) = match &cfg.data {
         None => (
@@ -142,15 +84,7 @@ pub fn prepare_data(cfg: &TrainConfig, base: &BaseModel) -> Result<PreparedData>
     };
     let tok_opts = TokenizeOptions {
         max_seq_len: Some(cfg.max_seq_len.min(base.decoder.max_positions())),
-        truncation: match cfg.truncate_prompt.as_str() {
-            "left" => Truncation::Left,
-            "right" => Truncation::Right,
-            other => {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown truncate_prompt `{other}` (left, right)"
-                )))
-            }
-        },
+        truncation: cfg.truncate_prompt,
         last_turn_only: cfg.last_turn_only,
         on_error: opts.on_bad_row,
         ..Default::default()

@@ -20,17 +20,17 @@ use super::config::TrainConfig;
 use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWParams};
 use super::prepare::PreparedData;
 use crate::data::{length_grouped_batches, Batch, LossWeights, TokenizedExample};
-use crate::eval::{loss_metrics, LossMetrics};
+use crate::eval::{evaluate_losses, LossMetrics};
 use crate::fsutil::atomic_write;
 use crate::lora::peft::save_peft;
 use crate::lora::LoraAdapter;
-use crate::loss::{denominator, weighted_nll_sum, Normalization};
+use crate::loss::{denominator, weighted_nll_sum};
 use crate::model::decoder::{Dropout, ForwardContext};
 use crate::model::BaseModel;
 use crate::registry::{AdapterMeta, BaseInfo, DataInfo, LossInfo, Registry};
 use crate::{Error, Result};
 
-pub const METRICS_FILE: &str = "metrics.jsonl";
+pub use crate::registry::METRICS_FILE;
 pub const LOSS_PLOT_FILE: &str = "loss.svg";
 
 /// How a run is driven (not part of the config: it does not change the result).
@@ -171,35 +171,6 @@ fn dropout_rng(seed: u64, step: usize, micro: usize) -> rand::rngs::StdRng {
     rand::rngs::StdRng::seed_from_u64(mixed)
 }
 
-/// Evaluates loss metrics of `adapter` on the prepared eval split.
-pub fn evaluate_losses(
-    base: &BaseModel,
-    adapter: Option<&LoraAdapter>,
-    eval: &[TokenizedExample],
-    weights: &LossWeights,
-    normalization: Normalization,
-    batch_size: usize,
-) -> Result<Option<LossMetrics>> {
-    if eval.is_empty() {
-        return Ok(None);
-    }
-    let pad = pad_id(base);
-    Ok(Some(loss_metrics(
-        &base.decoder,
-        adapter,
-        eval,
-        weights,
-        normalization,
-        batch_size,
-        pad,
-    )?))
-}
-
-/// Padding id: the configured eos (padding never enters the loss or attention).
-pub fn pad_id(base: &BaseModel) -> u32 {
-    base.decoder.config.eos_token_id.unwrap_or(0)
-}
-
 /// Trains one adapter into `registry` under the config's name.
 pub fn train(
     base: &BaseModel,
@@ -212,10 +183,10 @@ pub fn train(
     let name = cfg.name.clone().unwrap_or_else(|| cfg.default_name());
     crate::registry::validate_name(&name)?;
     if registry.contains(&name) && !opts.force {
-        return Err(Error::InvalidArgument(format!(
-            "adapter `{name}` already exists in {} (use --force to overwrite)",
-            registry.root().display()
-        )));
+        return Err(Error::AdapterExists {
+            name: name.to_string(),
+            registry: registry.root().to_path_buf(),
+        });
     }
     let run_dir = registry.run_dir(&name);
     let _run_lock = lock_run(&run_dir)?;
@@ -282,7 +253,7 @@ pub fn train(
         .warmup_steps
         .unwrap_or_else(|| (cfg.warmup_ratio * total as f64).ceil() as usize);
     let mut order = DataOrder::new(&data.train, cfg.batch_size, cfg.seed);
-    let pad = pad_id(base);
+    let pad = base.pad_id();
     let bar = progress_bar(opts.progress, total, start_step, &name);
     let started = Instant::now();
     let mut smoothed: Option<f64> = None;
@@ -478,7 +449,9 @@ pub fn train(
             eval_examples: data.eval.len(),
         },
         lora: lora.clone(),
-        train_config: Some(cfg.clone()),
+        train_config: Some(serde_json::to_value(cfg).map_err(|e| {
+            Error::InvalidArgument(format!("training config cannot be recorded: {e}"))
+        })?),
         seed: Some(cfg.seed),
         metrics,
         steps: last_step,
@@ -604,9 +577,9 @@ impl MetricsLog {
     }
 
     fn write(&mut self, line: &MetricsLine) -> Result<()> {
-        let text = serde_json::to_string(line).map_err(|source| Error::Json {
+        let text = serde_json::to_string(line).map_err(|error| Error::Json {
             path: self.path.clone(),
-            source,
+            error,
         })?;
         writeln!(self.file, "{text}").map_err(|e| Error::io(&self.path, e))
     }

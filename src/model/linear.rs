@@ -12,9 +12,9 @@
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var};
 
-use super::{FrozenWeight, LoraPair};
+use super::frozen::FrozenWeight;
 use crate::ops::gemm::{gemm, View};
 use crate::ops::kernel::{
     add_assign_par, contiguous_slice, output_buffer, par_copy, tensor_from_vec, with_cpu_slices,
@@ -22,6 +22,34 @@ use crate::ops::kernel::{
 };
 use crate::Result;
 use rayon::prelude::*;
+
+/// One trainable pair: `A: [r, in]`, `B: [out, r]`, applied as `scale · B·A·x`.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+}
+
+impl LoraPair {
+    /// `scale · (x·Aᵀ)·Bᵀ` for `x: [..., in]`. The scale is applied to the rank-r intermediate,
+    /// and `x` is flattened to 2-D, so no full-width elementwise op or broadcast-sum is added.
+    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let (lead, last) = dims.split_at(dims.len() - 1);
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, last[0]))?;
+        let low = (x2.matmul(&self.a.as_tensor().t()?)? * self.scale)?;
+        let out = low.matmul(&self.b.as_tensor().t()?)?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(out.dim(1)?);
+        Ok(out.reshape(out_dims)?)
+    }
+
+    pub fn rank(&self) -> Result<usize> {
+        Ok(self.a.as_tensor().dim(0)?)
+    }
+}
 
 /// `x·Wᵀ (+ bias) + scale·((x ⊙ dropout_mask)·Aᵀ)·Bᵀ` for `x: [..., in]`.
 ///

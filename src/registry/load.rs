@@ -5,10 +5,10 @@ use std::path::Path;
 
 use candle_core::DType;
 
-use super::peft::load_peft;
-use super::LoraAdapter;
+use super::{AdapterMeta, SIDECAR_FILE};
+use crate::lora::peft::load_peft;
+use crate::lora::LoraAdapter;
 use crate::model::BaseModel;
-use crate::registry::{AdapterMeta, SIDECAR_FILE};
 use crate::{Error, Result};
 
 /// Loads the PEFT adapter in `dir` for `base`. An adapter whose sidecar names another base
