@@ -81,6 +81,9 @@ pub enum Error {
     Task(#[from] crate::tasks::TaskError),
 
     #[error(transparent)]
+    Tracking(#[from] crate::tracking::TrackingError),
+
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

@@ -24,6 +24,7 @@ pub mod registry;
 pub mod sweep;
 pub mod tasks;
 pub mod tokenizer;
+pub mod tracking;
 pub mod train;
 
 pub use error::{Error, Result};

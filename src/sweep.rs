@@ -84,8 +84,13 @@ pub fn run_sweep(
 ) -> Result<SweepResult> {
     let mut cells = Vec::new();
     let mut interrupted = false;
+    // Trackers see the sweep as one experiment, each cell a run tagged with its place.
+    let sweep_name = format!("{prefix}grid");
+    let mut index = 0usize;
     for &r in response_weights {
         for &p in prompt_weights {
+            let cell_index = index;
+            index += 1;
             let name = cell_name(prefix, p, r);
             let mut cell = SweepCell {
                 prompt_weight: p,
@@ -117,8 +122,18 @@ pub fn run_sweep(
             cfg.name = Some(name.clone());
             // A cell stopped mid-way continues from its checkpoint.
             let resume = crate::train::checkpoint::latest(&registry.run_dir(&name))?.is_some();
+            let mut tracking_tags = opts.tracking_tags.clone();
+            tracking_tags.extend([
+                ("peft_wit.sweep".to_string(), sweep_name.clone()),
+                ("peft_wit.cell".to_string(), cell_index.to_string()),
+            ]);
             let cell_opts = RunOptions {
                 resume: resume && !opts.force,
+                tracking_tags,
+                default_experiment: opts
+                    .default_experiment
+                    .clone()
+                    .or_else(|| Some(sweep_name.clone())),
                 ..opts.clone()
             };
             match train(base, data, &cfg, registry, &cell_opts)? {

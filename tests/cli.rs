@@ -181,6 +181,31 @@ fn bad_input_gets_one_clear_message_and_exit_code_1() {
 
     let err = dir.cmd(&["adapters", "show", "nope"]).fails();
     assert!(err.contains("no adapter `nope`"), "{err}");
+
+    let err = dir
+        .cmd_with_model(&["train", "--report-to", "tensorbord", "--data"])
+        .arg(dir.data())
+        .fails();
+    assert!(err.contains("tensorbord"), "{err}");
+    assert!(!dir.registry().join("standard").exists());
+
+    // A tracking server that is down never stops training: a warning, the adapter is made.
+    let out = dir
+        .cmd_with_model(&[
+            "train",
+            "--quiet",
+            "--max-steps",
+            "2",
+            "--report-to",
+            "mlflow",
+        ])
+        .args(["--name", "offline", "--data"])
+        .arg(dir.data())
+        .env("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+        .all_output();
+    assert!(out.contains("warning: tracking"), "{out}");
+    assert!(out.contains("not sent to MLflow"), "{out}");
+    assert!(dir.registry().join("offline/adapter_config.json").is_file());
 }
 
 /// PEFT fields that change what the weights mean, refused by the one reader.
@@ -254,4 +279,139 @@ fn every_command_that_reads_an_adapter_refuses_the_same_peft_fields() {
     // Nothing was registered.
     let list = dir.cmd(&["adapters", "list"]).stdout();
     assert!(!list.contains("refused"), "{list}");
+}
+
+#[path = "common/mod.rs"]
+mod common;
+
+/// `train --report-to tensorboard,mlflow`: TensorBoard's own reader and the MLflow server's API
+/// give back the values metrics.jsonl holds, at the same steps.
+#[test]
+fn train_reports_to_tensorboard_and_mlflow() {
+    let (Some(python), Some(uri)) = (
+        common::required_env("PEFT_WIT_TEST_PYTHON"),
+        common::required_env("PEFT_WIT_TEST_MLFLOW_URI"),
+    ) else {
+        return;
+    };
+    let uri = uri.trim_end_matches('/').to_string();
+    let dir = Dir::new();
+    let experiment = format!("cli-test-{}", std::process::id());
+    dir.cmd_with_model(&["train", "--quiet", "--name", "tracked", "--max-steps", "4"])
+        .args(["--batch-size", "4", "--rank", "4", "--eval-every", "2"])
+        .args([
+            "--report-to",
+            "tensorboard,mlflow",
+            "--mlflow-experiment",
+            &experiment,
+        ])
+        .arg("--data")
+        .arg(dir.data())
+        .env("MLFLOW_TRACKING_URI", &uri)
+        .all_output();
+
+    let adapter = dir.registry().join("tracked");
+    let history = std::fs::read_to_string(adapter.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = history
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let series = |key: &str| -> Vec<(u64, f64)> {
+        lines
+            .iter()
+            .filter_map(|l| Some((l["step"].as_u64()?, l[key].as_f64()?)))
+            .collect()
+    };
+    let losses = series("loss");
+    let evals = series("eval_response_loss");
+    assert_eq!(losses.len(), 4, "{history}");
+    assert!(evals.len() >= 2, "{history}");
+
+    // TensorBoard: the event files moved into the adapter with it.
+    let out = std::process::Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/helpers/read_tb_events.py"
+        ))
+        .arg(adapter.join("tb"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tb: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tb_series = |tag: &str| -> Vec<(u64, f64)> {
+        tb[tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {tag} in {tb}"))
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+            .collect()
+    };
+    let as_f32 = |s: &[(u64, f64)]| -> Vec<(u64, f64)> {
+        s.iter().map(|&(k, v)| (k, v as f32 as f64)).collect()
+    };
+    assert_eq!(tb_series("train/loss"), as_f32(&losses));
+    assert_eq!(tb_series("eval/response_loss"), as_f32(&evals));
+
+    // MLflow: one finished run named after the adapter, same values, params and artifacts.
+    let get = |endpoint: &str, query: &[(&str, &str)]| -> serde_json::Value {
+        let url = format!("{uri}/api/2.0/mlflow/{endpoint}");
+        let req = query
+            .iter()
+            .fold(ureq::get(&url), |r, (k, v)| r.query(k, v));
+        req.call().unwrap().into_json().unwrap()
+    };
+    let exp = get(
+        "experiments/get-by-name",
+        &[("experiment_name", &experiment)],
+    );
+    let exp_id = exp["experiment"]["experiment_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let runs: serde_json::Value = ureq::post(&format!("{uri}/api/2.0/mlflow/runs/search"))
+        .send_json(serde_json::json!({"experiment_ids": [exp_id]}))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let runs = runs["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let info = &runs[0]["info"];
+    assert_eq!(info["run_name"], "tracked");
+    assert_eq!(info["status"], "FINISHED");
+    let run_id = info["run_id"].as_str().unwrap();
+    let params = runs[0]["data"]["params"].as_array().unwrap();
+    let param = |key: &str| {
+        params
+            .iter()
+            .find(|p| p["key"] == key)
+            .map(|p| p["value"].clone())
+    };
+    assert_eq!(param("prompt_weight"), Some("0".into()));
+    assert_eq!(param("r"), Some("4".into()));
+    assert!(param("data_fingerprint").is_some());
+    let history = get(
+        "metrics/get-history",
+        &[("run_id", run_id), ("metric_key", "train/loss")],
+    );
+    let mut mlflow_losses: Vec<(u64, f64)> = history["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["step"].as_u64().unwrap(), m["value"].as_f64().unwrap()))
+        .collect();
+    mlflow_losses.sort_by_key(|p| p.0);
+    assert_eq!(mlflow_losses, losses);
+    let artifacts = get("artifacts/list", &[("run_id", run_id)]);
+    let files: Vec<&str> = artifacts["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    assert!(files.contains(&"adapter_config.json"), "{files:?}");
+    assert!(files.contains(&"adapter_model.safetensors"), "{files:?}");
 }

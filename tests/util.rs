@@ -168,6 +168,11 @@ impl Cmd {
         self
     }
 
+    pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.command.env(key, value);
+        self
+    }
+
     fn output(&mut self) -> Output {
         self.command
             .output()

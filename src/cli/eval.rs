@@ -80,13 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut names = args.adapters.clone();
     if args.all {
         // Folders of finished adapters only (not reports or other files kept beside them).
-        let adapters = registry.names()?.into_iter().filter(|n| {
-            registry
-                .path(n)
-                .join(peft_wit::lora::peft::CONFIG_FILE)
-                .is_file()
-        });
-        names.extend(adapters);
+        names.extend(registry.adapter_names()?);
     }
     anyhow::ensure!(
         !names.is_empty() || args.base,

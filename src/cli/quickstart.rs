@@ -143,6 +143,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             stop: stop.clone(),
             resume: false,
             force: true,
+            ..Default::default()
         };
         match train(&base, &data, &cfg, &registry, &opts)? {
             TrainOutcome::Finished { meta, .. } => rows.push(vec![

@@ -71,6 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop: stop_on_ctrl_c(),
         resume: false,
         force: args.force,
+        ..Default::default()
     };
     let started = std::time::Instant::now();
     let mut result = run_sweep(

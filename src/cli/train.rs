@@ -95,6 +95,16 @@ pub struct ConfigArgs {
     pub eval_generate: Option<usize>,
     #[arg(long)]
     pub registry: Option<PathBuf>,
+    /// Also log metrics to: tensorboard, mlflow (comma-separated; default none).
+    #[arg(long)]
+    pub report_to: Option<String>,
+    /// TensorBoard event files go to DIR/<adapter name> (default: <registry>/<name>/tb).
+    #[arg(long)]
+    pub tensorboard_dir: Option<PathBuf>,
+    /// MLflow experiment (default: the sweep's name, or peft-wit); the server is
+    /// $MLFLOW_TRACKING_URI.
+    #[arg(long)]
+    pub mlflow_experiment: Option<String>,
 }
 
 impl ConfigArgs {
@@ -156,6 +166,17 @@ impl ConfigArgs {
         set(&mut c.checkpoint_every, self.checkpoint_every);
         set(&mut c.eval_generate, self.eval_generate);
         set(&mut c.registry, self.registry.clone().map(Some));
+        if let Some(list) = &self.report_to {
+            c.report_to = peft_wit::tracking::parse_report_to(list)?;
+        }
+        set(
+            &mut c.tensorboard_dir,
+            self.tensorboard_dir.clone().map(Some),
+        );
+        set(
+            &mut c.mlflow_experiment,
+            self.mlflow_experiment.clone().map(Some),
+        );
         c.validate()?;
         Ok(c)
     }
@@ -211,6 +232,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop: stop_on_ctrl_c(),
         resume: args.resume,
         force: args.force,
+        ..Default::default()
     };
     match train(&base, &data, &cfg, &registry, &opts)? {
         TrainOutcome::Finished { dir, meta } => {

@@ -217,7 +217,17 @@ impl Registry {
         Ok(dest)
     }
 
-    /// Names of the finished entries (folders with an adapter config), sorted.
+    /// Names of the adapters: entries holding an adapter config (a damaged entry is listed by
+    /// [`Registry::names`] but is not an adapter), sorted.
+    pub fn adapter_names(&self) -> Result<Vec<String>> {
+        Ok(self
+            .names()?
+            .into_iter()
+            .filter(|n| self.path(n).join(crate::lora::peft::CONFIG_FILE).is_file())
+            .collect())
+    }
+
+    /// Names of every entry folder, finished or damaged (hidden folders are bookkeeping), sorted.
     pub fn names(&self) -> Result<Vec<String>> {
         let mut names = Vec::new();
         for entry in std::fs::read_dir(&self.root).map_err(|e| Error::io(&self.root, e))? {

@@ -12,6 +12,7 @@ use crate::device::DeviceSpec;
 use crate::lora::{LoraConfig, LoraInit, TargetModules};
 use crate::loss::Normalization;
 use crate::model::BaseDType;
+use crate::tracking::ReportTo;
 use crate::{Error, Result};
 
 /// Named loss weightings.
@@ -117,6 +118,14 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Examples whose generations are scored (exact match) at the end; 0 disables.
     pub eval_generate: usize,
+
+    // Tracking: where metrics go besides metrics.jsonl (they do not change the adapter).
+    /// `tensorboard`, `mlflow`.
+    pub report_to: Vec<ReportTo>,
+    /// Event files go to `<tensorboard_dir>/<name>/`; default `<registry>/<name>/tb/`.
+    pub tensorboard_dir: Option<PathBuf>,
+    /// MLflow experiment; default: the sweep's name, or `peft-wit`.
+    pub mlflow_experiment: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -170,6 +179,9 @@ impl Default for TrainConfig {
             checkpoint_every: 50,
             log_every: 1,
             eval_generate: 0,
+            report_to: Vec::new(),
+            tensorboard_dir: None,
+            mlflow_experiment: None,
         }
     }
 }
@@ -188,7 +200,7 @@ impl TrainConfig {
     }
 
     /// Every key a TOML config may hold (with the older aliases), for "did you mean".
-    pub const KEYS: [&'static str; 52] = [
+    pub const KEYS: [&'static str; 55] = [
         "model",
         "base_dtype",
         "device",
@@ -237,6 +249,9 @@ impl TrainConfig {
         "checkpoint_every",
         "log_every",
         "eval_generate",
+        "report_to",
+        "tensorboard_dir",
+        "mlflow_experiment",
         "rank",
         "alpha",
         "targets",

@@ -28,6 +28,7 @@ use crate::loss::{denominator, weighted_nll_sum};
 use crate::model::decoder::{Dropout, ForwardContext};
 use crate::model::BaseModel;
 use crate::registry::{AdapterMeta, BaseInfo, DataInfo, LossInfo, Registry};
+use crate::tracking::{RunStatus, Tracker, TrackingOptions};
 use crate::{Error, Result};
 
 pub use crate::registry::METRICS_FILE;
@@ -42,6 +43,10 @@ pub struct RunOptions {
     pub stop: Arc<AtomicBool>,
     pub resume: bool,
     pub force: bool,
+    /// Tags for the tracking run (a sweep names itself and the cell), and the MLflow experiment
+    /// to use when the config names none.
+    pub tracking_tags: Vec<(String, String)>,
+    pub default_experiment: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -51,6 +56,8 @@ impl Default for RunOptions {
             stop: Arc::new(AtomicBool::new(false)),
             resume: false,
             force: false,
+            tracking_tags: Vec::new(),
+            default_experiment: None,
         }
     }
 }
@@ -65,6 +72,25 @@ pub enum TrainOutcome {
     },
     /// Stopped on request after a checkpoint; `--resume` continues it.
     Interrupted { step: usize, checkpoint: PathBuf },
+}
+
+impl MetricsLine {
+    /// The line's values as named scalars, as the trackers show them.
+    fn scalars(&self) -> Vec<(String, f64)> {
+        let named = [
+            ("train/loss", self.loss),
+            ("train/lr", self.lr),
+            ("train/grad_norm", self.grad_norm),
+            ("train/tokens_per_s", self.tokens_per_s),
+            ("eval/response_loss", self.eval_response_loss),
+            ("eval/wit_loss", self.eval_wit_loss),
+            ("train/tokens_seen", Some(self.tokens_seen as f64)),
+        ];
+        named
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+            .collect()
+    }
 }
 
 /// One line of `metrics.jsonl`.
@@ -151,6 +177,9 @@ fn config_hash(cfg: &TrainConfig) -> String {
     c.checkpoint_every = 0;
     c.log_every = 0;
     c.eval_generate = 0;
+    c.report_to.clear();
+    c.tensorboard_dir = None;
+    c.mlflow_experiment = None;
     let text = serde_json::to_string(&c).unwrap_or_default();
     hex::encode(&Sha256::digest(text.as_bytes())[..8])
 }
@@ -257,7 +286,8 @@ pub fn train(
     let bar = progress_bar(opts.progress, total, start_step, &name);
     let started = Instant::now();
     let mut smoothed: Option<f64> = None;
-    let mut log = MetricsLog::open(&run_dir)?;
+    let tracker = open_tracker(cfg, opts, &name, &run_dir, base, data)?;
+    let mut log = MetricsLog::open(&run_dir, tracker)?;
     // Held-out loss metrics at the adapter's current values (same data and weights every time).
     let eval_now = || {
         evaluate_losses(
@@ -393,6 +423,7 @@ pub fn train(
             };
             let dir = checkpoint::save(&run_dir, &adapter, &optimizer, &state)?;
             if stop {
+                log.close().finish(RunStatus::Killed);
                 bar.abandon_with_message(format!(
                     "interrupted at step {last_step}; checkpoint saved"
                 ));
@@ -421,7 +452,12 @@ pub fn train(
         )?;
         metrics.extend(scores);
     }
-    drop(log);
+    let final_scalars: Vec<(String, f64)> = metrics
+        .iter()
+        .map(|(k, v)| (format!("final/{k}"), *v))
+        .collect();
+    log.track(last_step, &final_scalars);
+    let mut tracker = log.close();
 
     let meta = AdapterMeta {
         format_version: 1,
@@ -474,9 +510,17 @@ pub fn train(
     )?;
     let toml_text = toml::to_string(cfg).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     atomic_write(&staged.join("train_config.toml"), toml_text.as_bytes())?;
+    // Event files written during the run travel with the adapter (its `tb/`).
+    let run_tb = run_dir.join(TENSORBOARD_SUBDIR);
+    if run_tb.is_dir() {
+        let to = staged.join(TENSORBOARD_SUBDIR);
+        std::fs::rename(&run_tb, &to).map_err(|e| Error::io(&to, e))?;
+    }
     let dir = registry.commit(&name, &staged, opts.force)?;
     std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
     let _ = std::fs::remove_file(run_dir.with_extension("lock"));
+    tracker.log_artifacts(&dir);
+    tracker.finish(RunStatus::Finished);
     Ok(TrainOutcome::Finished {
         dir,
         meta: Box::new(meta),
@@ -559,21 +603,27 @@ fn truncate_metrics(run_dir: &Path, step: usize) -> Result<()> {
     atomic_write(&path, kept.as_bytes())
 }
 
-/// Appends one JSON line per record to `metrics.jsonl`.
+/// Appends one JSON line per record to `metrics.jsonl`, and mirrors the same values at the
+/// same steps to the tracker (TensorBoard, MLflow) when the config asks for one.
 struct MetricsLog {
     file: std::fs::File,
     path: PathBuf,
+    tracker: Tracker,
 }
 
 impl MetricsLog {
-    fn open(run_dir: &Path) -> Result<Self> {
+    fn open(run_dir: &Path, tracker: Tracker) -> Result<Self> {
         let path = run_dir.join(METRICS_FILE);
         let file = std::fs::File::options()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        Ok(Self { file, path })
+        Ok(Self {
+            file,
+            path,
+            tracker,
+        })
     }
 
     fn write(&mut self, line: &MetricsLine) -> Result<()> {
@@ -581,8 +631,95 @@ impl MetricsLog {
             path: self.path.clone(),
             error,
         })?;
-        writeln!(self.file, "{text}").map_err(|e| Error::io(&self.path, e))
+        writeln!(self.file, "{text}").map_err(|e| Error::io(&self.path, e))?;
+        self.track(line.step, &line.scalars());
+        Ok(())
     }
+
+    /// Sends scalars to the tracker only (values kept elsewhere, e.g. the sidecar's final
+    /// metrics).
+    fn track(&mut self, step: usize, values: &[(String, f64)]) {
+        let values: Vec<(&str, f64)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        self.tracker
+            .log_scalars(step as u64, unix_seconds(), &values);
+    }
+
+    fn close(self) -> Tracker {
+        self.tracker
+    }
+}
+
+/// The run's TensorBoard folder inside its staging folder (and, once committed, the adapter's).
+pub const TENSORBOARD_SUBDIR: &str = "tb";
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The tracker a config asks for: TensorBoard event files in the run's staging folder (moved
+/// into the adapter with it) or under `tensorboard_dir/<name>`, and an MLflow run named after the
+/// adapter, with every training setting and the data and base fingerprints as params.
+fn open_tracker(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    name: &str,
+    run_dir: &Path,
+    base: &BaseModel,
+    data: &PreparedData,
+) -> Result<Tracker> {
+    if cfg.report_to.is_empty() {
+        return Ok(Tracker::disabled());
+    }
+    let tracking = TrackingOptions {
+        report_to: cfg.report_to.clone(),
+        tensorboard_dir: match &cfg.tensorboard_dir {
+            Some(dir) => dir.join(name),
+            None => run_dir.join(TENSORBOARD_SUBDIR),
+        },
+        mlflow_tracking_uri: None,
+        mlflow_experiment: cfg
+            .mlflow_experiment
+            .clone()
+            .or_else(|| opts.default_experiment.clone())
+            .unwrap_or_else(|| "peft-wit".into()),
+        run_name: name.to_string(),
+        tags: opts.tracking_tags.clone(),
+    };
+    let mut tracker = Tracker::open(&tracking)?;
+    let (lp, lr) = cfg.loss_weights();
+    let mut params: Vec<(String, String)> = vec![
+        ("prompt_weight".into(), lp.to_string()),
+        ("response_weight".into(), lr.to_string()),
+        ("base_model".into(), base.name.clone()),
+        ("base_fingerprint".into(), base.fingerprint.clone()),
+        ("data_source".into(), data.source.clone()),
+        ("data_fingerprint".into(), data.fingerprint.clone()),
+    ];
+    // Every other training setting, as the sidecar records it.
+    if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(cfg) {
+        for (key, value) in map {
+            let skip = [
+                "name",
+                "registry",
+                "report_to",
+                "prompt_weight",
+                "response_weight",
+            ];
+            if value.is_null() || skip.contains(&key.as_str()) {
+                continue;
+            }
+            let text = match value {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            params.push((key, text));
+        }
+    }
+    tracker.log_params(&params);
+    Ok(tracker)
 }
 
 /// The loss curve (train loss per step, eval response loss) as an SVG.

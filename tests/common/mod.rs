@@ -3,6 +3,7 @@
 
 pub mod tiny;
 
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use candle_core::Tensor;
@@ -113,4 +114,34 @@ pub fn reference_weights(
             })
         })
         .collect()
+}
+
+// Tests that need an outside tool (a Python with tensorboard, a running MLflow server) skip
+// loudly on a developer machine and fail under CI (`.ci/run` provides the tools).
+
+/// The value of `var`, or `None` after a loud skip notice. Under CI (`CI` set) a missing
+/// variable fails the test, so CI cannot pass without running it.
+pub fn required_env(var: &str) -> Option<String> {
+    if let Some(v) = std::env::var(var).ok().filter(|v| !v.is_empty()) {
+        return Some(v);
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(
+        !ci,
+        "{var} is not set but CI is: CI must provide it (see scripts/start-mlflow.sh)"
+    );
+    // Written to the stderr handle, not eprintln!, so the test harness does not capture it.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** skipped: set {var} to run this test ***\n"
+    );
+    None
+}
+
+/// A fresh directory path (not created) under the system temp dir.
+pub fn temp_path(name: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    std::env::temp_dir().join(format!("peft-wit-{name}-{}-{nanos}", std::process::id()))
 }
