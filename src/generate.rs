@@ -4,9 +4,58 @@
 use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
+use crate::data::{ChatTemplate, Message, Role};
 use crate::lora::LoraAdapter;
 use crate::model::decoder::{Decoder, ForwardContext, KvCache};
+use crate::model::BaseModel;
 use crate::{Error, Result};
+
+/// Text in, text out: renders `prompt` as one user turn with the model's chat template when
+/// `chat`, tokenizes it, generates (stopping at the model's EOS), and calls `on_text` with each
+/// newly decoded piece of text as it appears. Returns the whole generated text.
+pub fn generate_text(
+    base: &BaseModel,
+    adapter: Option<&LoraAdapter>,
+    prompt: &str,
+    chat: bool,
+    config: &GenerationConfig,
+    mut on_text: impl FnMut(&str),
+) -> Result<String> {
+    let tokenizer = base.tokenizer()?;
+    let text = if chat {
+        let source = base.chat_template.as_deref().ok_or_else(|| {
+            Error::Template(format!("model `{}` has no chat template", base.name))
+        })?;
+        let template = ChatTemplate::new(
+            source,
+            base.bos_token.as_deref().unwrap_or(""),
+            base.eos_token.as_deref().unwrap_or(""),
+        )?;
+        template.render(&[Message::new(Role::User, prompt)], true)?
+    } else {
+        prompt.to_string()
+    };
+    let ids = tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| Error::Tokenizer(format!("tokenizing the prompt: {e}")))?
+        .get_ids()
+        .to_vec();
+    let mut config = config.clone();
+    config.stop_ids.extend(base.decoder.config.eos_token_id);
+    let mut printed = String::new();
+    let mut all = Vec::new();
+    generate(&base.decoder, adapter, &ids, &config, |id| {
+        // Decode everything so far and pass on what is new (multi-byte tokens stay whole).
+        all.push(id);
+        if let Ok(text) = tokenizer.decode(&all, true) {
+            if text.len() > printed.len() && text.starts_with(&printed) {
+                on_text(&text[printed.len()..]);
+                printed = text;
+            }
+        }
+    })?;
+    Ok(printed)
+}
 
 /// Sampling settings.
 #[derive(Debug, Clone)]

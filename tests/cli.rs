@@ -19,7 +19,7 @@ fn train(dir: &Dir, name: &str, extra: &[&str]) {
 
 #[test]
 fn train_list_show_eval_generate_merge_export() {
-    let dir = Dir::new();
+    let dir = Dir::tiny();
     train(&dir, "std", &[]);
     train(
         &dir,
@@ -108,7 +108,7 @@ fn train_list_show_eval_generate_merge_export() {
 
 #[test]
 fn sweep_writes_its_report_under_dot_sweeps_and_every_cell_is_an_adapter() {
-    let dir = Dir::new();
+    let dir = Dir::tiny();
     let out = dir
         .cmd_with_model(&[
             "sweep",
@@ -147,7 +147,7 @@ fn sweep_writes_its_report_under_dot_sweeps_and_every_cell_is_an_adapter() {
 
 #[test]
 fn bad_input_gets_one_clear_message_and_exit_code_1() {
-    let dir = Dir::new();
+    let dir = Dir::tiny();
     let config = dir.write("bad.toml", "max_steps = 2\nlora_alhpa = 8.0\n");
     let err = dir
         .cmd_with_model(&["train", "--config"])
@@ -220,7 +220,7 @@ const REFUSED: [(&str, &str); 6] = [
 
 #[test]
 fn every_command_that_reads_an_adapter_refuses_the_same_peft_fields() {
-    let dir = Dir::new();
+    let dir = Dir::tiny();
     train(&dir, "ok", &[]);
     let good = dir.registry().join("ok");
     let config: serde_json::Value =
@@ -295,7 +295,7 @@ fn train_reports_to_tensorboard_and_mlflow() {
         return;
     };
     let uri = uri.trim_end_matches('/').to_string();
-    let dir = Dir::new();
+    let dir = Dir::tiny();
     let experiment = format!("cli-test-{}", std::process::id());
     dir.cmd_with_model(&["train", "--quiet", "--name", "tracked", "--max-steps", "4"])
         .args(["--batch-size", "4", "--rank", "4", "--eval-every", "2"])
@@ -414,4 +414,40 @@ fn train_reports_to_tensorboard_and_mlflow() {
         .collect();
     assert!(files.contains(&"adapter_config.json"), "{files:?}");
     assert!(files.contains(&"adapter_model.safetensors"), "{files:?}");
+}
+
+/// The library examples stay true: two of them run on the tiny model (cargo test builds them
+/// all into target/<profile>/examples/).
+#[test]
+fn examples_run_on_the_tiny_model() {
+    let dir = Dir::tiny();
+    let examples = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("examples");
+    let run = |name: &str, args: &[&std::ffi::OsStr]| -> String {
+        let exe = examples.join(name);
+        let out = std::process::Command::new(&exe)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", exe.display()));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{name} failed:\n{text}");
+        text
+    };
+    let model = dir.model();
+    let out = run("train_and_evaluate", &[model.as_os_str(), "3".as_ref()]);
+    assert!(
+        out.contains("base") && out.contains("wit-p0.2-r0.8"),
+        "{out}"
+    );
+    let out = run("custom_role_weights", &[model.as_os_str()]);
+    assert!(out.contains("system 0, user 0.1, response 1"), "{out}");
 }

@@ -14,7 +14,8 @@ pub struct Dir {
 }
 
 impl Dir {
-    pub fn new() -> Self {
+    /// A fresh directory with the tiny model, `data.jsonl` (32 rows) and an empty registry path.
+    pub fn tiny() -> Self {
         let dir = Self {
             tmp: tempfile::tempdir().unwrap(),
         };

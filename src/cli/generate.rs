@@ -3,8 +3,7 @@
 use std::io::Write;
 
 use anyhow::Context;
-use peft_wit::data::{ChatTemplate, Message, Role};
-use peft_wit::generate::{generate, GenerationConfig};
+use peft_wit::generate::{generate_text, GenerationConfig};
 use peft_wit::lora::peft::load_peft;
 
 use super::common::{open_registry, ModelArgs};
@@ -57,47 +56,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Some(adapter)
         }
     };
-    let tokenizer = base.tokenizer()?;
-    let text = if args.chat {
-        let source = base
-            .chat_template
-            .as_deref()
-            .context("the model has no chat template; drop --chat")?;
-        let template = ChatTemplate::new(
-            source,
-            base.bos_token.as_deref().unwrap_or(""),
-            base.eos_token.as_deref().unwrap_or(""),
-        )?;
-        template.render(&[Message::new(Role::User, args.prompt.clone())], true)?
-    } else {
-        args.prompt.clone()
-    };
-    let ids = tokenizer
-        .encode(text.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
-        .get_ids()
-        .to_vec();
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
-        stop_ids: base.decoder.config.eos_token_id.into_iter().collect(),
+        stop_ids: Vec::new(),
     };
-    let mut printed = String::new();
-    let mut all = Vec::new();
     let mut stdout = std::io::stdout();
-    generate(&base.decoder, adapter.as_ref(), &ids, &config, |id| {
-        // Stream: decode everything so far and print what is new (multi-byte tokens stay whole).
-        all.push(id);
-        if let Ok(text) = tokenizer.decode(&all, true) {
-            if text.len() > printed.len() && text.starts_with(&printed) {
-                let _ = write!(stdout, "{}", &text[printed.len()..]);
-                let _ = stdout.flush();
-                printed = text;
-            }
-        }
-    })?;
+    generate_text(
+        &base,
+        adapter.as_ref(),
+        &args.prompt,
+        args.chat,
+        &config,
+        |piece| {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        },
+    )?;
     println!();
     Ok(())
 }

@@ -1,0 +1,77 @@
+//! A 2 × 2 sweep over (λp, λr) on the built-in tasks, then the grid read back from the registry
+//! alone (what any later process sees), best cell first.
+//!
+//! `cargo run --release --example small_sweep [MODEL] [REGISTRY]`
+
+use peft_wit::eval::higher_is_better;
+use peft_wit::model::{resolve_model, BaseDType, BaseModel};
+use peft_wit::registry::{AdapterMeta, Registry};
+use peft_wit::sweep::run_sweep;
+use peft_wit::train::{prepare_data, RunOptions, TrainConfig};
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let model = args.next();
+    let registry_dir = args
+        .next()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("peft-wit-sweep-{}", std::process::id()))
+        });
+    let base = BaseModel::load(
+        &resolve_model(model.as_deref())?,
+        BaseDType::F32,
+        &candle_core::Device::Cpu,
+    )?;
+    let cfg = TrainConfig {
+        max_steps: Some(10),
+        r: 4,
+        lora_alpha: 8.0,
+        lr: 1e-3,
+        builtin_examples: 80,
+        ..TrainConfig::default()
+    };
+    // Tokenized once; every cell reuses it with its own weights.
+    let data = prepare_data(&cfg, &base)?;
+    let registry = Registry::open(&registry_dir)?;
+    let metric = "response_loss";
+    run_sweep(
+        &base,
+        &data,
+        &cfg,
+        &registry,
+        &[0.0, 0.5],
+        &[0.5, 1.0],
+        "example-",
+        metric,
+        &RunOptions::default(),
+    )?;
+
+    let mut cells: Vec<AdapterMeta> = registry
+        .adapter_names()?
+        .iter()
+        .filter(|name| name.starts_with("example-"))
+        .map(|name| AdapterMeta::read(&registry.path(name)))
+        .collect::<peft_wit::Result<_>>()?;
+    let score = |m: &AdapterMeta| m.metrics.get(metric).copied().unwrap_or(f64::NAN);
+    cells.sort_by(|a, b| {
+        let (x, y) = (score(a), score(b));
+        if higher_is_better(metric) {
+            y.total_cmp(&x)
+        } else {
+            x.total_cmp(&y)
+        }
+    });
+    println!("{:<24} {:>5} {:>5} {:>14}", "adapter", "λp", "λr", metric);
+    for m in &cells {
+        println!(
+            "{:<24} {:>5} {:>5} {:>14.4}",
+            m.name,
+            m.loss.prompt_weight,
+            m.loss.response_weight,
+            score(m)
+        );
+    }
+    println!("registry: {}", registry_dir.display());
+    Ok(())
+}
