@@ -358,6 +358,22 @@ mod tests {
     }
 
     #[test]
+    fn shipped_configs_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let c = TrainConfig::from_toml_file(&path).unwrap_or_else(|e| panic!("{e}"));
+                c.validate()
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "no configs found in {}", dir.display());
+    }
+
+    #[test]
     fn toml_round_trip_and_unknown_keys() {
         let c = TrainConfig::default();
         let text = toml::to_string(&c).unwrap();
