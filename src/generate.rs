@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
-use crate::data::{ChatTemplate, Message, Role};
+use crate::data::{Message, Role, Template};
 use crate::lora::LoraAdapter;
 use crate::model::decoder::{Decoder, ForwardContext, KvCache};
 use crate::model::BaseModel;
@@ -22,16 +22,18 @@ pub fn generate_text(
     mut on_text: impl FnMut(&str),
 ) -> Result<String> {
     let tokenizer = base.tokenizer()?;
+    // The model's own template, built as training builds it (`BaseModel::template`).
     let text = if chat {
-        let source = base.chat_template.as_deref().ok_or_else(|| {
-            Error::Template(format!("model `{}` has no chat template", base.name))
-        })?;
-        let template = ChatTemplate::new(
-            source,
-            base.bos_token.as_deref().unwrap_or(""),
-            base.eos_token.as_deref().unwrap_or(""),
-        )?;
-        template.render(&[Message::new(Role::User, prompt)], true)?
+        match base.template("chat")? {
+            Template::Chat(template) | Template::Custom(template) => {
+                template.render(&[Message::new(Role::User, prompt)], true)?
+            }
+            other => {
+                return Err(Error::Template(format!(
+                    "`chat` gave a {other:?} template, not a chat template"
+                )))
+            }
+        }
     } else {
         prompt.to_string()
     };
