@@ -6,7 +6,7 @@
 use peft_wit::eval::higher_is_better;
 use peft_wit::model::{resolve_model, BaseDType, BaseModel};
 use peft_wit::registry::{AdapterMeta, Registry};
-use peft_wit::sweep::run_sweep;
+use peft_wit::sweep::{GridSpec, LocalSweep, SweepPlan};
 use peft_wit::train::{prepare_data, RunOptions, TrainConfig};
 
 fn main() -> anyhow::Result<()> {
@@ -35,17 +35,25 @@ fn main() -> anyhow::Result<()> {
     let data = prepare_data(&cfg, &base)?;
     let registry = Registry::open(&registry_dir)?;
     let metric = "response_loss";
-    run_sweep(
-        &base,
-        &data,
-        &cfg,
-        &registry,
-        &[0.0, 0.5],
-        &[0.5, 1.0],
-        "example-",
-        metric,
-        &RunOptions::default(),
-    )?;
+    // The plan (grid, config, fingerprints, tokenized data) goes into the registry first, so
+    // the same sweep could also run as cluster cells (`peft-wit sweep run-cell`).
+    let grid = GridSpec {
+        name: "example-grid".into(),
+        prefix: "example-".into(),
+        metric: metric.into(),
+        prompt_weights: vec![0.0, 0.5],
+        response_weights: vec![0.5, 1.0],
+    };
+    let plan = SweepPlan::new(&grid, &cfg, &base, &data)?;
+    plan.write_or_match(&registry, &data)?;
+    LocalSweep {
+        base: &base,
+        data: &data,
+        plan: &plan,
+        registry: &registry,
+        opts: &RunOptions::default(),
+    }
+    .run(|cell, _| eprintln!("cell {} ({}) finished", cell.index, cell.name))?;
 
     let mut cells: Vec<AdapterMeta> = registry
         .adapter_names()?

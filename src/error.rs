@@ -26,6 +26,10 @@ pub enum Error {
     #[error("adapter `{name}` already exists in {registry} (use --force to overwrite)")]
     AdapterExists { name: String, registry: PathBuf },
 
+    /// A lock file held by a live owner (another process, maybe on another host).
+    #[error("{path} is locked by {owner}")]
+    Locked { path: PathBuf, owner: String },
+
     #[error("{path}: {message}")]
     InvalidFile { path: PathBuf, message: String },
 

@@ -258,52 +258,54 @@ fn accumulated_micro_batches_share_one_denominator() {
 
 #[test]
 fn a_stopped_sweep_resumes_and_skips_finished_cells() {
-    use peft_wit::sweep::run_sweep;
+    use peft_wit::sweep::{CellOutcome, GridSpec, LocalSweep, SweepPlan};
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::open(tmp.path()).unwrap();
     let (base, data) = (tiny_base(), data());
     let cfg = config(3);
-    let (ps, rs) = (vec![0.0, 0.5], vec![0.0, 1.0]);
+    let grid = GridSpec {
+        name: "t-grid".into(),
+        prefix: "t-".into(),
+        metric: "response_loss".into(),
+        prompt_weights: vec![0.0, 0.5],
+        response_weights: vec![0.0, 1.0],
+    };
+    let plan = SweepPlan::new(&grid, &cfg, &base, &data).unwrap();
+    assert_eq!(plan.cells.len(), 3, "(0, 0) has no loss and no cell");
+    assert!(plan.write_or_match(&registry, &data).unwrap());
     let stopping = RunOptions {
         stop: Arc::new(AtomicBool::new(true)),
         ..RunOptions::default()
     };
-    let first = run_sweep(
-        &base,
-        &data,
-        &cfg,
-        &registry,
-        &ps,
-        &rs,
-        "t-",
-        "response_loss",
-        &stopping,
-    )
-    .unwrap();
+    let mut trained = 0;
+    let mut sweep = |opts: &RunOptions| {
+        LocalSweep {
+            base: &base,
+            data: &data,
+            plan: &plan,
+            registry: &registry,
+            opts,
+        }
+        .run(|_, outcome| trained += matches!(outcome, CellOutcome::Trained { .. }) as usize)
+        .unwrap()
+    };
+    let first = sweep(&stopping);
     assert!(first.interrupted);
     assert_eq!(first.cells[0].status, "invalid (all weights 0)");
     assert!(
-        first.cells[1].status.starts_with("interrupted"),
+        first.cells[1]
+            .status
+            .starts_with("interrupted at step 1 of 3"),
         "{:?}",
         first.cells[1]
     );
-    let second = run_sweep(
-        &base,
-        &data,
-        &cfg,
-        &registry,
-        &ps,
-        &rs,
-        "t-",
-        "response_loss",
-        &RunOptions::default(),
-    )
-    .unwrap();
+    assert_eq!(first.cells[2].status, "pending");
+    let second = sweep(&RunOptions::default());
     assert!(!second.interrupted);
     let statuses: Vec<&str> = second.cells.iter().map(|c| c.status.as_str()).collect();
     assert_eq!(
         statuses,
-        ["invalid (all weights 0)", "trained", "trained", "trained"]
+        ["invalid (all weights 0)", "done", "done", "done"]
     );
     // The resumed cell equals an uninterrupted training of the same cell.
     let fresh = tempfile::tempdir().unwrap();
@@ -316,19 +318,11 @@ fn a_stopped_sweep_resumes_and_skips_finished_cells() {
         adapter_bytes(fresh.path(), "t-wit-p0.5-r0"),
         adapter_bytes(tmp.path(), "t-wit-p0.5-r0")
     );
-    let third = run_sweep(
-        &base,
-        &data,
-        &cfg,
-        &registry,
-        &ps,
-        &rs,
-        "t-",
-        "response_loss",
-        &RunOptions::default(),
-    )
-    .unwrap();
-    assert!(third.cells[1..].iter().all(|c| c.status == "done earlier"));
+    // Planned again with the same settings: the same plan; every cell already done.
+    assert!(!plan.write_or_match(&registry, &data).unwrap());
+    let third = sweep(&RunOptions::default());
+    assert_eq!(trained, 3);
+    assert!(third.cells[1..].iter().all(|c| c.status == "done"));
     assert!(third.best.is_some());
     assert_eq!(third.grid().len(), 2);
     third.write(&tmp.path().join("report")).unwrap();

@@ -63,16 +63,17 @@ pub fn load_model(
     Ok(base)
 }
 
-/// A stop flag set by Ctrl-C: the trainer checkpoints and exits cleanly.
+/// A stop flag set by Ctrl-C or SIGTERM (a scheduler's cancel, preemption or requeue): the
+/// trainer checkpoints and exits cleanly.
 pub fn stop_on_ctrl_c() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let handler_flag = flag.clone();
     let installed = ctrlc::set_handler(move || {
         if handler_flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
+            eprintln!("\nsecond stop request: exiting without a checkpoint");
             std::process::exit(130);
         }
-        eprintln!("\nCtrl-C: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)");
+        eprintln!("\nstop requested (Ctrl-C or SIGTERM): finishing the current step, then saving a checkpoint (Ctrl-C again to abort)");
     });
     if let Err(e) = installed {
         eprintln!("warning: cannot install the Ctrl-C handler: {e}");

@@ -1,8 +1,15 @@
-//! `peft-wit sweep`: one adapter per (λp, λr) cell, then a table and a heatmap.
+//! `peft-wit sweep`: one adapter per (λp, λr) cell, then a table and a heatmap; the cells run
+//! here or on a cluster (`--launcher slurm|k8s|print`), watched with `sweep status` and read
+//! back with `sweep collect`.
 
 use std::path::PathBuf;
 
-use peft_wit::sweep::{benchmark_cells, parse_weights, run_sweep};
+use peft_wit::sweep::launch::{self, K8sOptions, SlurmOptions};
+use peft_wit::sweep::plan::plan_dir;
+use peft_wit::sweep::{
+    benchmark_cells, cell_statuses, collect, parse_weights, run_cell, CellOutcome, CellState,
+    GridSpec, Launcher, LocalSweep, SweepPlan, SweepResult,
+};
 use peft_wit::train::{prepare_data, RunOptions};
 
 use super::common::{load_model, open_registry, stop_on_ctrl_c, table};
@@ -10,7 +17,28 @@ use super::tasks::TaskArgs;
 use super::train::ConfigArgs;
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
+    #[command(subcommand)]
+    action: Option<Action>,
+    #[command(flatten)]
+    grid: GridArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum Action {
+    /// Train one cell of a planned sweep (what each scheduler task runs); resumes from the
+    /// cell's checkpoint, and does nothing when the cell is done.
+    RunCell(RunCellArgs),
+    /// One line per cell: pending, running (step n of N), interrupted, failed (with the tail of
+    /// its log) or done (its metric), and the scheduler's view where its tool is on PATH.
+    Status(StatusArgs),
+    /// The table, heatmap(s) and sweep.json from the cells that are done.
+    Collect(Box<CollectArgs>),
+}
+
+#[derive(clap::Args)]
+struct GridArgs {
     #[command(flatten)]
     config: ConfigArgs,
     /// λp values: a list (0,0.2,0.4) or a range start:end:step (the paper's grid is 0:1:0.2).
@@ -26,7 +54,24 @@ pub struct Args {
     /// Prefix for the cells' registry names (`<prefix>wit-p0.2-r0.8`).
     #[arg(long, default_value = "")]
     prefix: String,
-    /// Where sweep.json and heatmap.svg go (default: <registry>/.sweeps/<prefix>grid).
+    /// The sweep's name: its plan and reports live in <registry>/.sweeps/<name>
+    /// (default: <prefix>grid).
+    #[arg(long)]
+    sweep_name: Option<String>,
+    /// Where the cells run: local (here, one after another), slurm (a job array), k8s (an
+    /// Indexed Job manifest) or print (one command line per cell).
+    #[arg(long, default_value = "local")]
+    launcher: Launcher,
+    /// With slurm / k8s: at most K cells at once.
+    #[arg(long)]
+    max_parallel: Option<usize>,
+    /// With slurm: sbatch options passed through, e.g. "--partition=gpu --gres=gpu:1
+    /// --time=2:00:00" (repeatable).
+    #[arg(long, allow_hyphen_values = true)]
+    slurm_opt: Vec<String>,
+    #[command(flatten)]
+    k8s: K8sArgs,
+    /// Where sweep.json and heatmap.svg go (default: the plan's folder).
     #[arg(long)]
     report_dir: Option<PathBuf>,
     /// Retrain cells that already exist.
@@ -44,15 +89,126 @@ pub struct Args {
     quiet: bool,
 }
 
+#[derive(clap::Args)]
+struct K8sArgs {
+    /// With k8s: the container image holding peft-wit.
+    #[arg(long)]
+    k8s_image: Option<String>,
+    /// With k8s: the PersistentVolumeClaim holding the registry and the model cache.
+    #[arg(long)]
+    k8s_pvc: Option<String>,
+    /// With k8s: where the claim is mounted in each pod.
+    #[arg(long, default_value = "/workspace")]
+    k8s_mount_path: String,
+    /// With k8s: the registry's path inside the pod (default: its path here).
+    #[arg(long)]
+    k8s_registry_path: Option<String>,
+    #[arg(long)]
+    k8s_namespace: Option<String>,
+    /// With k8s: CPU request per cell (e.g. 4).
+    #[arg(long)]
+    k8s_cpu: Option<String>,
+    /// With k8s: memory request and limit per cell (e.g. 8Gi).
+    #[arg(long)]
+    k8s_memory: Option<String>,
+    /// With k8s: GPUs per cell (nvidia.com/gpu).
+    #[arg(long)]
+    k8s_gpus: Option<u32>,
+    /// With k8s: the peft-wit program inside the image.
+    #[arg(long, default_value = "peft-wit")]
+    k8s_program: String,
+}
+
+#[derive(clap::Args)]
+struct RunCellArgs {
+    /// The sweep's name (its plan is <registry>/.sweeps/<name>).
+    #[arg(long)]
+    sweep: String,
+    /// The cell's index in the plan (0-based; a Slurm array task id, a Kubernetes completion
+    /// index).
+    #[arg(long)]
+    index: usize,
+    #[arg(long)]
+    registry: Option<PathBuf>,
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The sweep's name.
+    name: String,
+    #[arg(long)]
+    registry: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct CollectArgs {
+    /// The sweep's name.
+    name: String,
+    #[arg(long)]
+    registry: Option<PathBuf>,
+    /// Rank by this metric (default: the sweep's).
+    #[arg(long)]
+    metric: Option<String>,
+    /// Where sweep.json and the heatmaps go (default: the plan's folder).
+    #[arg(long)]
+    report_dir: Option<PathBuf>,
+    /// Also score the done cells on benchmarks (the base loaded once; scores kept per cell).
+    #[command(flatten)]
+    bench: TaskArgs,
+    #[arg(long)]
+    task_limit: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    task_batch_size: usize,
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.action {
+        Some(Action::RunCell(a)) => run_one_cell(a),
+        Some(Action::Status(a)) => status(a),
+        Some(Action::Collect(a)) => collect_sweep(*a),
+        None => run_grid(args.grid),
+    }
+}
+
+fn run_grid(args: GridArgs) -> anyhow::Result<()> {
     let cfg = args.config.resolve()?;
     let prompt_weights = parse_weights(&args.prompt_weights)?;
     let response_weights = parse_weights(&args.response_weights)?;
+    let sweep_name = args
+        .sweep_name
+        .clone()
+        .unwrap_or_else(|| format!("{}grid", args.prefix));
+    peft_wit::sweep::plan::validate_sweep_name(&sweep_name)?;
     anyhow::ensure!(
         args.bench.log_samples.is_none() && args.bench.output_path.is_none(),
         "--log-samples and --output-path belong to `peft-wit eval --tasks ... --adapters <cells>`; a sweep keeps each cell's scores in <registry>/<cell>/{}",
         peft_wit::sweep::BENCHMARK_FILE
     );
+    // Everything a launcher needs is checked before the model loads and the plan is written.
+    match args.launcher {
+        Launcher::Local => {}
+        other => {
+            anyhow::ensure!(
+                args.bench.tasks.is_empty(),
+                "--tasks runs with --launcher local; for cluster cells score them once they are done with `peft-wit sweep collect {sweep_name} --tasks ...` (one loaded base for all)"
+            );
+            if other == Launcher::Slurm {
+                launch::check_sbatch()?;
+            }
+            if other == Launcher::K8s {
+                anyhow::ensure!(
+                    args.k8s.k8s_image.is_some() && args.k8s.k8s_pvc.is_some(),
+                    "--launcher k8s needs --k8s-image and --k8s-pvc (the claim holding the registry and model cache)"
+                );
+            }
+        }
+    }
+    let slurm = SlurmOptions {
+        max_parallel: args.max_parallel,
+        sbatch_options: split_options(&args.slurm_opt)?,
+    };
     let mut base = load_model(cfg.model.as_deref(), cfg.base_dtype, cfg.device)?;
     // Benchmarks are prepared before training so a bad task or missing data stops the sweep
     // before hours of training, not after.
@@ -66,6 +222,83 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let registry = open_registry(cfg.registry.as_deref())?;
+    let grid = GridSpec {
+        name: sweep_name,
+        prefix: args.prefix.clone(),
+        metric: args.metric.clone(),
+        prompt_weights,
+        response_weights,
+    };
+    let plan = SweepPlan::new(&grid, &cfg, &base, &data)?;
+    let new = plan.write_or_match(&registry, &data)?;
+    let dir = plan_dir(&registry, &plan.name);
+    eprintln!(
+        "sweep `{}`: {} cells, {} steps each; plan {} {}",
+        plan.name,
+        plan.cells.len(),
+        plan.total_steps,
+        if new { "written to" } else { "already in" },
+        dir.display()
+    );
+    let pending: Vec<usize> = cell_statuses(&registry, &plan)?
+        .iter()
+        .filter(|s| args.force || !s.state.is_done())
+        .map(|s| s.cell.index)
+        .collect();
+    let exe = std::env::current_exe()?;
+    match args.launcher {
+        Launcher::Local => {}
+        Launcher::Slurm => {
+            if pending.is_empty() {
+                eprintln!("every cell is done: `peft-wit sweep collect {}`", plan.name);
+                return Ok(());
+            }
+            anyhow::ensure!(
+                !args.force,
+                "--force retrains cells here only: remove the cells to redo them, then submit again"
+            );
+            let job = launch::submit_slurm(&exe, &registry, &plan, &pending, &slurm)?;
+            eprintln!(
+                "submitted Slurm job {job}: cells {} of {}; watch with `peft-wit sweep status {}`, then `peft-wit sweep collect {}`",
+                launch::array_spec(&pending),
+                plan.cells.len(),
+                plan.name,
+                plan.name
+            );
+            println!("{job}");
+            return Ok(());
+        }
+        Launcher::K8s => {
+            let opts = K8sOptions {
+                image: args.k8s.k8s_image.clone().unwrap_or_default(),
+                pvc: args.k8s.k8s_pvc.clone().unwrap_or_default(),
+                mount_path: args.k8s.k8s_mount_path.clone(),
+                registry_path: args.k8s.k8s_registry_path.clone(),
+                namespace: args.k8s.k8s_namespace.clone(),
+                max_parallel: args.max_parallel,
+                cpu: args.k8s.k8s_cpu.clone(),
+                memory: args.k8s.k8s_memory.clone(),
+                gpus: args.k8s.k8s_gpus,
+                program: args.k8s.k8s_program.clone(),
+            };
+            let path = launch::write_k8s_manifest(&registry, &plan, &opts)?;
+            eprintln!(
+                "Indexed Job for {} cells ({} not done; done cells exit at once): kubectl apply -f {}",
+                plan.cells.len(),
+                pending.len(),
+                path.display()
+            );
+            println!("{}", path.display());
+            return Ok(());
+        }
+        Launcher::Print => {
+            for line in launch::cell_commands(&exe, &registry, &plan, &pending) {
+                println!("{line}");
+            }
+            return Ok(());
+        }
+    }
+
     let opts = RunOptions {
         progress: !args.quiet,
         stop: stop_on_ctrl_c(),
@@ -74,23 +307,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..Default::default()
     };
     let started = std::time::Instant::now();
-    let mut result = run_sweep(
-        &base,
-        &data,
-        &cfg,
-        &registry,
-        &prompt_weights,
-        &response_weights,
-        &args.prefix,
-        &args.metric,
-        &opts,
-    )?;
-    let report_dir = args.report_dir.unwrap_or_else(|| {
-        registry
-            .root()
-            .join(".sweeps")
-            .join(format!("{}grid", args.prefix))
-    });
+    let local = LocalSweep {
+        base: &base,
+        data: &data,
+        plan: &plan,
+        registry: &registry,
+        opts: &opts,
+    };
+    let mut result = local.run(|cell, outcome| {
+        if let CellOutcome::Interrupted { step, .. } = outcome {
+            eprintln!(
+                "cell {} ({}) interrupted at step {step}",
+                cell.index, cell.name
+            );
+        }
+    })?;
+    let report_dir = args.report_dir.unwrap_or(dir);
     let benchmarks = match &suite {
         Some(suite) if !result.interrupted => {
             eprintln!("benchmarks: scoring the finished cells ...");
@@ -98,10 +330,171 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         _ => Vec::new(),
     };
-    result.write(&report_dir)?;
+    write_and_print(&result, &benchmarks, &report_dir)?;
+    println!(
+        "({:.0}s){}",
+        started.elapsed().as_secs_f64(),
+        if result.interrupted {
+            " interrupted: run the same command again to continue"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// `--slurm-opt` values split as a shell would split them.
+fn split_options(values: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for v in values {
+        let parts = shlex::split(v)
+            .ok_or_else(|| anyhow::anyhow!("--slurm-opt {v:?}: unbalanced quotes"))?;
+        out.extend(parts);
+    }
+    Ok(out)
+}
+
+fn run_one_cell(args: RunCellArgs) -> anyhow::Result<()> {
+    let registry = open_registry(args.registry.as_deref())?;
+    let opts = RunOptions {
+        progress: !args.quiet,
+        stop: stop_on_ctrl_c(),
+        ..Default::default()
+    };
+    let host = peft_wit::fsutil::hostname();
+    let outcome = run_cell(&registry, &args.sweep, args.index, &opts, |base, data| {
+        eprintln!(
+            "cell {} of sweep `{}` on {host}: base {} ({}), {} train / {} eval examples",
+            args.index,
+            args.sweep,
+            base.name,
+            base.base_dtype.name(),
+            data.train.len(),
+            data.eval.len()
+        );
+    })?;
+    match outcome {
+        CellOutcome::AlreadyDone { name, .. } => {
+            eprintln!("cell {} (`{name}`) is already done", args.index);
+            Ok(())
+        }
+        CellOutcome::Trained { name, metrics } => {
+            let shown: Vec<String> = metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+            eprintln!("cell {} (`{name}`) done: {}", args.index, shown.join(", "));
+            Ok(())
+        }
+        CellOutcome::Interrupted { name, step } => Err(anyhow::anyhow!(
+            "cell {} (`{name}`) interrupted at step {step}; its checkpoint is saved and the cell resumes from it when run again",
+            args.index
+        )),
+    }
+}
+
+fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let registry = open_registry(args.registry.as_deref())?;
+    let plan = SweepPlan::load(&registry, &args.name)?;
+    let statuses = cell_statuses(&registry, &plan)?;
+    let scheduler = launch::scheduler_view(&registry, &plan);
+    let rows: Vec<Vec<String>> = statuses
+        .iter()
+        .map(|s| {
+            let metric = match &s.state {
+                CellState::Done { metrics } => metrics
+                    .get(&plan.metric)
+                    .map(|v| format!("{v:.4}"))
+                    .unwrap_or_else(|| "-".into()),
+                _ => "-".into(),
+            };
+            vec![
+                s.cell.index.to_string(),
+                s.cell.name.clone(),
+                format!("{}", s.cell.prompt_weight),
+                format!("{}", s.cell.response_weight),
+                s.state.describe(plan.total_steps),
+                metric,
+                scheduler.get(&s.cell.index).cloned().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "cell",
+                "adapter",
+                "λp",
+                "λr",
+                "state",
+                &plan.metric,
+                "scheduler"
+            ],
+            &rows
+        )
+    );
+    for s in &statuses {
+        if let CellState::Failed { log_tail, .. } = &s.state {
+            if !log_tail.is_empty() {
+                println!("\ncell {} log (last lines):", s.cell.index);
+                for line in log_tail {
+                    println!("  {line}");
+                }
+            }
+        }
+    }
+    let count = |f: fn(&CellState) -> bool| statuses.iter().filter(|s| f(&s.state)).count();
+    println!(
+        "\n{} cells: {} done, {} running, {} interrupted, {} failed, {} pending",
+        statuses.len(),
+        count(|s| matches!(s, CellState::Done { .. })),
+        count(|s| matches!(s, CellState::Running { .. })),
+        count(|s| matches!(s, CellState::Interrupted { .. })),
+        count(|s| matches!(s, CellState::Failed { .. })),
+        count(|s| matches!(s, CellState::Pending)),
+    );
+    Ok(())
+}
+
+fn collect_sweep(args: CollectArgs) -> anyhow::Result<()> {
+    let registry = open_registry(args.registry.as_deref())?;
+    let plan = SweepPlan::load(&registry, &args.name)?;
+    let metric = args.metric.clone().unwrap_or_else(|| plan.metric.clone());
+    let mut result = collect(&registry, &plan, &metric)?;
+    let mut benchmarks = Vec::new();
+    if !args.bench.tasks.is_empty() {
+        let cfg = &plan.train_config;
+        let mut base = load_model(cfg.model.as_deref(), cfg.base_dtype, cfg.device)?;
+        plan.check_base(&base)?;
+        if let Some(suite) = args
+            .bench
+            .prepare(&base, args.task_limit, args.task_batch_size)?
+        {
+            eprintln!("benchmarks: scoring the done cells ...");
+            benchmarks = benchmark_cells(&mut base, &registry, &mut result, &suite)?;
+        }
+    }
+    let report_dir = args
+        .report_dir
+        .unwrap_or_else(|| plan_dir(&registry, &plan.name));
+    write_and_print(&result, &benchmarks, &report_dir)?;
+    if result.interrupted {
+        println!(
+            "not every cell is done: `peft-wit sweep status {}` shows them",
+            plan.name
+        );
+    }
+    Ok(())
+}
+
+/// Writes sweep.json and the heatmap(s) into `report_dir` and prints the sweep's table.
+fn write_and_print(
+    result: &SweepResult,
+    benchmarks: &[String],
+    report_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    result.write(report_dir)?;
     if !benchmarks.is_empty() {
-        result.write_benchmark_heatmaps(&report_dir, &benchmarks)?;
-        print_gains(&result, &benchmarks);
+        result.write_benchmark_heatmaps(report_dir, benchmarks)?;
+        print_gains(result, benchmarks);
     }
     let metric_names = ["response_loss", "wit_loss", "exact_match", "rouge_l"];
     let rows: Vec<Vec<String>> = result
@@ -115,7 +508,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 c.status.clone(),
             ];
             for m in metric_names {
-                let mark = if Some(&c.name) == result.best.as_ref() && m == args.metric {
+                let mark = if Some(&c.name) == result.best.as_ref() && m == result.metric {
                     " *"
                 } else {
                     ""
@@ -134,18 +527,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     header.extend(metric_names);
     println!("{}", table(&header, &rows));
     if let Some(best) = &result.best {
-        println!("best by {}: {best}", args.metric);
+        println!("best by {}: {best}", result.metric);
     }
-    println!(
-        "heatmap: {}  ({:.0}s){}",
-        report_dir.join("heatmap.svg").display(),
-        started.elapsed().as_secs_f64(),
-        if result.interrupted {
-            "; interrupted: run the same command again to continue"
-        } else {
-            ""
-        }
-    );
+    println!("heatmap: {}", report_dir.join("heatmap.svg").display());
     Ok(())
 }
 

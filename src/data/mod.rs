@@ -84,14 +84,14 @@ impl Message {
 
 /// The Alpaca fields of a row, kept so that the Alpaca template can lay out `### Input:` itself
 /// (the chat messages only carry `instruction` and `input` joined).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlpacaFields {
     pub instruction: String,
     pub input: Option<String>,
 }
 
 /// One training or evaluation example, whatever file format it came from.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Example {
     /// Optional system message first, then user/assistant alternating, ending with assistant.
     pub messages: Vec<Message>,

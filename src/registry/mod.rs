@@ -13,12 +13,11 @@ pub use entry::{EntryInfo, FileInfo, RunInfo};
 pub use import::import;
 pub use load::load_for_base;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil::{atomic_write_json, read_json};
+use crate::fsutil::{atomic_write_json, read_json, LockFile};
 use crate::{Error, Result};
 
 /// peft-wit's own metadata beside the PEFT files (never inside adapter_config.json).
@@ -144,10 +143,14 @@ pub struct Registry {
     root: PathBuf,
 }
 
-/// Held while the registry's entries change; released on drop.
+/// Held while the registry's entries change; released on drop. An exclusively created lock
+/// file, so processes on different hosts sharing the registry exclude each other too.
 pub struct RegistryLock {
-    _file: File,
+    _file: LockFile,
 }
+
+/// How long a change to the registry waits for another one to finish.
+const REGISTRY_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl Registry {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
@@ -178,16 +181,10 @@ impl Registry {
                 .is_file()
     }
 
-    /// An exclusive lock on the registry (blocks until other processes release it).
+    /// An exclusive lock on the registry (waits until other processes release it).
     pub fn lock(&self) -> Result<RegistryLock> {
         let path = self.root.join(".lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        file.lock().map_err(|e| Error::io(&path, e))?;
+        let file = LockFile::acquire(&path, "changing the registry", REGISTRY_LOCK_TIMEOUT)?;
         Ok(RegistryLock { _file: file })
     }
 

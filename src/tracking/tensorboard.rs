@@ -144,7 +144,7 @@ impl EventWriter {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let (host, pid) = (hostname(), std::process::id());
+        let (host, pid) = (crate::fsutil::hostname(), std::process::id());
         let (file, path) = loop {
             let n = FILE_COUNTER.fetch_add(1, Ordering::Relaxed);
             let path = dir.join(format!(
@@ -249,21 +249,6 @@ fn event(step: i64, wall_time: f64, what: proto::What) -> proto::Event {
 
 fn summary(value: Vec<proto::Value>) -> proto::What {
     proto::What::Summary(proto::Summary { value })
-}
-
-/// The host name for the file name, without an extra crate; one path component.
-fn hostname() -> String {
-    let read = |p: &str| std::fs::read_to_string(p).ok();
-    let name = read("/proc/sys/kernel/hostname").or_else(|| read("/etc/hostname"));
-    let name = name
-        .or_else(|| std::env::var("COMPUTERNAME").ok())
-        .unwrap_or_default();
-    let name = name.trim().replace(['/', '\\', ' '], "_");
-    if name.is_empty() {
-        "localhost".into()
-    } else {
-        name
-    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWParams};
 use super::prepare::PreparedData;
 use crate::data::{length_grouped_batches, Batch, LossWeights, TokenizedExample};
 use crate::eval::{evaluate_losses, LossMetrics};
-use crate::fsutil::atomic_write;
+use crate::fsutil::{atomic_write, LockFile};
 use crate::lora::peft::save_peft;
 use crate::lora::LoraAdapter;
 use crate::loss::{denominator, weighted_nll_sum};
@@ -168,7 +168,7 @@ impl<'a> DataOrder<'a> {
 }
 
 /// A stable hash of everything that determines the trained weights.
-fn config_hash(cfg: &TrainConfig) -> String {
+pub fn config_hash(cfg: &TrainConfig) -> String {
     let mut c = cfg.clone();
     // Bookkeeping fields that do not change the weights.
     c.name = None;
@@ -218,7 +218,7 @@ pub fn train(
         });
     }
     let run_dir = registry.run_dir(&name);
-    let _run_lock = lock_run(&run_dir)?;
+    let _run_lock = lock_run(&run_dir, &name)?;
     let existing = checkpoint::latest(&run_dir)?;
     if existing.is_some() && !opts.resume && !opts.force {
         return Err(Error::InvalidArgument(format!(
@@ -518,7 +518,6 @@ pub fn train(
     }
     let dir = registry.commit(&name, &staged, opts.force)?;
     std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-    let _ = std::fs::remove_file(run_dir.with_extension("lock"));
     tracker.log_artifacts(&dir);
     tracker.finish(RunStatus::Finished);
     Ok(TrainOutcome::Finished {
@@ -557,23 +556,20 @@ fn progress_bar(show: bool, total: usize, start: usize, name: &str) -> ProgressB
     bar
 }
 
-/// Only one process may drive a given run.
-fn lock_run(run_dir: &Path) -> Result<std::fs::File> {
+/// Only one process may drive a given run, on any host sharing the registry: the run's lock
+/// file is created exclusively (see [`crate::fsutil::lock`]).
+fn lock_run(run_dir: &Path, name: &str) -> Result<LockFile> {
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     let path = run_dir.with_extension("lock");
-    let file = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::InvalidArgument(format!(
-            "another process is training {} right now",
-            run_dir.display()
-        ))),
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+    match LockFile::try_acquire(&path, &format!("training {name}"))? {
+        Ok(lock) => Ok(lock),
+        Err(owner) => Err(Error::Locked {
+            path,
+            owner: format!(
+                "{owner}, {}: `{name}` is being trained right now",
+                owner.purpose
+            ),
+        }),
     }
 }
 

@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
+pub mod lock;
+
+pub use lock::{hostname, LockFile, LockOwner};
+
 /// Atomically replaces `path` with `bytes`.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
@@ -56,5 +60,13 @@ fn temp_path(path: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+    // Host, pid and a per-process serial: writers on other hosts of a shared filesystem, or
+    // other threads, never share a temp file.
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(
+        ".{name}.{}.{}.{serial}.tmp",
+        lock::hostname(),
+        std::process::id()
+    ))
 }

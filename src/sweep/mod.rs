@@ -1,6 +1,13 @@
-//! A sweep over the (λp, λr) grid: one adapter per cell in the registry, the base model and the
-//! tokenized data loaded once, finished cells skipped (so a stopped sweep resumes), and a
-//! heatmap of the chosen metric with the best cell marked, like the WIT paper's Figure 2.
+//! A sweep over the (λp, λr) grid: one adapter per cell in the registry, finished cells skipped
+//! (so a stopped sweep resumes), and a heatmap of the chosen metric with the best cell marked,
+//! like the WIT paper's Figure 2. A sweep is first a plan in the registry ([`plan`]); its cells
+//! run here one after another ([`LocalSweep`]) or on a cluster ([`launch`]), each claimed and
+//! trained by [`cell`], and [`status`] reads where they stand from the registry alone.
+
+pub mod cell;
+pub mod launch;
+pub mod plan;
+pub mod status;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,10 +17,15 @@ use serde::{Deserialize, Serialize};
 use crate::eval::higher_is_better;
 use crate::fsutil::{atomic_write, atomic_write_json};
 use crate::model::BaseModel;
-use crate::registry::{AdapterMeta, Registry};
+use crate::registry::Registry;
 use crate::train::config::fmt_weight;
-use crate::train::{train, LossPreset, PreparedData, RunOptions, TrainConfig, TrainOutcome};
+use crate::train::{PreparedData, RunOptions};
 use crate::{Error, Result};
+
+pub use cell::{run_cell, train_cell, CellOutcome};
+pub use launch::Launcher;
+pub use plan::{GridSpec, PlannedCell, SweepPlan};
+pub use status::{cell_statuses, collect, CellState};
 
 /// One cell of the grid.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -69,95 +81,36 @@ pub fn cell_name(prefix: &str, p: f32, r: f32) -> String {
     format!("{prefix}wit-p{}-r{}", fmt_weight(p), fmt_weight(r))
 }
 
-/// Trains every missing cell, then collects all cells' metrics from their sidecars.
-#[allow(clippy::too_many_arguments)]
-pub fn run_sweep(
-    base: &BaseModel,
-    data: &PreparedData,
-    base_config: &TrainConfig,
-    registry: &Registry,
-    prompt_weights: &[f32],
-    response_weights: &[f32],
-    prefix: &str,
-    metric: &str,
-    opts: &RunOptions,
-) -> Result<SweepResult> {
-    let mut cells = Vec::new();
-    let mut interrupted = false;
-    // Trackers see the sweep as one experiment, each cell a run tagged with its place.
-    let sweep_name = format!("{prefix}grid");
-    let mut index = 0usize;
-    for &r in response_weights {
-        for &p in prompt_weights {
-            let cell_index = index;
-            index += 1;
-            let name = cell_name(prefix, p, r);
-            let mut cell = SweepCell {
-                prompt_weight: p,
-                response_weight: r,
-                name: name.clone(),
-                status: String::new(),
-                metrics: BTreeMap::new(),
-            };
-            if p == 0.0 && r == 0.0 {
-                cell.status = "invalid (all weights 0)".into();
-                cells.push(cell);
-                continue;
+/// A sweep run here: the plan's cells trained one after another on one loaded base.
+pub struct LocalSweep<'a> {
+    pub base: &'a BaseModel,
+    pub data: &'a PreparedData,
+    pub plan: &'a SweepPlan,
+    pub registry: &'a Registry,
+    pub opts: &'a RunOptions,
+}
+
+impl LocalSweep<'_> {
+    /// Trains every cell not yet done (each claimed as `run-cell` would claim it, so a local
+    /// sweep and cluster cells can share a plan), stopping after an interrupted cell; then the
+    /// table of all cells, as `sweep collect` gives it.
+    pub fn run(&self, mut on_cell: impl FnMut(&PlannedCell, &CellOutcome)) -> Result<SweepResult> {
+        for cell in &self.plan.cells {
+            let outcome = train_cell(
+                self.base,
+                self.data,
+                self.plan,
+                self.registry,
+                cell.index,
+                self.opts,
+            )?;
+            on_cell(cell, &outcome);
+            if matches!(outcome, CellOutcome::Interrupted { .. }) {
+                break;
             }
-            if interrupted {
-                cell.status = "not run".into();
-                cells.push(cell);
-                continue;
-            }
-            if registry.contains(&name) && !opts.force {
-                cell.status = "done earlier".into();
-                cell.metrics = AdapterMeta::read(&registry.path(&name))?.metrics;
-                cells.push(cell);
-                continue;
-            }
-            let mut cfg = base_config.clone();
-            cfg.loss = LossPreset::Wit;
-            cfg.prompt_weight = p;
-            cfg.response_weight = r;
-            cfg.name = Some(name.clone());
-            // A cell stopped mid-way continues from its checkpoint.
-            let resume = crate::train::checkpoint::latest(&registry.run_dir(&name))?.is_some();
-            let mut tracking_tags = opts.tracking_tags.clone();
-            tracking_tags.extend([
-                ("peft_wit.sweep".to_string(), sweep_name.clone()),
-                ("peft_wit.cell".to_string(), cell_index.to_string()),
-            ]);
-            let cell_opts = RunOptions {
-                resume: resume && !opts.force,
-                tracking_tags,
-                default_experiment: opts
-                    .default_experiment
-                    .clone()
-                    .or_else(|| Some(sweep_name.clone())),
-                ..opts.clone()
-            };
-            match train(base, data, &cfg, registry, &cell_opts)? {
-                TrainOutcome::Finished { meta, .. } => {
-                    cell.status = "trained".into();
-                    cell.metrics = meta.metrics.clone();
-                }
-                TrainOutcome::Interrupted { step, .. } => {
-                    cell.status = format!("interrupted at step {step}");
-                    interrupted = true;
-                }
-            }
-            cells.push(cell);
         }
+        collect(self.registry, self.plan, &self.plan.metric)
     }
-    Ok(SweepResult {
-        metric: metric.to_string(),
-        prompt_weights: prompt_weights.to_vec(),
-        response_weights: response_weights.to_vec(),
-        best: None,
-        cells,
-        interrupted,
-    }
-    .by_metric(metric))
 }
 
 /// The file in an adapter's folder holding its benchmark scores and the settings they were
