@@ -139,7 +139,7 @@ impl Kind for F32 {
             let rows = cols.saturating_sub(16 * g).min(16);
             for k0 in (0..k).step_by(16) {
                 let kn = 16.min(k - k0);
-                // SAFETY (intrinsics): avx512f, per the contract. Loads read lanes
+                // SAFETY: (intrinsics) avx512f, per the contract. Loads read lanes
                 // k0 .. k0 + kn of rows j0 + 16g + i < j0 + cols; stores write steps
                 // k0 .. k0 + kn < k of the panel (both checked above).
                 unsafe {
@@ -197,6 +197,7 @@ struct CPtr(*mut f32);
 // SAFETY: tasks only write disjoint (row range × column range) rectangles of C (see
 // `matmul`), so sharing the pointer between threads creates no data race.
 unsafe impl Send for CPtr {}
+// SAFETY: as for `Send`: the tiles written through a shared `CPtr` never overlap.
 unsafe impl Sync for CPtr {}
 
 impl CPtr {
@@ -395,7 +396,10 @@ unsafe fn tile_rows<K: Kind>(t: Tile<'_>) {
     macro_rules! by_rows {
         ($($r:literal)*) => {
             match t.rows {
-                $($r => unsafe { kernel::<K, $r>(t) },)*
+                $(
+                    // SAFETY: forwarded contract.
+                    $r => unsafe { kernel::<K, $r>(t) },
+                )*
                 rows => unreachable!("micro-tile rows {rows} > {MR}"),
             }
         };
@@ -426,7 +430,7 @@ unsafe fn kernel<K: Kind, const R: usize>(t: Tile<'_>) {
     assert!(steps <= K::KC && a.len() >= (R - 1) * lda + steps && b.len() >= steps * NR);
     assert!(cols <= NR);
     let (m0, m1) = (lanes(cols), lanes(cols.saturating_sub(16)));
-    // SAFETY (all intrinsics below): the CPU has avx512f (see the function's contract).
+    // SAFETY: (all intrinsics below) the CPU has avx512f (see the function's contract).
     let mut acc = [[unsafe { _mm512_setzero_ps() }; 2]; R];
     if load {
         for (r, acc) in acc.iter_mut().enumerate() {
