@@ -52,6 +52,14 @@ pub enum Error {
     #[error("adapter {path}: {message}")]
     AdapterMismatch { path: PathBuf, message: String },
 
+    /// An adapter that failed to load, with the directory it was loaded from.
+    #[error("loading adapter {}", path.display())]
+    LoadAdapter {
+        path: PathBuf,
+        #[source]
+        source: Box<Error>,
+    },
+
     #[error("unsupported adapter {path}: {message}")]
     UnsupportedAdapter { path: PathBuf, message: String },
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use peft_wit::export::combine::{commit_combined, parse_weighted_specs};
+use peft_wit::export::combine::{commit_combined, parse_weighted_specs, CombineRequest};
 use peft_wit::export::gguf::permute_rows;
 use peft_wit::export::svd::{svd, truncate_product};
 use peft_wit::export::*;
@@ -584,17 +584,16 @@ fn combined_adapters_cat_svd_linear() {
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::open(tmp.path()).unwrap();
     let sources = vec![("a".to_string(), w1, None), ("b".to_string(), w2, None)];
-    let dir = commit_combined(
-        &registry,
-        "mix",
-        &cat,
-        &model.decoder.config,
-        "tiny",
-        &sources,
-        CombineMethod::Cat,
-        false,
-    )
-    .unwrap();
+    let request = CombineRequest {
+        name: "mix",
+        adapter: &cat,
+        model: &model.decoder.config,
+        base_name: "tiny",
+        sources: &sources,
+        method: CombineMethod::Cat,
+        force: false,
+    };
+    let dir = commit_combined(&registry, &request).unwrap();
     let back = load_adapter(&dir, &model.decoder.config, &Device::Cpu).unwrap();
     assert_eq!(flat(&delta(&back, 0, 3)), flat(&delta(&cat, 0, 3)));
     let meta = AdapterMeta::read(&dir).unwrap();
@@ -603,17 +602,7 @@ fn combined_adapters_cat_svd_linear() {
         "{}",
         meta.data.source
     );
-    assert!(commit_combined(
-        &registry,
-        "mix",
-        &cat,
-        &model.decoder.config,
-        "tiny",
-        &sources,
-        CombineMethod::Cat,
-        false
-    )
-    .is_err());
+    assert!(commit_combined(&registry, &request).is_err());
     assert_eq!(
         parse_weighted_specs("a:0.5, dir/x:1:-1,b").unwrap(),
         vec![

@@ -3,13 +3,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
 use peft_wit::data::{self, Format, LoadOptions, LossWeights, OnBadRow};
-use peft_wit::eval::{evaluate_adapter, AdapterResult, EvalData, EvalReport, EvalSpec};
-use peft_wit::export::with_adapter;
+use peft_wit::eval::{evaluate_all, EvalData, EvalReport, EvalResults, EvalRun, EvalSpec};
 use peft_wit::fsutil::atomic_write;
-use peft_wit::registry::load_for_base;
-use peft_wit::tasks::SuiteResult;
 
 use super::common::{open_registry, table, ModelArgs};
 use super::tasks::TaskArgs;
@@ -133,56 +129,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let n_examples = data_eval.as_ref().map_or(0, |(_, d)| d.examples.len());
     let suite = args.bench.prepare(&base, args.limit, args.batch_size)?;
 
-    // One model at a time: the data metrics and the benchmark scores under the same weights.
-    let evaluate = |base: &peft_wit::model::BaseModel,
-                    name: &str,
-                    adapter: Option<&peft_wit::lora::LoraAdapter>|
-     -> anyhow::Result<(AdapterResult, Option<SuiteResult>)> {
-        let started = Instant::now();
-        let mut result = match &data_eval {
-            Some((spec, eval_data)) => evaluate_adapter(base, name, adapter, eval_data, spec)?,
-            None => AdapterResult {
-                name: name.to_string(),
-                metrics: Default::default(),
-                per_template: Default::default(),
-                generations: Vec::new(),
-                seconds: 0.0,
-            },
-        };
-        let scores = match &suite {
-            Some(suite) => {
-                let scores = suite.evaluate(base, adapter, name)?;
-                for (label, score, _) in scores.columns() {
-                    result.metrics.insert(label, score);
-                }
-                Some(scores)
-            }
-            None => None,
-        };
-        result.seconds = started.elapsed().as_secs_f64();
-        Ok((result, scores))
-    };
-
-    let mut results = Vec::new();
-    let mut suite_results = Vec::new();
-    if args.base {
-        eprintln!("evaluating base ...");
-        let (r, s) = evaluate(&base, "base", None)?;
-        results.push(r);
-        suite_results.extend(s);
-    }
     let mut base = base;
-    for name in &names {
-        let dir = registry.resolve(name)?;
-        let adapter = load_for_base(&dir, &base, args.allow_other_base)
-            .with_context(|| format!("loading adapter {}", dir.display()))?;
-        eprintln!("evaluating {name} ...");
-        let (r, s) = with_adapter(&mut base, &adapter, args.unmerged, |b, a| {
-            evaluate(b, name, a)
-        })?;
-        results.push(r);
-        suite_results.extend(s);
-    }
+    let run = EvalRun {
+        registry: &registry,
+        include_base: args.base,
+        adapters: &names,
+        data: data_eval.as_ref().map(|(spec, data)| (spec, data)),
+        suite: suite.as_ref(),
+        side_path: args.unmerged,
+        allow_other_base: args.allow_other_base,
+    };
+    let EvalResults {
+        adapters: results,
+        suites: suite_results,
+    } = evaluate_all(&mut base, &run, |name| eprintln!("evaluating {name} ..."))?;
     if let Some(suite) = &suite {
         args.bench.report(suite, &suite_results, &base.name)?;
     }

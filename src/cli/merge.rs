@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use peft_wit::export::combine::{commit_combined, parse_weighted_specs};
+use peft_wit::export::combine::{commit_combined, parse_weighted_specs, CombineRequest};
 use peft_wit::export::hf::parse_dtype;
 use peft_wit::export::{
     combine_adapters, load_adapter, parse_size, write_hf_dir, write_merged_gguf, CombineMethod,
@@ -147,7 +147,16 @@ pub fn run_combine(args: CombineArgs) -> anyhow::Result<()> {
         .collect();
     let combined = combine_adapters(&inputs, method, args.rank)?;
     let path = commit_combined(
-        &registry, &args.out, &combined, &config, &base_name, &sources, method, args.force,
+        &registry,
+        &CombineRequest {
+            name: &args.out,
+            adapter: &combined,
+            model: &config,
+            base_name: &base_name,
+            sources: &sources,
+            method,
+            force: args.force,
+        },
     )?;
     eprintln!(
         "combined {} adapters ({}, r = {}) -> {}",

@@ -7,7 +7,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use peft_wit::data::write_jsonl;
-use peft_wit::train::{prepare_data, train, LossPreset, RunOptions, TrainConfig, TrainOutcome};
+use peft_wit::train::presets::{
+    base_scores, quickstart_config, QuickstartOptions, QUICKSTART_SETTINGS,
+};
+use peft_wit::train::{prepare_data, train, RunOptions, TrainOutcome};
 
 use super::common::{load_model, open_registry, stop_on_ctrl_c, table};
 
@@ -71,20 +74,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let base = load_model(None, args.base_dtype, args.device)?;
     let registry = open_registry(args.registry.as_deref())?;
 
-    let mut cfg = TrainConfig {
+    let cfg = quickstart_config(&QuickstartOptions {
         base_dtype: args.base_dtype,
         device: args.device,
-        builtin_examples: args.examples,
-        max_steps: Some(args.steps),
-        batch_size: 4,
-        lr: 1e-3,
-        warmup_steps: Some(2),
-        eval_every: 0,
-        checkpoint_every: 0,
-        eval_generate: args.generate,
-        lora_dropout: 0.0,
-        ..TrainConfig::default()
-    };
+        examples: args.examples,
+        steps: args.steps,
+        generate: args.generate,
+    });
     let data = prepare_data(&cfg, &base)?;
     let data_file = registry.root().join(".runs").join("quickstart-data.jsonl");
     write_jsonl(
@@ -101,43 +97,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         data_file.display()
     );
 
-    let settings = [
-        ("qs-standard", LossPreset::Standard, 0.0, 1.0),
-        ("qs-im", LossPreset::Im, 1.0, 1.0),
-        ("qs-wit-p0.2-r0.8", LossPreset::Wit, 0.2, 0.8),
-    ];
     let mut rows = Vec::new();
     // The untouched base, for reference.
-    let weights = peft_wit::data::LossWeights::new(0.0, 1.0);
-    let base_losses = peft_wit::eval::evaluate_losses(
-        &base,
-        None,
-        &data.eval,
-        &weights,
-        cfg.normalization,
-        cfg.batch_size,
-    )?;
-    let base_gen = peft_wit::eval::generation_scores(
-        &base,
-        None,
-        &data.template,
-        &data.eval_examples,
-        args.generate,
-    )?;
+    let reference = base_scores(&base, &data, &cfg, args.generate)?;
     rows.push(vec![
         "base".to_string(),
         "-".into(),
         "-".into(),
-        fmt(base_losses.map(|m| m.response_loss)),
-        fmt(base_gen.get("exact_match").copied()),
+        fmt(reference.response_loss),
+        fmt(reference.exact_match),
         "-".into(),
     ]);
     let stop = stop_on_ctrl_c();
-    for (name, preset, lp, lr) in settings {
-        cfg.loss = preset;
-        cfg.prompt_weight = lp;
-        cfg.response_weight = lr;
-        cfg.name = Some(name.to_string());
+    for setting in QUICKSTART_SETTINGS {
+        let (name, lp, lr) = (setting.name, setting.prompt_weight, setting.response_weight);
+        let cfg = setting.apply(&cfg);
         let opts = RunOptions {
             progress: !args.quiet,
             stop: stop.clone(),

@@ -8,7 +8,7 @@
 //! - `svd`: the exact weighted ΔW re-factored to rank `r` by a truncated SVD (best rank-r
 //!   approximation in the Frobenius norm).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -278,20 +278,60 @@ fn combine_pair(
     })
 }
 
-/// Writes a combined adapter into the registry as `name` (PEFT files + sidecar), staged under
-/// `.runs/` and moved into place by [`Registry::commit`].
-#[allow(clippy::too_many_arguments)]
-pub fn commit_combined(
-    registry: &Registry,
-    name: &str,
-    adapter: &LoraAdapter,
-    model: &ModelConfig,
-    base_name: &str,
-    sources: &[(String, f64, Option<AdapterMeta>)],
-    method: CombineMethod,
-    force: bool,
-) -> Result<std::path::PathBuf> {
+/// One input of a combination as the new adapter's sidecar records it: the spec it was named
+/// by, its combination weight, and its sidecar (None for a bare PEFT directory).
+pub type CombineSource = (String, f64, Option<AdapterMeta>);
+
+/// A combined adapter to store, with what the sidecar says about it.
+#[derive(Clone, Copy)]
+pub struct CombineRequest<'a> {
+    /// Registry name of the new adapter.
+    pub name: &'a str,
+    pub adapter: &'a LoraAdapter,
+    /// The base model the inputs were loaded against (architecture and sizes for the sidecar).
+    pub model: &'a ModelConfig,
+    /// The base's name as recorded in the PEFT config and the sidecar.
+    pub base_name: &'a str,
+    /// The inputs, in order; their sidecars must agree on the base model.
+    pub sources: &'a [CombineSource],
+    pub method: CombineMethod,
+    /// Replace an adapter of that name.
+    pub force: bool,
+}
+
+/// Writes a combined adapter into the registry as `req.name` (PEFT files + sidecar), staged
+/// under `.runs/` and moved into place by [`Registry::commit`].
+pub fn commit_combined(registry: &Registry, req: &CombineRequest<'_>) -> Result<PathBuf> {
+    let name = req.name;
     crate::registry::validate_name(name)?;
+    let meta = combined_meta(req)?;
+    let staged = registry
+        .run_dir(name)
+        .join(format!("merge-{}", std::process::id()));
+    super::remove_any(&staged)?;
+    let write = |dir: &Path| -> Result<()> {
+        save_peft(req.adapter, dir, req.base_name)?;
+        meta.write(dir)
+    };
+    if let Err(e) = write(&staged) {
+        let _ = super::remove_any(&staged);
+        return Err(e);
+    }
+    registry.commit(name, &staged, req.force)
+}
+
+/// A sidecar for the combination: the base of the inputs (which must agree), the inputs' loss
+/// weights averaged by combination weight, and the recipe as the data source.
+fn combined_meta(req: &CombineRequest<'_>) -> Result<AdapterMeta> {
+    let CombineRequest {
+        name,
+        adapter,
+        model,
+        base_name,
+        sources,
+        method,
+        force: _,
+    } = *req;
     let recipe = format!(
         "merge-adapters {}: {}",
         method.name(),
@@ -301,32 +341,6 @@ pub fn commit_combined(
             .collect::<Vec<_>>()
             .join(",")
     );
-    let meta = combined_meta(name, adapter, model, base_name, sources, recipe)?;
-    let staged = registry
-        .run_dir(name)
-        .join(format!("merge-{}", std::process::id()));
-    super::remove_any(&staged)?;
-    let write = |dir: &Path| -> Result<()> {
-        save_peft(adapter, dir, base_name)?;
-        meta.write(dir)
-    };
-    if let Err(e) = write(&staged) {
-        let _ = super::remove_any(&staged);
-        return Err(e);
-    }
-    registry.commit(name, &staged, force)
-}
-
-/// A sidecar for the combination: the base of the inputs (which must agree), the inputs' loss
-/// weights averaged by combination weight, and the recipe as the data source.
-fn combined_meta(
-    name: &str,
-    adapter: &LoraAdapter,
-    model: &ModelConfig,
-    base_name: &str,
-    sources: &[(String, f64, Option<AdapterMeta>)],
-    recipe: String,
-) -> Result<AdapterMeta> {
     let metas: Vec<(&AdapterMeta, f64)> = sources
         .iter()
         .filter_map(|(_, w, m)| m.as_ref().map(|m| (m, *w)))

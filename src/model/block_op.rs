@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::config::PROJECTIONS;
 use super::decoder::Block;
 use super::linear::{Branch, DropoutMask};
 use crate::ops::kernel::{
@@ -193,8 +194,54 @@ impl BlockOp {
         Ok(())
     }
 
+    /// Checks that the block's weights chain as the buffers below assume: norms of `hidden`;
+    /// q/k/v from hidden to the q/kv widths; o back to hidden; gate and up to one width
+    /// (returned) that down maps back to hidden; biases of their projection's width. Loading
+    /// already guarantees this; checking it here keeps the uninitialised buffers' safety local.
+    fn check_shapes(&self) -> candle_core::Result<usize> {
+        let (h, q, kv) = (self.hidden, self.q_width, self.kv_width);
+        let inter = dims_of(&self.block, 4)?.0;
+        let want = [
+            (q, h),
+            (kv, h),
+            (kv, h),
+            (h, q),
+            (inter, h),
+            (inter, h),
+            (h, inter),
+        ];
+        for (p, want) in want.into_iter().enumerate() {
+            let got = dims_of(&self.block, p)?;
+            let bias_ok = self.block.projections[p]
+                .bias
+                .as_ref()
+                .is_none_or(|b| b.dims() == [want.0]);
+            if got != want || !bias_ok {
+                bail!(
+                    "decoder block: {} is {got:?} (or its bias does not fit), expected {want:?}",
+                    PROJECTIONS[p]
+                );
+            }
+        }
+        for norm in [
+            &self.block.input_layernorm,
+            &self.block.post_attention_layernorm,
+        ] {
+            if norm.dims() != [h] {
+                bail!(
+                    "decoder block: norm weight {:?} for hidden {h}",
+                    norm.dims()
+                );
+            }
+        }
+        Ok(inter)
+    }
+
+    /// `rms_norm(x) ⊙ w` for `x` of whole rows of `w.len()` (the hidden size, `check_shapes`).
     fn norm<T: Elem>(&self, w: &[T], x: &[T]) -> Vec<T> {
-        let mut y = output_buffer(x.len());
+        // SAFETY: `x.len()` is a multiple of `w.len()` (this fn's precondition), so
+        // `forward_into` overwrites every element of `y` (x's length) before it is returned.
+        let mut y = unsafe { output_buffer(x.len()) };
         rms_norm::forward_into(x, w, &mut y, self.eps);
         y
     }
@@ -227,6 +274,7 @@ impl BlockOp {
         if h != self.hidden {
             bail!("decoder block: hidden size {h}, expected {}", self.hidden);
         }
+        let inter = self.check_shapes()?;
         let rows = b_sz * t;
         let x = contiguous_slice::<T>(xs, xl)?;
         let a = contiguous_slice::<T>(a_s, al)?;
@@ -238,7 +286,10 @@ impl BlockOp {
         let h1 = self.norm(&w_in, x);
         let mut qkv = [0, 1, 2].map(|_| Vec::new());
         for (p, y) in qkv.iter_mut().enumerate() {
-            *y = output_buffer(rows * width(p)?);
+            // SAFETY: `project` without accumulation overwrites all of `y`: the bias fills
+            // every row (it has the projection's width, `check_shapes`), or the base product
+            // writes the whole [rows, out] result.
+            *y = unsafe { output_buffer(rows * width(p)?) };
             lows[p] = self.project(p, &h1, rows, y, false, a, b)?;
         }
         drop(h1);
@@ -252,12 +303,18 @@ impl BlockOp {
         lows[3] = self.project(3, &attn, rows, &mut x_mid, true, a, b)?;
 
         let h2 = self.norm(&w_post, &x_mid);
-        let mut gate = output_buffer(rows * width(4)?);
+        // SAFETY: (gate, up) overwritten whole by `project`, as q/k/v above. act: gate and up
+        // both have `inter` columns (`check_shapes`), so `forward_into` overwrites all of it.
+        let (mut gate, mut up, mut act) = unsafe {
+            (
+                output_buffer(rows * inter),
+                output_buffer(rows * inter),
+                output_buffer(rows * inter),
+            )
+        };
         lows[4] = self.project(4, &h2, rows, &mut gate, false, a, b)?;
-        let mut up = output_buffer(rows * width(5)?);
         lows[5] = self.project(5, &h2, rows, &mut up, false, a, b)?;
         drop(h2);
-        let mut act = output_buffer(gate.len());
         silu_mul::forward_into(&gate, &up, &mut act);
         // out = x_mid + down(act)
         let mut out = par_copy(&x_mid);
@@ -289,6 +346,9 @@ impl BlockOp {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b_sz, t, h) = x.dims3()?;
+        // The same checks as forward (which also made `h` the hidden size); the buffers
+        // below rely on them.
+        let inter = self.check_shapes()?;
         let rows = b_sz * t;
         let need_dx = x.track_op();
         let guard = self.saved.lock().map_err(|_| poisoned())?;
@@ -302,30 +362,45 @@ impl BlockOp {
             // Every adapted projection writes its whole region; the rest stays 0.
             let (mut da, mut db) = (vec![T::ZERO; a.len()], vec![T::ZERO; b.len()]);
 
+            // Every gradient buffer below is overwritten whole before it is read or returned
+            // (`check_shapes` makes the widths chain): a projection's input gradient by the
+            // base product `dy·W` without accumulation ([rows, in], the buffer's length),
+            // before any accumulating call; the SwiGLU and RMS-norm backwards write every
+            // element of their equal-length outputs.
+            //
             // MLP: down, SwiGLU, gate + up into one dh2.
-            let mut d_act = output_buffer(s.act.len());
+            // SAFETY: [rows, inter], overwritten by down's base product (see above).
+            let mut d_act = unsafe { output_buffer(rows * inter) };
             let d_act_out = Some((&mut d_act[..], false));
             self.project_back(
                 6, &s.act, dy, rows, &s.lows[6], d_act_out, ab, &mut da, &mut db,
             )?;
-            let (mut dgate, mut dup) = (output_buffer(s.gate.len()), output_buffer(s.up.len()));
+            // SAFETY: gate, up and d_act are all [rows, inter]: `backward_into` overwrites
+            // both outputs whole.
+            let (mut dgate, mut dup) =
+                unsafe { (output_buffer(rows * inter), output_buffer(rows * inter)) };
             silu_mul::backward_into(&s.gate, &s.up, &d_act, &mut dgate, &mut dup);
             drop(d_act);
             let h2 = self.norm(&w_post, &s.x_mid);
-            let mut dh2 = output_buffer(rows * h);
+            // SAFETY: [rows, h], overwritten by gate's base product (up's then accumulates).
+            let mut dh2 = unsafe { output_buffer(rows * h) };
             let out = Some((&mut dh2[..], false));
             self.project_back(4, &h2, &dgate, rows, &s.lows[4], out, ab, &mut da, &mut db)?;
             let out = Some((&mut dh2[..], true));
             self.project_back(5, &h2, &dup, rows, &s.lows[5], out, ab, &mut da, &mut db)?;
             drop((h2, dgate, dup));
             // dx_mid = dy + rms_norm'(dh2)
-            let mut dx_mid = output_buffer(rows * h);
+            // SAFETY: x_mid, dh2 and dx_mid are [rows, h] with a norm weight of h:
+            // `backward_into` overwrites dx_mid whole before `add_assign_par` reads it.
+            let mut dx_mid = unsafe { output_buffer(rows * h) };
             rms_norm::backward_into(&s.x_mid, &w_post, &dh2, &mut dx_mid, self.eps);
             add_assign_par(&mut dx_mid, dy);
             drop(dh2);
 
             // Attention: o, then the kernel's backward, then q/k/v into one dh1.
-            let mut dattn = output_buffer(s.attn.len());
+            // SAFETY: the attention output has q's length, [rows, q_width], overwritten by
+            // o's base product.
+            let mut dattn = unsafe { output_buffer(s.attn.len()) };
             let out = Some((&mut dattn[..], false));
             self.project_back(
                 3, &s.attn, &dx_mid, rows, &s.lows[3], out, ab, &mut da, &mut db,
@@ -336,7 +411,9 @@ impl BlockOp {
                 .backward_slices([&dims[0], &dims[1], &dims[2]], [&s.q, &s.k, &s.v, &dattn])?;
             drop(dattn);
             let h1 = self.norm(&w_in, x);
-            let mut dh1 = need_dx.then(|| output_buffer(rows * h));
+            // SAFETY: [rows, h], overwritten by q's base product (p = 0 below, without
+            // accumulation); k and v then accumulate.
+            let mut dh1 = need_dx.then(|| unsafe { output_buffer(rows * h) });
             for (p, dp) in [(0, &dq), (1, &dk), (2, &dv)] {
                 let out = dh1.as_deref_mut().map(|d| (d, p > 0));
                 self.project_back(p, &h1, dp, rows, &s.lows[p], out, ab, &mut da, &mut db)?;
@@ -344,7 +421,9 @@ impl BlockOp {
             // dx = dx_mid + rms_norm'(dh1)
             let dx = match dh1 {
                 Some(dh1) => {
-                    let mut dx = output_buffer(rows * h);
+                    // SAFETY: x, dh1 and dx are [rows, h] with a norm weight of h:
+                    // `backward_into` overwrites dx whole before `add_assign_par` reads it.
+                    let mut dx = unsafe { output_buffer(rows * h) };
                     rms_norm::backward_into(x, &w_in, &dh1, &mut dx, self.eps);
                     add_assign_par(&mut dx, &dx_mid);
                     Some(dx)

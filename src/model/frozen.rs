@@ -267,8 +267,10 @@ fn dequantize_blocks<B: candle_core::quantized::k_quants::GgmlType>(
     // integers and f16, valid for any bits (candle reads them the same way from GGUF files,
     // and these bytes are its own storage of them).
     let blocks: &[B] = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), count) };
-    // Every element is written: each run of blocks fills its own chunk.
-    let mut out = crate::ops::kernel::output_buffer(n);
+    // SAFETY: every element is written before `out` is returned: `count · BLCK_SIZE = n`
+    // (checked above), so the chunks of `out` pair one to one with runs of blocks, and
+    // `to_float` fills a chunk of exactly its blocks' length.
+    let mut out = unsafe { crate::ops::kernel::output_buffer(n) };
     const BLOCKS_PER_TASK: usize = 256;
     out.par_chunks_mut(BLOCKS_PER_TASK * B::BLCK_SIZE)
         .zip(blocks.par_chunks(BLOCKS_PER_TASK))

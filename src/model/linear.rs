@@ -212,7 +212,10 @@ impl LoraLinearOp {
         let a = contiguous_slice::<T>(a_s, al)?;
         let b = contiguous_slice::<T>(bs, bl)?;
         // Filled with the bias, or left for the base product to overwrite.
-        let mut y = output_buffer(rows * n);
+        // SAFETY: every element is written before it is read: the bias (checked `[n]` in
+        // `dims`) fills every row, or `cpu_product` without accumulation overwrites the whole
+        // [rows, n] product; the branch then accumulates.
+        let mut y = unsafe { output_buffer(rows * n) };
         let has_bias = match &self.bias {
             Some(bias) => {
                 let bias = bias.to_vec1::<T>()?;
@@ -244,12 +247,16 @@ impl LoraLinearOp {
         let need_dx = x.track_op();
         with_cpu_slices::<T, _>(&[x, a, b, dy, low], |s| {
             let (x, a, b, dy, low) = (s[0], s[1], s[2], s[3], s[4]);
-            let (mut da, mut db) = (output_buffer(r * k), output_buffer(n * r));
+            // SAFETY: `Branch::backward` overwrites dA ([r, k]) and dB ([n, r]) whole, by
+            // gemms without accumulation, before anything reads them.
+            let (mut da, mut db) = unsafe { (output_buffer(r * k), output_buffer(n * r)) };
             let dx = match need_dx {
                 false => None,
                 true => {
                     // dx = dy·W, then the branch adds its part.
-                    let mut dx = output_buffer(rows * k);
+                    // SAFETY: `cpu_product` without accumulation overwrites the whole
+                    // [rows, k] product `dy·W` before the branch accumulates into it.
+                    let mut dx = unsafe { output_buffer(rows * k) };
                     self.weight.cpu_product(&mut dx, dy, rows, false, false)?;
                     Some(dx)
                 }
@@ -314,7 +321,8 @@ impl<T: Elem> Branch<'_, T> {
     ) -> candle_core::Result<Vec<T>> {
         let r = self.r;
         let xin = self.masked(x);
-        let mut low = output_buffer(rows * r);
+        // SAFETY: the gemm below (no accumulation) overwrites all [rows, r] elements.
+        let mut low = unsafe { output_buffer(rows * r) };
         gemm(
             &mut low,
             View::rows(&xin, rows, k),
@@ -352,7 +360,8 @@ impl<T: Elem> Branch<'_, T> {
         let (r, scale) = (self.r, T::from_f64(self.scale));
         let dy = View::rows(dy, rows, n);
         // dlow = scale · dy·B   [rows, r]
-        let mut dlow = output_buffer(rows * r);
+        // SAFETY: the gemm below (no accumulation) overwrites all [rows, r] elements.
+        let mut dlow = unsafe { output_buffer(rows * r) };
         gemm(&mut dlow, dy, View::rows(self.b, n, r), scale, false, true)?;
         // dB = scale · dyᵀ·low   [n, r]
         gemm(db, dy.t(), View::rows(low, rows, r), scale, false, true)?;
@@ -373,7 +382,9 @@ impl<T: Elem> Branch<'_, T> {
             match &self.mask {
                 None => gemm(dx, dlow_v, a_v, T::ONE, true, true)?,
                 Some(mask) => {
-                    let mut dxin = output_buffer(rows * k);
+                    // SAFETY: the gemm below (no accumulation) overwrites all [rows, k]
+                    // elements before the mask and the sum read them.
+                    let mut dxin = unsafe { output_buffer(rows * k) };
                     gemm(&mut dxin, dlow_v, a_v, T::ONE, false, true)?;
                     mask.apply(&mut dxin);
                     add_assign_par(dx, &dxin);

@@ -214,22 +214,28 @@ pub(crate) fn sum_exp_shifted<T: Elem>(row: &[T], m: T) -> T {
 /// entirely before anything reads them (gemms with `accumulate = false`, elementwise maps).
 /// Zeroing instead costs a serial memset (plus page faults) on the calling thread for every
 /// activation-sized output: ~5% of a 2-thread training step, with the other core idle.
-pub(crate) fn output_buffer<T: Elem>(n: usize) -> Vec<T> {
+///
+/// # Safety
+/// The contents are uninitialised: the caller must write all `n` elements before any of them
+/// is read, and must not hand the buffer on (return it, wrap it in a tensor) before then. It
+/// may be dropped unread (an error path), since `Elem` types have no drop glue. This is the
+/// same contract as candle's `alloc_uninit` for op outputs.
+#[allow(clippy::uninit_vec)]
+pub(crate) unsafe fn output_buffer<T: Elem>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
-    // SAFETY: `Elem` is implemented only for plain floating-point types, which have no invalid
-    // bit patterns and no drop glue; every caller writes all `n` elements before reading any
-    // (the same contract as candle's `alloc_uninit` for op outputs).
-    #[allow(clippy::uninit_vec)]
-    unsafe {
-        v.set_len(n)
-    };
+    // SAFETY: the capacity is `n`. `Elem` is implemented only for plain floating-point types
+    // (no invalid bit patterns that a write must avoid, no drop glue), and the caller writes
+    // all `n` elements before reading any (this function's contract).
+    unsafe { v.set_len(n) };
     v
 }
 
 /// A copy of `src`, made in parallel (a serial memcpy of an activation leaves the other
 /// cores idle).
 pub(crate) fn par_copy<T: Elem>(src: &[T]) -> Vec<T> {
-    let mut out = output_buffer(src.len());
+    // SAFETY: the chunks of `out` and `src` pair up one to one (same length, same chunk size),
+    // and each chunk of `out` is overwritten by `copy_from_slice` before `out` is returned.
+    let mut out = unsafe { output_buffer(src.len()) };
     out.par_chunks_mut(1 << 15)
         .zip(src.par_chunks(1 << 15))
         .for_each(|(o, s)| o.copy_from_slice(s));

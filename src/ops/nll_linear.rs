@@ -110,8 +110,16 @@ impl NllLinearOp {
             _ => WeightData::Same(contiguous_slice::<T>(ws, wl)?),
         };
         let need_grad = self.need_grad;
-        let mut dh = output_buffer(if need_grad { n * hd } else { 0 });
-        let mut logits = output_buffer(ROWS.min(n) * v);
+        // SAFETY: scratch and output are written before they are read. Each block of `m` rows
+        // first overwrites `logits[..m·v]` (a weight product without accumulation, [m, V])
+        // and reads only that; with `need_grad` it overwrites its rows of `dh` ([m, H], the
+        // same kind of product), and the blocks cover all `n` rows before `dh` is stored.
+        let (mut dh, mut logits) = unsafe {
+            (
+                output_buffer(if need_grad { n * hd } else { 0 }),
+                output_buffer(ROWS.min(n) * v),
+            )
+        };
         let mut total = 0.0f64;
         // Row blocks in sequence; the gemms and the per-row softmax are parallel inside.
         for r0 in (0..n).step_by(ROWS) {
@@ -159,7 +167,9 @@ pub(crate) fn row_nll<T: Elem>(
         bail!("row_nll: target {bad} out of range for vocabulary {v}");
     }
     let mut out = vec![0.0; n];
-    let mut logits = output_buffer(ROWS.min(n) * v);
+    // SAFETY: scratch: each block of `m` rows overwrites `logits[..m·v]` (a weight product
+    // without accumulation, [m, V]) and reads only that.
+    let mut logits = unsafe { output_buffer(ROWS.min(n) * v) };
     for r0 in (0..n).step_by(ROWS) {
         let m = ROWS.min(n - r0);
         let lg = &mut logits[..m * v];

@@ -76,12 +76,15 @@ fn fwd<T: Elem>(
     check(xl, wl)?;
     let x = contiguous_slice::<T>(xs, xl)?;
     let w = contiguous_slice::<T>(ws, wl)?;
-    let mut y = output_buffer(x.len());
+    // SAFETY: `check` made `w.len()` the last dim of x, so `x.len()` is a whole number of rows
+    // and `forward_into` overwrites all of `y` (same length as x) before it is returned.
+    let mut y = unsafe { output_buffer(x.len()) };
     forward_into(x, w, &mut y, eps);
     Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
 }
 
 /// `y = rms_norm(x) ⊙ w` over rows of `w.len()` elements, in parallel (slices of equal length).
+/// Overwrites every element of `y` when `x.len() == y.len()` is a multiple of `w.len()`.
 pub(crate) fn forward_into<T: Elem>(x: &[T], w: &[T], y: &mut [T], eps: f64) {
     if let Some(n_rows) = x.len().checked_div(w.len()) {
         let rows = rows_per_task(n_rows, w.len()) * w.len();
@@ -91,7 +94,8 @@ pub(crate) fn forward_into<T: Elem>(x: &[T], w: &[T], y: &mut [T], eps: f64) {
     }
 }
 
-/// `dx` (overwritten) for the output gradient `g`, the weight taken as constant.
+/// `dx` (overwritten) for the output gradient `g`, the weight taken as constant. Overwrites
+/// every element of `dx` when `x`, `g` and `dx` have the same length, a multiple of `w.len()`.
 pub(crate) fn backward_into<T: Elem>(x: &[T], w: &[T], g: &[T], dx: &mut [T], eps: f64) {
     if let Some(n_rows) = x.len().checked_div(w.len()) {
         let rows = rows_per_task(n_rows, w.len()) * w.len();
@@ -113,7 +117,11 @@ fn bwd<T: Elem>(
     let h = *dims.last().unwrap_or(&0);
     with_cpu_slices::<T, _>(&[x, w, g], |s| {
         let (x, w, g) = (s[0], s[1], s[2]);
-        let mut dx = output_buffer(x.len());
+        // SAFETY: w is x's last dim `h` (checked in forward) and g has x's shape (the gradient
+        // of this op's output), so both branches below overwrite every row of `dx`:
+        // `backward_into`, or `bwd_rows` over chunks of `dx` that pair one to one with x's
+        // (its first loop writes each element). With `h = 0`, x and `dx` are empty.
+        let mut dx = unsafe { output_buffer(x.len()) };
         let mut dw = None;
         if !want_dw {
             backward_into(x, w, g, &mut dx, eps);

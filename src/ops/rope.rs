@@ -51,8 +51,13 @@ pub(crate) fn check_dims(x: &[usize], cos: &[usize], sin: &[usize]) -> Result<(u
     Ok((t, d))
 }
 
+/// `x` rotated (`inverse`: by −θ); `x` is `[B, H, T, D]` and `cos`/`sin` hold at least T rows
+/// of D/2, as [`check_dims`] ensures.
 fn apply<T: Elem>(x: &[T], cos: &[T], sin: &[T], t: usize, d: usize, inverse: bool) -> Vec<T> {
-    let mut y = output_buffer(x.len());
+    // SAFETY: `x.len()` is a whole number of [T, D] blocks (x is [B, H, T, D]); y chunks like
+    // x, and `rotate` writes all D elements of each of a block's T rows (the tables are cut to
+    // exactly T rows below). With T·D = 0, x and y are empty.
+    let mut y = unsafe { output_buffer(x.len()) };
     let block = t * d;
     if let Some(n_blocks) = x.len().checked_div(block) {
         // (b, h) blocks are independent; group small ones so tasks stay ≥ ~16K elements.

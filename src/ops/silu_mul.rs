@@ -53,12 +53,14 @@ fn fwd<T: Elem>(
     }
     let g = contiguous_slice::<T>(gs, gl)?;
     let u = contiguous_slice::<T>(us, ul)?;
-    let mut y = output_buffer(g.len());
+    // SAFETY: g and u have the same shape (checked above), so `forward_into` pairs every
+    // element of `y` (g's length) with one of g and u and overwrites it.
+    let mut y = unsafe { output_buffer(g.len()) };
     forward_into(g, u, &mut y);
     Ok((T::to_cpu_storage_owned(y), gl.shape().clone()))
 }
 
-/// `y = silu(g) ⊙ u` in parallel (slices of equal length).
+/// `y = silu(g) ⊙ u` in parallel (slices of equal length; every element of `y` is overwritten).
 pub(crate) fn forward_into<T: Elem>(g: &[T], u: &[T], y: &mut [T]) {
     g.par_chunks(CHUNK)
         .zip(u.par_chunks(CHUNK))
@@ -66,7 +68,8 @@ pub(crate) fn forward_into<T: Elem>(g: &[T], u: &[T], y: &mut [T]) {
         .for_each(|((g, u), y)| fwd_chunk(g, u, y));
 }
 
-/// Gradients of `silu(g) ⊙ u` for the output gradient `dy`, written into `dg` and `du`.
+/// Gradients of `silu(g) ⊙ u` for the output gradient `dy`, written into `dg` and `du` (all
+/// five slices of equal length; every element of `dg` and `du` is overwritten).
 pub(crate) fn backward_into<T: Elem>(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]) {
     g.par_chunks(CHUNK)
         .zip(u.par_chunks(CHUNK))
@@ -79,8 +82,9 @@ fn bwd<T: Elem>(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)>
     let dims = g.dims().to_vec();
     with_cpu_slices::<T, _>(&[g, u, dy], |s| {
         let (g, u, dy) = (s[0], s[1], s[2]);
-        let mut dg = output_buffer(g.len());
-        let mut du = output_buffer(g.len());
+        // SAFETY: u has g's shape (checked in forward) and dy too (the gradient of this op's
+        // output), so `backward_into` overwrites every element of `dg` and `du` (g's length).
+        let (mut dg, mut du) = unsafe { (output_buffer(g.len()), output_buffer(g.len())) };
         backward_into(g, u, dy, &mut dg, &mut du);
         Ok((tensor_from_vec(dg, &dims)?, tensor_from_vec(du, &dims)?))
     })

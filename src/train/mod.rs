@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod optim;
 pub mod prepare;
+pub mod presets;
 pub mod trainer;
 
 pub use config::{LossPreset, TrainConfig};

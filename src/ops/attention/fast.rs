@@ -73,7 +73,7 @@ fn lanes(n: usize) -> __mmask16 {
 #[inline(always)]
 unsafe fn kernel<const R: usize, const NV: usize>(t: Tile) {
     let m = [lanes(t.cols), lanes(t.cols.saturating_sub(16))];
-    // SAFETY (all intrinsics and accesses below): avx512f and the operand extents per the
+    // SAFETY: (all intrinsics and accesses below) avx512f and the operand extents per the
     // contract; masked-off lanes are never accessed, so their addresses may run past the
     // operands (hence `wrapping_add`).
     unsafe {
@@ -474,12 +474,13 @@ pub(super) fn bwd_task(
     };
     let mut p = vec![0f32; QBLOCK.min(t) * t];
     let mut dp = vec![0f32; QBLOCK.min(t) * t];
-    // SAFETY (every `at` below): this task is the only one that writes kv head g of batch
+    // SAFETY: (every `at` below) this task is the only one that writes kv head g of batch
     // bi and its query heads g·rep .. (g+1)·rep.
     let mut dvh = unsafe { sv.at(koff, krs)? };
     // With rope, gradients w.r.t. the rotated q/k collect in scratch first.
     let mut dkh = match cx.rope {
         Some(_) => MatMut::new(&mut dkr, d),
+        // SAFETY: see "every `at` below" above: a head only this task writes.
         None => unsafe { sk.at(koff, krs)? },
     };
     for r in 0..rep {
@@ -487,6 +488,7 @@ pub(super) fn bwd_task(
         let qh = load(q, (qoff, qrs), cx.rope, &mut qr, d);
         let mut dqh = match cx.rope {
             Some(_) => MatMut::new(&mut dqr, d),
+            // SAFETY: see "every `at` below" above: a head only this task writes.
             None => unsafe { sq.at(qoff, qrs)? },
         };
         let lse = &lse[r * t..(r + 1) * t];
@@ -542,10 +544,12 @@ pub(super) fn bwd_task(
             key_grad(&mut dkh, &dp, t, qb, (i0, i1), d, r == 0)?;
         }
         if let Some(tb) = cx.rope {
+            // SAFETY: see "every `at` below" above: a head only this task writes.
             unrotate(&dqr, unsafe { sq.at(qoff, qrs)? }, tb, d)?;
         }
     }
     if let Some(tb) = cx.rope {
+        // SAFETY: see "every `at` below" above: a head only this task writes.
         unrotate(&dkr, unsafe { sk.at(koff, krs)? }, tb, d)?;
     }
     Ok(())

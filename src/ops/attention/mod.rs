@@ -136,9 +136,10 @@ pub(crate) fn check_dims(
         HeadLayout::HeadMajor => ((*q1, *q2), (*k1, *k2)),
         HeadLayout::TokenMajor => ((*q2, *q1), (*k2, *k1)),
     };
-    if kb != b || kt != t || kd != d || hkv == 0 || h % hkv != 0 {
+    if kb != b || kt != t || kd != d || hkv == 0 || h == 0 || h % hkv != 0 {
         bail!(
-            "{name}: q {q:?} and k/v {k:?} are incompatible (need same B, T, D and H % Hkv == 0)"
+            "{name}: q {q:?} and k/v {k:?} are incompatible (need same B, T, D and H a positive \
+             multiple of Hkv)"
         );
     }
     Ok(Dims {
@@ -148,6 +149,16 @@ pub(crate) fn check_dims(
         t,
         d: *d,
     })
+}
+
+/// Checks that the q, k, v slices hold exactly the elements of their dims (the kernels write
+/// outputs of these lengths through the dims, so a longer slice would leave elements unset).
+fn check_lens(dm: &Dims, layout: HeadLayout, [q, k, v]: [usize; 3]) -> Result<()> {
+    let per_head = dm.b * dm.t * dm.d;
+    if q != per_head * dm.h || k != per_head * dm.hkv || v != k {
+        bail!("{}: slice lengths do not match the dims", layout.op_name());
+    }
+    Ok(())
 }
 
 /// A read-only strided matrix: element (i, j) is at `i * rs + j * cs`.
@@ -607,12 +618,13 @@ impl AttentionOp {
                 let (koff, krs) = dm.head(self.layout, bi, g, hkv);
                 let kh = load(k, (koff, krs), rope, &mut kr, d);
                 let vh = mat(&v[koff..], krs, 1);
-                // SAFETY (every `at` below): this task is the only one that writes kv head g of
+                // SAFETY: (every `at` below) this task is the only one that writes kv head g of
                 // batch bi and its query heads g·rep..(g+1)·rep.
                 let mut dvh = unsafe { sv.at(koff, krs)? };
                 // With rope, gradients w.r.t. the rotated q/k collect in scratch first.
                 let mut dkh = match rope {
                     Some(_) => MatMut::new(&mut dkr, d),
+                    // SAFETY: see "every `at` below" above: a head only this task writes.
                     None => unsafe { sk.at(koff, krs)? },
                 };
                 for r in 0..rep {
@@ -621,6 +633,7 @@ impl AttentionOp {
                     let gh = mat(&go[qoff..], qrs, 1);
                     let mut dqh = match rope {
                         Some(_) => MatMut::new(&mut dqr, d),
+                        // SAFETY: see "every `at` below" above: a head only this task writes.
                         None => unsafe { sq.at(qoff, qrs)? },
                     };
                     let lse = &lse[r * t..(r + 1) * t];
@@ -640,10 +653,12 @@ impl AttentionOp {
                         gemm(dkh.skip_rows(0)?, i1, d, nq, mat(dp, 1, i1), qb, true)?;
                     }
                     if let Some(tb) = rope {
+                        // SAFETY: see "every `at` below" above: a head only this task writes.
                         unrotate(&dqr, unsafe { sq.at(qoff, qrs)? }, tb, d)?;
                     }
                 }
                 if let Some(tb) = rope {
+                    // SAFETY: see "every `at` below" above: a head only this task writes.
                     unrotate(&dkr, unsafe { sk.at(koff, krs)? }, tb, d)?;
                 }
                 Ok(())
@@ -688,8 +703,12 @@ impl AttentionOp {
         let cx = self.fast_cx(dm, rope)?;
         let x = [T::as_f32(q)?, T::as_f32(k)?, T::as_f32(v)?];
         let Dims { b, h, hkv, t, .. } = dm;
-        // Every element is written: each query block's output rows are overwritten.
-        let mut out = output_buffer::<T>(q.len());
+        // SAFETY: every element is written before `out` is returned. q is [B, H, T, D] (or
+        // token-major; its length checked in `forward_slices`), the tasks cover every (batch,
+        // query head) (B·Hkv tasks of H/Hkv ≥ 1 heads each), and each query block's last
+        // product overwrites all D columns of its rows (`product` with `load` false and
+        // `nc = D`). On an error `out` is dropped unread.
+        let mut out = unsafe { output_buffer::<T>(q.len()) };
         let mut lse = vec![0f64; b * h * t];
         let res = {
             let shared = SharedOut::new(T::as_f32_mut(&mut out)?);
@@ -717,11 +736,21 @@ impl AttentionOp {
         let cx = self.fast_cx(dm, rope)?;
         let x = [T::as_f32(q)?, T::as_f32(k)?, T::as_f32(v)?, T::as_f32(go)?];
         let Dims { h, hkv, t, .. } = dm;
-        // Every element is written: dQ per query block, dK/dV rows first by the task's first
-        // query head (then accumulated), with rope through the inverse rotation.
-        let mut dq = output_buffer::<T>(q.len());
-        let mut dk = output_buffer::<T>(k.len());
-        let mut dv = output_buffer::<T>(v.len());
+        // SAFETY: every element is written before it is read or returned (lengths checked in
+        // `backward_slices`; the tasks cover every batch and head, as in `fwd_fast`). dQ: each
+        // query block overwrites all D columns of its rows, or with rope `unrotate` writes the
+        // whole head from zeroed scratch. dK/dV: in the task's first query head (`first` in
+        // `fast::key_grad`), each query block overwrites its own rows and accumulates only
+        // into the rows before it, which earlier blocks overwrote; later heads accumulate. With
+        // rope, dK is gathered in zeroed scratch and written whole by `unrotate`. On an error
+        // the buffers are dropped unread.
+        let (mut dq, mut dk, mut dv) = unsafe {
+            (
+                output_buffer::<T>(q.len()),
+                output_buffer::<T>(k.len()),
+                output_buffer::<T>(v.len()),
+            )
+        };
         let res = {
             let sq = SharedOut::new(T::as_f32_mut(&mut dq)?);
             let sk = SharedOut::new(T::as_f32_mut(&mut dk)?);
@@ -804,6 +833,7 @@ impl AttentionOp {
         v: &[T],
     ) -> Result<Vec<T>> {
         let dm = self.check(qd, kd, vd)?;
+        check_lens(&dm, self.layout, [q.len(), k.len(), v.len()])?;
         let (out, lse) = self.with_tables(|rope| self.fwd_heads(dm, q, k, v, rope))?;
         let _ = self.lse.set(lse);
         Ok(out)
@@ -816,6 +846,13 @@ impl AttentionOp {
         [q, k, v, g]: [&[T]; 4],
     ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
         let dm = self.check(qd, kd, vd)?;
+        check_lens(&dm, self.layout, [q.len(), k.len(), v.len()])?;
+        if g.len() != q.len() {
+            bail!(
+                "{}: output gradient does not match q",
+                self.layout.op_name()
+            );
+        }
         let lse = self
             .lse
             .get()

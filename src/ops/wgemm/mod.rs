@@ -1,0 +1,545 @@
+//! Packed-weight GEMM on AVX-512 for frozen weights: `c = a · op(w)` with f32 activations `a`,
+//! f32 accumulation, and the weight in bf16 (`vdpbf16ps`) or f32 (`vfmadd231ps`).
+//!
+//! One framework serves both weight types; a [`Kind`](x86::Kind) supplies only what differs:
+//! how a k *step* is packed (bf16: a u32 pair of consecutive k, as `vdpbf16ps` reads it; f32:
+//! one k), whether and how activations become steps (bf16: rounded per task, round-to-nearest-
+//! even as `half::bf16::from_f32`; f32: read in place), and the micro-kernel's multiply-add on
+//! one step. Everything else is shared:
+//! - W is packed into column panels of `NR` = 32 columns laid out `[steps][NR]` (two zmm per
+//!   step), once per call, in parallel, into the calling thread's scratch (reused across calls:
+//!   no page faults). A bf16 odd k is padded with a zero; the last panel's missing columns are
+//!   zero. Very wide products (an lm_head) are done in column chunks of ≤ 4 MiB of packed W.
+//! - The micro-kernel keeps a 12 × 32 f32 tile of C in 24 zmm accumulators and broadcasts one
+//!   step of each of `MR` = 12 A rows, which sit a constant stride apart (packed: `KC`; f32 in
+//!   place: k). k is cut into blocks of at most `KC` steps, so a W micro-panel (≤ 24 KiB) stays
+//!   in L1 while the A rows of a task stream past it from L2.
+//! - Tasks split rows first (a task's A block stays in its core's L2), then columns. A bf16
+//!   task packs its A rows one k block at a time into a per-thread buffer.
+//!
+//! bf16: differences from an exact f32 product of the bf16-rounded inputs are only in f32
+//! summation order (bf16 × bf16 products are exact in f32), except that `vdpbf16ps` flushes
+//! denormal inputs and outputs to zero (|x| < 1.2e-38). f32: an ordinary f32 GEMM (fused
+//! multiply-adds, k in order within each element).
+
+// Wired into the LoRA linear by a separate change; until then only the tests call it.
+
+use candle_core::{bail, Result};
+use half::bf16;
+
+/// How the weight operand is laid out relative to the product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WeightLayout {
+    /// `c = a · wᵀ`, `w` is `[n, k]` row-major (forward of a linear layer `y = x·Wᵀ`).
+    Transposed,
+    /// `c = a · w`, `w` is `[k, n]` row-major (input gradient `dx = dy·W`).
+    Plain,
+}
+
+/// True when the CPU can run the bf16 kernel (x86_64 with avx512f + avx512bw + avx512bf16).
+/// std caches the CPUID probe, so this is a load and a test after the first call.
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        f32_available() && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// True when the CPU can run the f32 kernel (x86_64 with avx512f + avx512bw; the packing is
+/// compiled for both). Cached like [`available`].
+pub(crate) fn f32_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `c[m×n]` (row-major f32) `= (accumulate ? c : 0) + a[m×k] · op(w)`, with `a` row-major f32
+/// rounded to bf16 (round-to-nearest-even) on the fly, `op(w)` per [`WeightLayout`], and f32
+/// accumulation. Parallel over rayon's threads (a few large tasks per thread).
+///
+/// Errors when a slice length does not match its shape, or when [`available`] is false.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_bf16(
+    c: &mut [f32],
+    a: &[f32],
+    m: usize,
+    k: usize,
+    w: &[bf16],
+    n: usize,
+    layout: WeightLayout,
+    accumulate: bool,
+) -> Result<()> {
+    let needs = "avx512f + avx512bw + avx512bf16";
+    if prepare(
+        "matmul_bf16",
+        needs,
+        available(),
+        c,
+        a,
+        m,
+        k,
+        w.len(),
+        n,
+        accumulate,
+    )? {
+        #[cfg(target_arch = "x86_64")]
+        x86::matmul::<x86::Bf16>(c, a, m, k, w, n, layout, accumulate);
+    }
+    Ok(())
+}
+
+/// `c[m×n]` (row-major) `= (accumulate ? c : 0) + a[m×k] · op(w)`, all f32, `op(w)` per
+/// [`WeightLayout`]. Parallel over rayon's threads.
+///
+/// Errors when a slice length does not match its shape, or when [`f32_available`] is false
+/// (callers then fall back to the `gemm` crate).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_f32(
+    c: &mut [f32],
+    a: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    layout: WeightLayout,
+    accumulate: bool,
+) -> Result<()> {
+    let needs = "avx512f + avx512bw";
+    if prepare(
+        "matmul_f32",
+        needs,
+        f32_available(),
+        c,
+        a,
+        m,
+        k,
+        w.len(),
+        n,
+        accumulate,
+    )? {
+        #[cfg(target_arch = "x86_64")]
+        x86::matmul::<x86::F32>(c, a, m, k, w, n, layout, accumulate);
+    }
+    Ok(())
+}
+
+/// The checks and trivial cases shared by the entry points: errors on a shape mismatch or a
+/// CPU without the `needs` features (`supported`), handles products with nothing to multiply,
+/// and says whether the kernel has work to do.
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    name: &str,
+    needs: &str,
+    supported: bool,
+    c: &mut [f32],
+    a: &[f32],
+    m: usize,
+    k: usize,
+    w_len: usize,
+    n: usize,
+    accumulate: bool,
+) -> Result<bool> {
+    let (mk, kn, mn) = match (m.checked_mul(k), k.checked_mul(n), m.checked_mul(n)) {
+        (Some(mk), Some(kn), Some(mn)) => (mk, kn, mn),
+        _ => bail!("{name}: [{m}×{k}]·[{k}×{n}] overflows usize"),
+    };
+    if a.len() != mk || w_len != kn || c.len() != mn {
+        bail!(
+            "{name}: a has {} elements for [{m}×{k}], w {w_len} for {k}×{n}, c {} for [{m}×{n}]",
+            a.len(),
+            c.len()
+        );
+    }
+    if !supported {
+        bail!("{name}: this CPU lacks {needs}");
+    }
+    if m == 0 || n == 0 {
+        return Ok(false);
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Rows of a micro-tile (24 zmm accumulators with `NR` = 32).
+const MR: usize = 12;
+/// Columns of a packed weight panel (two zmm of f32).
+const NR: usize = 32;
+/// Most bytes of packed W per column chunk.
+const W_CHUNK_BYTES: usize = 4 << 20;
+/// Compute tasks per rayon thread.
+const TASKS_PER_THREAD: usize = 4;
+
+/// f32 → bf16 bits, round-to-nearest-even; NaN stays (quiet) NaN. Same as `bf16::from_f32`,
+/// written branch-free so that it vectorises.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let nan = (b >> 16) | 0x40;
+    if (b & 0x7fff_ffff) > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// A u32 holding the bf16 pair (lo = even k, hi = odd k) as `vdpbf16ps` reads it.
+#[inline(always)]
+fn pair(lo: u32, hi: u32) -> u32 {
+    lo | (hi << 16)
+}
+
+/// Rounds `src` (f32, `2·dst.len()` or one less) to bf16 pairs.
+#[inline(always)]
+fn to_pairs(dst: &mut [u32], src: &[f32]) {
+    let pairs = src.chunks_exact(2);
+    let tail = pairs.remainder();
+    for (d, s) in dst.iter_mut().zip(pairs) {
+        *d = pair(bf16_bits(s[0]), bf16_bits(s[1]));
+    }
+    if let ([.., d], [x]) = (&mut *dst, tail) {
+        *d = bf16_bits(*x);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn rand_vec(rng: &mut StdRng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// One weight type under test: how to make its weights, what the kernel computes exactly
+    /// (inputs as f64 after any rounding), and the entry point.
+    struct Subject<W> {
+        name: &'static str,
+        available: fn() -> bool,
+        weight: fn(f32) -> W,
+        w64: fn(W) -> f64,
+        a64: fn(f32) -> f64,
+        #[allow(clippy::type_complexity)]
+        run: fn(&mut [f32], &[f32], usize, usize, &[W], usize, WeightLayout, bool) -> Result<()>,
+    }
+
+    const BF16: Subject<bf16> = Subject {
+        name: "bf16",
+        available,
+        weight: bf16::from_f32,
+        w64: bf16::to_f64,
+        a64: |x| bf16::from_f32(x).to_f64(),
+        run: matmul_bf16,
+    };
+
+    const F32: Subject<f32> = Subject {
+        name: "f32",
+        available: f32_available,
+        weight: |x| x,
+        w64: f64::from,
+        a64: f64::from,
+        run: matmul_f32,
+    };
+
+    impl<W: Copy> Subject<W> {
+        /// Skips (with a note) when the CPU cannot run this kind.
+        fn skip(&self, test: &str) -> bool {
+            let skip = !(self.available)();
+            if skip {
+                eprintln!("skipping {test} for {}: CPU lacks the features", self.name);
+            }
+            skip
+        }
+
+        /// Runs one product on random data (C starting at `c0`, default random) and compares
+        /// it with an f64 product of the same inputs: the error must be within 1e-5 of
+        /// Σ|a|·|w| (+|c|) per element (the kernel's only difference is f32 arithmetic).
+        #[allow(clippy::too_many_arguments)]
+        fn check(
+            &self,
+            rng: &mut StdRng,
+            m: usize,
+            k: usize,
+            n: usize,
+            layout: WeightLayout,
+            accumulate: bool,
+            c0: Option<f32>,
+        ) {
+            let a = rand_vec(rng, m * k);
+            let w: Vec<W> = rand_vec(rng, k * n).into_iter().map(self.weight).collect();
+            let c0 = match c0 {
+                Some(x) => vec![x; m * n],
+                None => rand_vec(rng, m * n),
+            };
+            let mut c = c0.clone();
+            (self.run)(&mut c, &a, m, k, &w, n, layout, accumulate).unwrap();
+            let wv = |kk: usize, j: usize| {
+                (self.w64)(match layout {
+                    WeightLayout::Transposed => w[j * k + kk],
+                    WeightLayout::Plain => w[kk * n + j],
+                })
+            };
+            for i in 0..m {
+                for j in 0..n {
+                    let init = if accumulate {
+                        c0[i * n + j] as f64
+                    } else {
+                        0.0
+                    };
+                    let (mut want, mut scale) = (init, init.abs());
+                    for kk in 0..k {
+                        let x = (self.a64)(a[i * k + kk]) * wv(kk, j);
+                        want += x;
+                        scale += x.abs();
+                    }
+                    let got = c[i * n + j];
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-5 * scale.max(f64::MIN_POSITIVE),
+                        "{} m={m} k={k} n={n} {layout:?} acc={accumulate} at ({i}, {j}): \
+                         got {got}, want {want} (scale {scale})",
+                        self.name
+                    );
+                }
+            }
+        }
+
+        /// Odd shapes (tails in every dimension, one and several k blocks), both layouts,
+        /// with and without accumulation.
+        fn odd_shapes(&self, seed: u64) {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut cases = 0;
+            for &m in &[1usize, 7, 13, 100] {
+                for &k in &[1usize, 3, 17, 576, 1536] {
+                    for &n in &[1usize, 5, 33, 192, 576] {
+                        for layout in [WeightLayout::Transposed, WeightLayout::Plain] {
+                            for accumulate in [false, true] {
+                                self.check(&mut rng, m, k, n, layout, accumulate, None);
+                                cases += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            assert_eq!(cases, 400);
+        }
+
+        /// Several row tasks, the 4-row tail panel, three k blocks with an odd last bf16
+        /// pair, a column tail; C starts as NaN, so every element must be written.
+        fn large_m(&self, seed: u64) {
+            let mut rng = StdRng::seed_from_u64(seed);
+            for layout in [WeightLayout::Transposed, WeightLayout::Plain] {
+                self.check(&mut rng, 1024, 481, 40, layout, false, Some(f32::NAN));
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            1.0 + f32::EPSILON,
+            1.003_906_3, // exactly halfway between two bf16, even below
+            1.011_718_8, // exactly halfway, even above
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
+        let mut rng = StdRng::seed_from_u64(1);
+        let randoms = (0..10_000).map(|_| f32::from_bits(rng.random::<u32>()));
+        for x in specials.into_iter().chain(randoms) {
+            let want = bf16::from_f32(x);
+            let got = bf16::from_bits(bf16_bits(x) as u16);
+            if x.is_nan() {
+                assert!(got.is_nan(), "{x:e}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{x:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_gemm_matches_f64_reference() {
+        if !BF16.skip("bf16_gemm_matches_f64_reference") {
+            BF16.odd_shapes(7);
+        }
+    }
+
+    #[test]
+    fn f32_gemm_matches_f64_reference() {
+        if !F32.skip("f32_gemm_matches_f64_reference") {
+            F32.odd_shapes(8);
+        }
+    }
+
+    #[test]
+    fn bf16_gemm_large_m_tiles_and_k_blocks() {
+        if !BF16.skip("bf16_gemm_large_m_tiles_and_k_blocks") {
+            BF16.large_m(3);
+        }
+    }
+
+    #[test]
+    fn f32_gemm_large_m_tiles_and_k_blocks() {
+        if !F32.skip("f32_gemm_large_m_tiles_and_k_blocks") {
+            F32.large_m(4);
+        }
+    }
+
+    #[test]
+    fn wgemm_rejects_bad_shapes() {
+        let (a, mut c) = (vec![0.0f32; 6], vec![0.0f32; 4]);
+        let layout = WeightLayout::Plain;
+        let wb = vec![bf16::ZERO; 6];
+        assert!(matmul_bf16(&mut c, &a, 2, 3, &wb, 3, layout, false).is_err()); // c too short
+        assert!(matmul_bf16(&mut c, &a[..5], 2, 3, &wb, 2, layout, false).is_err());
+        assert!(matmul_bf16(&mut c, &a, 2, 3, &wb[..5], 2, layout, false).is_err());
+        assert_eq!(
+            matmul_bf16(&mut c, &a, 2, 3, &wb, 2, layout, false).is_ok(),
+            available()
+        );
+        let wf = vec![0.0f32; 6];
+        assert!(matmul_f32(&mut c, &a, 2, 3, &wf, 3, layout, false).is_err());
+        assert!(matmul_f32(&mut c, &a[..5], 2, 3, &wf, 2, layout, false).is_err());
+        assert!(matmul_f32(&mut c, &a, 2, 3, &wf[..5], 2, layout, false).is_err());
+        assert_eq!(
+            matmul_f32(&mut c, &a, 2, 3, &wf, 2, layout, false).is_ok(),
+            f32_available()
+        );
+    }
+
+    #[test]
+    fn wgemm_k_zero() {
+        let layout = WeightLayout::Transposed;
+        if !BF16.skip("wgemm_k_zero") {
+            let mut c = vec![2.0f32; 6];
+            matmul_bf16(&mut c, &[], 2, 0, &[], 3, layout, true).unwrap();
+            assert_eq!(c, vec![2.0; 6]);
+            matmul_bf16(&mut c, &[], 2, 0, &[], 3, layout, false).unwrap();
+            assert_eq!(c, vec![0.0; 6]);
+        }
+        if !F32.skip("wgemm_k_zero") {
+            let mut c = vec![2.0f32; 6];
+            matmul_f32(&mut c, &[], 2, 0, &[], 3, layout, true).unwrap();
+            assert_eq!(c, vec![2.0; 6]);
+            matmul_f32(&mut c, &[], 2, 0, &[], 3, layout, false).unwrap();
+            assert_eq!(c, vec![0.0; 6]);
+        }
+    }
+
+    /// GFLOP/s on the training shapes: f32 (this kernel), f32 (the `gemm` crate through
+    /// `ops::gemm`) and bf16 weights, side by side. Run with
+    /// `cargo test --release --lib wgemm_throughput -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn wgemm_throughput() {
+        use crate::ops::gemm::{gemm, View};
+        let mut rng = StdRng::seed_from_u64(5);
+        let threads = rayon::current_num_threads();
+        println!("GFLOP/s, best / median of 15 rounds of ≥ 20 ms, {threads} threads");
+        for (m, k, n, layouts) in [
+            (
+                1024,
+                576,
+                576,
+                &[WeightLayout::Transposed, WeightLayout::Plain][..],
+            ),
+            (
+                1024,
+                576,
+                1536,
+                &[WeightLayout::Transposed, WeightLayout::Plain],
+            ),
+            (
+                1024,
+                1536,
+                576,
+                &[WeightLayout::Transposed, WeightLayout::Plain],
+            ),
+            (
+                1024,
+                576,
+                192,
+                &[WeightLayout::Transposed, WeightLayout::Plain],
+            ),
+            (256, 576, 49152, &[WeightLayout::Transposed]),
+            (256, 49152, 576, &[WeightLayout::Plain]),
+            (
+                64,
+                576,
+                576,
+                &[WeightLayout::Transposed, WeightLayout::Plain],
+            ),
+            (
+                8,
+                576,
+                1536,
+                &[WeightLayout::Transposed, WeightLayout::Plain],
+            ),
+        ] {
+            let a = rand_vec(&mut rng, m * k);
+            let w = rand_vec(&mut rng, k * n);
+            let wb: Vec<bf16> = w.iter().map(|x| bf16::from_f32(*x)).collect();
+            let mut c = vec![0.0f32; m * n];
+            let flops = 2.0 * (m * k * n) as f64;
+            for &layout in layouts {
+                let mut bench = |run: &mut dyn FnMut(&mut [f32])| -> String {
+                    run(&mut c);
+                    let iters = ((0.02 * 200e9 / flops) as usize).max(2);
+                    let mut rounds: Vec<f64> = (0..15)
+                        .map(|_| {
+                            let t = std::time::Instant::now();
+                            for _ in 0..iters {
+                                run(&mut c);
+                            }
+                            flops * iters as f64 / t.elapsed().as_secs_f64() / 1e9
+                        })
+                        .collect();
+                    rounds.sort_by(f64::total_cmp);
+                    format!("{:6.1} /{:6.1}", rounds[14], rounds[7])
+                };
+                let f32_new = if f32_available() {
+                    bench(&mut |c| matmul_f32(c, &a, m, k, &w, n, layout, false).unwrap())
+                } else {
+                    "   n/a".into()
+                };
+                let wv = match layout {
+                    WeightLayout::Transposed => View::rows(&w, n, k).t(),
+                    WeightLayout::Plain => View::rows(&w, k, n),
+                };
+                let av = View::rows(&a, m, k);
+                let f32_crate = bench(&mut |c| gemm(c, av, wv, 1.0, false, true).unwrap());
+                let bf16 = if available() {
+                    bench(&mut |c| matmul_bf16(c, &a, m, k, &wb, n, layout, false).unwrap())
+                } else {
+                    "   n/a".into()
+                };
+                println!(
+                    "m={m:5} k={k:5} n={n:5} {layout:>10?}: f32 {f32_new}  gemm crate {f32_crate}  bf16 {bf16}"
+                );
+            }
+        }
+    }
+}
