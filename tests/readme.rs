@@ -32,6 +32,22 @@ use util::{Cmd, Dir};
 /// README commands not run here (matched as prefixes of the normalised README line), and why.
 const SKIP: &[(&str, &str)] = &[
     (
+        "peft-wit sweep --data D --max-steps 200 --sweep-name dolly --launcher slurm",
+        "submits to Slurm; tests/sweep_cluster.rs runs a job array on the CI cluster",
+    ),
+    (
+        "peft-wit sweep --data D --max-steps 200 --sweep-name dolly --launcher print | parallel",
+        "pipes into GNU parallel; tests/sweep_cluster.rs runs the printed commands",
+    ),
+    (
+        "peft-wit sweep status dolly",
+        "needs the planned sweep above; tests/sweep_cluster.rs follows one",
+    ),
+    (
+        "peft-wit sweep collect dolly",
+        "needs the planned sweep above; tests/sweep_cluster.rs collects one",
+    ),
+    (
         "cargo run --release -- quickstart",
         "fetches SmolLM2-135M with scripts/fetch-model.sh and trains it for minutes",
     ),

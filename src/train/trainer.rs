@@ -565,10 +565,7 @@ fn lock_run(run_dir: &Path, name: &str) -> Result<LockFile> {
         Ok(lock) => Ok(lock),
         Err(owner) => Err(Error::Locked {
             path,
-            owner: format!(
-                "{owner}, {}: `{name}` is being trained right now",
-                owner.purpose
-            ),
+            owner: format!("{owner}: another process is training `{name}` right now"),
         }),
     }
 }

@@ -128,7 +128,7 @@ pub fn required_env(var: &str) -> Option<String> {
     let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
     assert!(
         !ci,
-        "{var} is not set but CI is: CI must provide it (see scripts/start-mlflow.sh)"
+        "{var} is not set but CI is: CI must provide it (see .ci/run)"
     );
     // Written to the stderr handle, not eprintln!, so the test harness does not capture it.
     let _ = writeln!(
