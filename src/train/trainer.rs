@@ -23,7 +23,7 @@ use crate::data::{length_grouped_batches, Batch, LossWeights, TokenizedExample};
 use crate::eval::{evaluate_losses, LossMetrics};
 use crate::fsutil::{atomic_write, LockFile};
 use crate::lora::peft::save_peft;
-use crate::lora::LoraAdapter;
+use crate::lora::{LoraAdapter, LoraConfig};
 use crate::loss::{denominator, weighted_nll_sum};
 use crate::model::decoder::{Dropout, ForwardContext};
 use crate::model::BaseModel;
@@ -208,113 +208,226 @@ pub fn train(
     registry: &Registry,
     opts: &RunOptions,
 ) -> Result<TrainOutcome> {
-    cfg.validate()?;
-    let name = cfg.name.clone().unwrap_or_else(|| cfg.default_name());
-    crate::registry::validate_name(&name)?;
-    if registry.contains(&name) && !opts.force {
-        return Err(Error::AdapterExists {
-            name: name.to_string(),
-            registry: registry.root().to_path_buf(),
-        });
+    let mut run = Run::admit(base, data, cfg, registry, opts)?;
+    for step in run.remaining_steps() {
+        if let StepResult::Stopped { checkpoint } = run.step(step)? {
+            return Ok(run.interrupt(checkpoint));
+        }
     }
-    let run_dir = registry.run_dir(&name);
-    let _run_lock = lock_run(&run_dir, &name)?;
-    let existing = checkpoint::latest(&run_dir)?;
-    if existing.is_some() && !opts.resume && !opts.force {
-        return Err(Error::InvalidArgument(format!(
-            "an interrupted run of `{name}` has a checkpoint in {}: use --resume to continue it or --force to start over",
-            run_dir.display()
-        )));
-    }
-    if !opts.resume {
-        clear_run_dir(&run_dir)?;
-    }
+    run.finish()
+}
 
-    let decoder = &base.decoder;
-    let device = decoder.device();
-    let lora = cfg.lora_config()?;
-    let adapter = LoraAdapter::init(&lora, &decoder.config, cfg.seed, DType::F32, device)?;
-    let params = AdamWParams {
-        beta1: cfg.beta1,
-        beta2: cfg.beta2,
-        eps: cfg.adam_eps,
-        weight_decay: cfg.weight_decay,
-    };
-    let mut optimizer = AdamW::new(adapter.named_vars(), params)?;
-    let (lp, lr_w) = cfg.loss_weights();
-    let weights = LossWeights {
-        prompt: lp,
-        response: lr_w,
-        system: cfg.system_weight,
-        user: cfg.user_weight,
-    };
-    let hash = config_hash(cfg);
+/// What [`Run::step`] asks of its caller.
+enum StepResult {
+    /// Go on with the next step (or [`Run::finish`] after the last one).
+    Continue,
+    /// A stop was requested and a checkpoint saved: end with [`Run::interrupt`].
+    Stopped { checkpoint: PathBuf },
+}
 
-    let mut start_step = 0;
-    let mut tokens_seen = 0u64;
-    let mut elapsed_before = 0.0;
-    if opts.resume {
-        match &existing {
-            None => {
-                return Err(Error::InvalidArgument(format!(
-                    "--resume: no checkpoint of `{name}` in {}",
-                    run_dir.display()
-                )))
-            }
-            Some(dir) => {
-                let state = checkpoint::restore(dir, &adapter, &mut optimizer)?;
-                if state.config_hash != hash || state.data_fingerprint != data.fingerprint {
+/// One training run, from [`Run::admit`] through the [`Run::step`]s to [`Run::finish`] (or
+/// [`Run::interrupt`]).
+///
+/// Fields drop in declaration order, and an early `?` return relies on it: the metrics log's
+/// tracker (which marks the run FAILED) goes before the progress bar, and the run lock last.
+struct Run<'a> {
+    log: MetricsLog,
+    bar: ProgressBar,
+    order: DataOrder<'a>,
+    optimizer: AdamW,
+    adapter: LoraAdapter,
+    lora: LoraConfig,
+    weights: LossWeights,
+    base: &'a BaseModel,
+    data: &'a PreparedData,
+    cfg: &'a TrainConfig,
+    registry: &'a Registry,
+    opts: &'a RunOptions,
+    name: String,
+    run_dir: PathBuf,
+    /// [`config_hash`] of `cfg`, which a checkpoint must match to be resumed.
+    hash: String,
+    pad: u32,
+    total: usize,
+    warmup: usize,
+    /// Optimizer steps done so far, counting those before a resume.
+    last_step: usize,
+    tokens_seen: u64,
+    /// Training time of the run before it was resumed (0 for a fresh run).
+    elapsed_before: f64,
+    started: Instant,
+    /// Exponentially smoothed train loss, for the progress bar only.
+    smoothed: Option<f64>,
+    _lock: LockFile,
+}
+
+impl<'a> Run<'a> {
+    /// Checks the config and the name, takes the run lock, restores the checkpoint on
+    /// `--resume` (or clears the run folder), opens the tracker and the metrics log, and logs
+    /// the step-0 evaluation of a fresh run.
+    fn admit(
+        base: &'a BaseModel,
+        data: &'a PreparedData,
+        cfg: &'a TrainConfig,
+        registry: &'a Registry,
+        opts: &'a RunOptions,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let name = cfg.name.clone().unwrap_or_else(|| cfg.default_name());
+        crate::registry::validate_name(&name)?;
+        if registry.contains(&name) && !opts.force {
+            return Err(Error::AdapterExists {
+                name: name.to_string(),
+                registry: registry.root().to_path_buf(),
+            });
+        }
+        let run_dir = registry.run_dir(&name);
+        let lock = lock_run(&run_dir, &name)?;
+        let existing = checkpoint::latest(&run_dir)?;
+        if existing.is_some() && !opts.resume && !opts.force {
+            return Err(Error::InvalidArgument(format!(
+                "an interrupted run of `{name}` has a checkpoint in {}: use --resume to continue it or --force to start over",
+                run_dir.display()
+            )));
+        }
+        if !opts.resume {
+            clear_run_dir(&run_dir)?;
+        }
+
+        let decoder = &base.decoder;
+        let device = decoder.device();
+        let lora = cfg.lora_config()?;
+        let adapter = LoraAdapter::init(&lora, &decoder.config, cfg.seed, DType::F32, device)?;
+        let params = AdamWParams {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.adam_eps,
+            weight_decay: cfg.weight_decay,
+        };
+        let mut optimizer = AdamW::new(adapter.named_vars(), params)?;
+        let (lp, lr_w) = cfg.loss_weights();
+        let weights = LossWeights {
+            prompt: lp,
+            response: lr_w,
+            system: cfg.system_weight,
+            user: cfg.user_weight,
+        };
+        let hash = config_hash(cfg);
+
+        let mut start_step = 0;
+        let mut tokens_seen = 0u64;
+        let mut elapsed_before = 0.0;
+        if opts.resume {
+            match &existing {
+                None => {
                     return Err(Error::InvalidArgument(format!(
-                        "--resume: the checkpoint in {} was made with another config or data; resume with the same settings or use --force",
-                        dir.display()
-                    )));
+                        "--resume: no checkpoint of `{name}` in {}",
+                        run_dir.display()
+                    )))
                 }
-                start_step = state.step;
-                tokens_seen = state.tokens_seen;
-                elapsed_before = state.elapsed_s;
+                Some(dir) => {
+                    let state = checkpoint::restore(dir, &adapter, &mut optimizer)?;
+                    if state.config_hash != hash || state.data_fingerprint != data.fingerprint {
+                        return Err(Error::InvalidArgument(format!(
+                            "--resume: the checkpoint in {} was made with another config or data; resume with the same settings or use --force",
+                            dir.display()
+                        )));
+                    }
+                    start_step = state.step;
+                    tokens_seen = state.tokens_seen;
+                    elapsed_before = state.elapsed_s;
+                }
             }
         }
-    }
-    truncate_metrics(&run_dir, start_step)?;
+        truncate_metrics(&run_dir, start_step)?;
 
-    let total = total_steps(cfg, data.train.len());
-    let warmup = cfg
-        .warmup_steps
-        .unwrap_or_else(|| (cfg.warmup_ratio * total as f64).ceil() as usize);
-    let mut order = DataOrder::new(&data.train, cfg.batch_size, cfg.seed);
-    let pad = base.pad_id();
-    let bar = progress_bar(opts.progress, total, start_step, &name);
-    let started = Instant::now();
-    let mut smoothed: Option<f64> = None;
-    let tracker = open_tracker(cfg, opts, &name, &run_dir, base, data)?;
-    let mut log = MetricsLog::open(&run_dir, tracker)?;
-    // Held-out loss metrics at the adapter's current values (same data and weights every time).
-    let eval_now = || {
-        evaluate_losses(
+        let total = total_steps(cfg, data.train.len());
+        let warmup = cfg
+            .warmup_steps
+            .unwrap_or_else(|| (cfg.warmup_ratio * total as f64).ceil() as usize);
+        let order = DataOrder::new(&data.train, cfg.batch_size, cfg.seed);
+        let pad = base.pad_id();
+        let bar = progress_bar(opts.progress, total, start_step, &name);
+        let started = Instant::now();
+        let tracker = open_tracker(cfg, opts, &name, &run_dir, base, data)?;
+        let log = MetricsLog::open(&run_dir, tracker)?;
+        let mut run = Run {
+            log,
+            bar,
+            order,
+            optimizer,
+            adapter,
+            lora,
+            weights,
             base,
-            Some(&adapter),
-            &data.eval,
-            &weights,
-            cfg.normalization,
-            cfg.batch_size,
-        )
-    };
+            data,
+            cfg,
+            registry,
+            opts,
+            name,
+            run_dir,
+            hash,
+            pad,
+            total,
+            warmup,
+            last_step: start_step,
+            tokens_seen,
+            elapsed_before,
+            started,
+            smoothed: None,
+            _lock: lock,
+        };
 
-    if start_step == 0 {
-        if let Some(m) = eval_now()? {
-            log.write(&eval_line(0, &m, tokens_seen, elapsed_before))?;
-            bar.println(format!(
-                "[{name}] step 0: eval response loss {:.4}, WIT loss {:.4}",
-                m.response_loss, m.wit_loss
-            ));
+        if start_step == 0 {
+            if let Some(m) = run.eval_now()? {
+                run.log
+                    .write(&eval_line(0, &m, run.tokens_seen, run.elapsed_before))?;
+                run.bar.println(format!(
+                    "[{}] step 0: eval response loss {:.4}, WIT loss {:.4}",
+                    run.name, m.response_loss, m.wit_loss
+                ));
+            }
         }
+        Ok(run)
     }
 
-    let mut last_step = start_step;
-    for step in start_step..total {
+    /// The steps still to run (all of them for a fresh run, those after the checkpoint for a
+    /// resumed one).
+    fn remaining_steps(&self) -> std::ops::Range<usize> {
+        self.last_step..self.total
+    }
+
+    /// Training time so far, including the time before a resume.
+    fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.started.elapsed().as_secs_f64()
+    }
+
+    /// Held-out loss metrics at the adapter's current values (same data and weights every time).
+    fn eval_now(&self) -> Result<Option<LossMetrics>> {
+        evaluate_losses(
+            self.base,
+            Some(&self.adapter),
+            &self.data.eval,
+            &self.weights,
+            self.cfg.normalization,
+            self.cfg.batch_size,
+        )
+    }
+
+    /// Optimizer step number `step` (0-based) over its `grad_accum` micro-batches, then its
+    /// metrics line, periodic evaluation and checkpoint; a requested stop checkpoints and
+    /// returns [`StepResult::Stopped`].
+    fn step(&mut self, step: usize) -> Result<StepResult> {
+        let cfg = self.cfg;
         let step_start = Instant::now();
         let micro: Vec<Batch> = (0..cfg.grad_accum)
-            .map(|k| Batch::new(&order.micro_batch(step * cfg.grad_accum + k), &weights, pad))
+            .map(|k| {
+                Batch::new(
+                    &self.order.micro_batch(step * cfg.grad_accum + k),
+                    &self.weights,
+                    self.pad,
+                )
+            })
             .collect();
         let denom: f64 = micro
             .iter()
@@ -326,21 +439,21 @@ pub fn train(
                 step + 1
             )));
         }
-        let vars = optimizer.vars().to_vec();
+        let vars = self.optimizer.vars().to_vec();
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_value = 0f64;
         let mut step_tokens = 0u64;
         for (k, batch) in micro.iter().enumerate() {
             let mut dropout = Dropout {
-                p: lora.lora_dropout,
+                p: self.lora.lora_dropout,
                 rng: dropout_rng(cfg.seed, step, k),
             };
             let mut ctx = ForwardContext {
-                adapter: Some(&adapter),
+                adapter: Some(&self.adapter),
                 dropout: Some(&mut dropout),
                 ..Default::default()
             };
-            let (sum, _) = weighted_nll_sum(decoder, batch, &mut ctx)?;
+            let (sum, _) = weighted_nll_sum(&self.base.decoder, batch, &mut ctx)?;
             let loss = (sum / denom)?;
             loss_value += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let store = loss.backward()?;
@@ -372,25 +485,26 @@ pub fn train(
                 value: grad_norm as f32,
             });
         }
-        let lr = learning_rate(cfg.schedule, cfg.lr, step, warmup, total);
-        optimizer.step(&grads, lr)?;
-        tokens_seen += step_tokens;
-        last_step = step + 1;
+        let lr = learning_rate(cfg.schedule, cfg.lr, step, self.warmup, self.total);
+        self.optimizer.step(&grads, lr)?;
+        self.tokens_seen += step_tokens;
+        self.last_step = step + 1;
+        let (last_step, total, tokens_seen) = (self.last_step, self.total, self.tokens_seen);
 
         let step_secs = step_start.elapsed().as_secs_f64();
         let tok_s = step_tokens as f64 / step_secs.max(1e-9);
-        smoothed = Some(match smoothed {
+        self.smoothed = Some(match self.smoothed {
             None => loss_value,
             Some(s) => 0.9 * s + 0.1 * loss_value,
         });
-        let elapsed = elapsed_before + started.elapsed().as_secs_f64();
-        bar.set_position(last_step as u64);
-        bar.set_message(format!(
+        let elapsed = self.elapsed();
+        self.bar.set_position(last_step as u64);
+        self.bar.set_message(format!(
             "loss {:.4} lr {lr:.2e} {tok_s:.0} tok/s",
-            smoothed.unwrap_or(loss_value)
+            self.smoothed.unwrap_or(loss_value)
         ));
         if cfg.log_every > 0 && (last_step % cfg.log_every == 0 || last_step == total) {
-            log.write(&MetricsLine {
+            self.log.write(&MetricsLine {
                 step: last_step,
                 loss: Some(loss_value),
                 lr: Some(lr),
@@ -403,127 +517,161 @@ pub fn train(
             })?;
         }
         if cfg.eval_every > 0 && last_step % cfg.eval_every == 0 && last_step < total {
-            if let Some(m) = eval_now()? {
-                log.write(&eval_line(last_step, &m, tokens_seen, elapsed))?;
-                bar.println(format!(
-                    "[{name}] step {last_step}: eval response loss {:.4}, WIT loss {:.4}",
-                    m.response_loss, m.wit_loss
+            if let Some(m) = self.eval_now()? {
+                self.log
+                    .write(&eval_line(last_step, &m, tokens_seen, elapsed))?;
+                self.bar.println(format!(
+                    "[{}] step {last_step}: eval response loss {:.4}, WIT loss {:.4}",
+                    self.name, m.response_loss, m.wit_loss
                 ));
             }
         }
-        let stop = opts.stop.load(Ordering::SeqCst);
+        let stop = self.opts.stop.load(Ordering::SeqCst);
         let periodic = cfg.checkpoint_every > 0 && last_step % cfg.checkpoint_every == 0;
         if (periodic || stop) && last_step < total {
             let state = CheckpointState {
                 step: last_step,
                 tokens_seen,
                 elapsed_s: elapsed,
-                config_hash: hash.clone(),
-                data_fingerprint: data.fingerprint.clone(),
+                config_hash: self.hash.clone(),
+                data_fingerprint: self.data.fingerprint.clone(),
             };
-            let dir = checkpoint::save(&run_dir, &adapter, &optimizer, &state)?;
+            let dir = checkpoint::save(&self.run_dir, &self.adapter, &self.optimizer, &state)?;
             if stop {
-                log.close().finish(RunStatus::Killed);
-                bar.abandon_with_message(format!(
-                    "interrupted at step {last_step}; checkpoint saved"
-                ));
-                return Ok(TrainOutcome::Interrupted {
-                    step: last_step,
-                    checkpoint: dir,
-                });
+                return Ok(StepResult::Stopped { checkpoint: dir });
             }
         }
+        Ok(StepResult::Continue)
     }
-    bar.finish_and_clear();
 
-    let elapsed = elapsed_before + started.elapsed().as_secs_f64();
-    let mut metrics = BTreeMap::new();
-    if let Some(m) = eval_now()? {
-        log.write(&eval_line(last_step, &m, tokens_seen, elapsed))?;
-        m.insert_into(&mut metrics);
+    /// Ends a run stopped on request: the tracker run is marked KILLED and the progress bar
+    /// left showing where it stopped; `--resume` continues from `checkpoint`.
+    fn interrupt(self, checkpoint: PathBuf) -> TrainOutcome {
+        self.log.close().finish(RunStatus::Killed);
+        self.bar.abandon_with_message(format!(
+            "interrupted at step {}; checkpoint saved",
+            self.last_step
+        ));
+        TrainOutcome::Interrupted {
+            step: self.last_step,
+            checkpoint,
+        }
     }
-    if cfg.eval_generate > 0 {
-        let scores = crate::eval::generation_scores(
-            base,
-            Some(&adapter),
-            &data.template,
-            &data.eval_examples,
-            cfg.eval_generate,
+
+    /// The final evaluation and generation scores, then the adapter staged with its sidecar and
+    /// history, committed to the registry, and the run folder removed.
+    fn finish(mut self) -> Result<TrainOutcome> {
+        self.bar.finish_and_clear();
+
+        let elapsed = self.elapsed();
+        let mut metrics = BTreeMap::new();
+        if let Some(m) = self.eval_now()? {
+            self.log
+                .write(&eval_line(self.last_step, &m, self.tokens_seen, elapsed))?;
+            m.insert_into(&mut metrics);
+        }
+        if self.cfg.eval_generate > 0 {
+            let scores = crate::eval::generation_scores(
+                self.base,
+                Some(&self.adapter),
+                &self.data.template,
+                &self.data.eval_examples,
+                self.cfg.eval_generate,
+            )?;
+            metrics.extend(scores);
+        }
+        let final_scalars: Vec<(String, f64)> = metrics
+            .iter()
+            .map(|(k, v)| (format!("final/{k}"), *v))
+            .collect();
+        self.log.track(self.last_step, &final_scalars);
+
+        let meta = self.adapter_meta(metrics, elapsed)?;
+        let staged = self.stage_adapter(&meta)?;
+        let dir = self.registry.commit(&self.name, &staged, self.opts.force)?;
+        std::fs::remove_dir_all(&self.run_dir).map_err(|e| Error::io(&self.run_dir, e))?;
+        let mut tracker = self.log.close();
+        tracker.log_artifacts(&dir);
+        tracker.finish(RunStatus::Finished);
+        Ok(TrainOutcome::Finished {
+            dir,
+            meta: Box::new(meta),
+        })
+    }
+
+    /// The registry sidecar of the trained adapter: base, loss settings, data, LoRA config,
+    /// the full training config, and the final `metrics`.
+    fn adapter_meta(&self, metrics: BTreeMap<String, f64>, elapsed: f64) -> Result<AdapterMeta> {
+        let (base, data, cfg) = (self.base, self.data, self.cfg);
+        let decoder = &base.decoder;
+        let (lp, lr_w) = cfg.loss_weights();
+        Ok(AdapterMeta {
+            format_version: 1,
+            name: self.name.clone(),
+            base: BaseInfo {
+                name: base.name.clone(),
+                fingerprint: Some(base.fingerprint.clone()),
+                architecture: decoder.config.architecture.name().into(),
+                base_dtype: base.base_dtype.name().into(),
+                num_layers: decoder.config.num_hidden_layers,
+                hidden_size: decoder.config.hidden_size,
+            },
+            loss: LossInfo {
+                prompt_weight: lp,
+                response_weight: lr_w,
+                system_weight: cfg.system_weight,
+                user_weight: cfg.user_weight,
+                normalization: cfg.normalization,
+            },
+            data: DataInfo {
+                fingerprint: Some(data.fingerprint.clone()),
+                source: data.source.clone(),
+                template: data.template_name.clone(),
+                train_examples: data.train.len(),
+                eval_examples: data.eval.len(),
+            },
+            lora: self.lora.clone(),
+            train_config: Some(serde_json::to_value(cfg).map_err(|e| {
+                Error::InvalidArgument(format!("training config cannot be recorded: {e}"))
+            })?),
+            seed: Some(cfg.seed),
+            metrics,
+            steps: self.last_step,
+            tokens_seen: self.tokens_seen,
+            wall_time_s: elapsed,
+            created_unix: unix_now(),
+        })
+    }
+
+    /// Writes the adapter as it will be committed into `<run dir>/final` (replacing any
+    /// leftover): PEFT files, the sidecar, the metrics history and its loss plot, the training
+    /// config, and the run's TensorBoard events. Returns that folder.
+    fn stage_adapter(&self, meta: &AdapterMeta) -> Result<PathBuf> {
+        let run_dir = &self.run_dir;
+        let staged = run_dir.join("final");
+        if staged.exists() {
+            std::fs::remove_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
+        }
+        save_peft(&self.adapter, &staged, &self.base.name)?;
+        meta.write(&staged)?;
+        let metrics_src = run_dir.join(METRICS_FILE);
+        let history = std::fs::read(&metrics_src).map_err(|e| Error::io(&metrics_src, e))?;
+        atomic_write(&staged.join(METRICS_FILE), &history)?;
+        atomic_write(
+            &staged.join(LOSS_PLOT_FILE),
+            loss_plot(&self.name, &history).as_bytes(),
         )?;
-        metrics.extend(scores);
+        let toml_text =
+            toml::to_string(self.cfg).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        atomic_write(&staged.join("train_config.toml"), toml_text.as_bytes())?;
+        // Event files written during the run travel with the adapter (its `tb/`).
+        let run_tb = run_dir.join(TENSORBOARD_SUBDIR);
+        if run_tb.is_dir() {
+            let to = staged.join(TENSORBOARD_SUBDIR);
+            std::fs::rename(&run_tb, &to).map_err(|e| Error::io(&to, e))?;
+        }
+        Ok(staged)
     }
-    let final_scalars: Vec<(String, f64)> = metrics
-        .iter()
-        .map(|(k, v)| (format!("final/{k}"), *v))
-        .collect();
-    log.track(last_step, &final_scalars);
-    let mut tracker = log.close();
-
-    let meta = AdapterMeta {
-        format_version: 1,
-        name: name.clone(),
-        base: BaseInfo {
-            name: base.name.clone(),
-            fingerprint: Some(base.fingerprint.clone()),
-            architecture: decoder.config.architecture.name().into(),
-            base_dtype: base.base_dtype.name().into(),
-            num_layers: decoder.config.num_hidden_layers,
-            hidden_size: decoder.config.hidden_size,
-        },
-        loss: LossInfo {
-            prompt_weight: lp,
-            response_weight: lr_w,
-            system_weight: cfg.system_weight,
-            user_weight: cfg.user_weight,
-            normalization: cfg.normalization,
-        },
-        data: DataInfo {
-            fingerprint: Some(data.fingerprint.clone()),
-            source: data.source.clone(),
-            template: data.template_name.clone(),
-            train_examples: data.train.len(),
-            eval_examples: data.eval.len(),
-        },
-        lora: lora.clone(),
-        train_config: Some(serde_json::to_value(cfg).map_err(|e| {
-            Error::InvalidArgument(format!("training config cannot be recorded: {e}"))
-        })?),
-        seed: Some(cfg.seed),
-        metrics,
-        steps: last_step,
-        tokens_seen,
-        wall_time_s: elapsed,
-        created_unix: unix_now(),
-    };
-    let staged = run_dir.join("final");
-    if staged.exists() {
-        std::fs::remove_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
-    }
-    save_peft(&adapter, &staged, &base.name)?;
-    meta.write(&staged)?;
-    let metrics_src = run_dir.join(METRICS_FILE);
-    let history = std::fs::read(&metrics_src).map_err(|e| Error::io(&metrics_src, e))?;
-    atomic_write(&staged.join(METRICS_FILE), &history)?;
-    atomic_write(
-        &staged.join(LOSS_PLOT_FILE),
-        loss_plot(&name, &history).as_bytes(),
-    )?;
-    let toml_text = toml::to_string(cfg).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    atomic_write(&staged.join("train_config.toml"), toml_text.as_bytes())?;
-    // Event files written during the run travel with the adapter (its `tb/`).
-    let run_tb = run_dir.join(TENSORBOARD_SUBDIR);
-    if run_tb.is_dir() {
-        let to = staged.join(TENSORBOARD_SUBDIR);
-        std::fs::rename(&run_tb, &to).map_err(|e| Error::io(&to, e))?;
-    }
-    let dir = registry.commit(&name, &staged, opts.force)?;
-    std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-    tracker.log_artifacts(&dir);
-    tracker.finish(RunStatus::Finished);
-    Ok(TrainOutcome::Finished {
-        dir,
-        meta: Box::new(meta),
-    })
 }
 
 fn eval_line(step: usize, m: &LossMetrics, tokens_seen: u64, elapsed_s: f64) -> MetricsLine {
