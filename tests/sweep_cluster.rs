@@ -7,7 +7,6 @@
 #[path = "util.rs"]
 mod util;
 
-#[allow(dead_code)]
 mod common;
 
 use std::path::{Path, PathBuf};
