@@ -10,11 +10,13 @@
 //! (every adapted projection's A, then every B, flattened and concatenated), so candle routes
 //! their gradients back to the adapter's `Var`s through `cat`.
 
+use std::borrow::Cow;
 use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::block_plan::{self, Activations, BlockSteps, Norm, DOWN, GATE, K, O, Q, UP, V};
 use super::config::PROJECTIONS;
 use super::decoder::Block;
 use super::linear::{Branch, DropoutMask};
@@ -263,6 +265,7 @@ impl BlockOp {
         ]
     }
 
+    /// [`block_plan::forward`] with [`FusedSteps`], keeping what [`Self::bwd_t`] needs.
     fn fwd<T: SavedElem>(
         &self,
         [(xs, xl), (a_s, al), (bs, bl)]: [(&CpuStorage, &Layout); 3],
@@ -279,47 +282,28 @@ impl BlockOp {
         let x = contiguous_slice::<T>(xs, xl)?;
         let a = contiguous_slice::<T>(a_s, al)?;
         let b = contiguous_slice::<T>(bs, bl)?;
-        let width = |p: usize| dims_of(&self.block, p).map(|(out, _)| out);
-        let mut lows: [Vec<T>; 7] = Default::default();
         let (w_in, w_post) = self.norm_weights::<T>()?;
-
-        let h1 = self.norm(&w_in, x);
-        let mut qkv = [0, 1, 2].map(|_| Vec::new());
-        for (p, y) in qkv.iter_mut().enumerate() {
-            // SAFETY: `project` without accumulation overwrites all of `y`: the bias fills
-            // every row (it has the projection's width, `check_shapes`), or the base product
-            // writes the whole [rows, out] result.
-            *y = unsafe { output_buffer(rows * width(p)?) };
-            lows[p] = self.project(p, &h1, rows, y, false, a, b)?;
-        }
-        drop(h1);
-        let [q, k, v] = qkv;
-        let dims = self.attn_dims(b_sz, t);
-        let attn = self
-            .attention
-            .forward_slices([&dims[0], &dims[1], &dims[2]], &q, &k, &v)?;
-        // x_mid = x + o(attn)
-        let mut x_mid = par_copy(x);
-        lows[3] = self.project(3, &attn, rows, &mut x_mid, true, a, b)?;
-
-        let h2 = self.norm(&w_post, &x_mid);
-        // SAFETY: (gate, up) overwritten whole by `project`, as q/k/v above. act: gate and up
-        // both have `inter` columns (`check_shapes`), so `forward_into` overwrites all of it.
-        let (mut gate, mut up, mut act) = unsafe {
-            (
-                output_buffer(rows * inter),
-                output_buffer(rows * inter),
-                output_buffer(rows * inter),
-            )
+        let mut steps = FusedSteps {
+            op: self,
+            ab: [a, b],
+            rows,
+            inter,
+            dims: self.attn_dims(b_sz, t),
+            norms: [w_in, w_post],
+            lows: Default::default(),
         };
-        lows[4] = self.project(4, &h2, rows, &mut gate, false, a, b)?;
-        lows[5] = self.project(5, &h2, rows, &mut up, false, a, b)?;
-        drop(h2);
-        silu_mul::forward_into(&gate, &up, &mut act);
-        // out = x_mid + down(act)
-        let mut out = par_copy(&x_mid);
-        lows[6] = self.project(6, &act, rows, &mut out, true, a, b)?;
-
+        let acts = block_plan::forward(&mut steps, &Cow::Borrowed(x))?;
+        let Activations {
+            q,
+            k,
+            v,
+            attn,
+            x_mid,
+            gate,
+            up,
+            act,
+            out,
+        } = acts.map(Cow::into_owned);
         if self.save {
             let saved = Saved {
                 q,
@@ -330,13 +314,14 @@ impl BlockOp {
                 gate,
                 up,
                 act,
-                lows,
+                lows: steps.lows,
             };
             *self.saved.lock().map_err(|_| poisoned())? = Some(T::wrap(saved));
         }
         Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
     }
 
+    /// The stages of [`block_plan::forward`] in reverse, on the activations the forward kept.
     #[allow(clippy::type_complexity)]
     fn bwd_t<T: SavedElem>(
         &self,
@@ -373,7 +358,15 @@ impl BlockOp {
             let mut d_act = unsafe { output_buffer(rows * inter) };
             let d_act_out = Some((&mut d_act[..], false));
             self.project_back(
-                6, &s.act, dy, rows, &s.lows[6], d_act_out, ab, &mut da, &mut db,
+                DOWN,
+                &s.act,
+                dy,
+                rows,
+                &s.lows[DOWN],
+                d_act_out,
+                ab,
+                &mut da,
+                &mut db,
             )?;
             // SAFETY: gate, up and d_act are all [rows, inter]: `backward_into` overwrites
             // both outputs whole.
@@ -385,9 +378,19 @@ impl BlockOp {
             // SAFETY: [rows, h], overwritten by gate's base product (up's then accumulates).
             let mut dh2 = unsafe { output_buffer(rows * h) };
             let out = Some((&mut dh2[..], false));
-            self.project_back(4, &h2, &dgate, rows, &s.lows[4], out, ab, &mut da, &mut db)?;
+            self.project_back(
+                GATE,
+                &h2,
+                &dgate,
+                rows,
+                &s.lows[GATE],
+                out,
+                ab,
+                &mut da,
+                &mut db,
+            )?;
             let out = Some((&mut dh2[..], true));
-            self.project_back(5, &h2, &dup, rows, &s.lows[5], out, ab, &mut da, &mut db)?;
+            self.project_back(UP, &h2, &dup, rows, &s.lows[UP], out, ab, &mut da, &mut db)?;
             drop((h2, dgate, dup));
             // dx_mid = dy + rms_norm'(dh2)
             // SAFETY: x_mid, dh2 and dx_mid are [rows, h] with a norm weight of h:
@@ -403,7 +406,7 @@ impl BlockOp {
             let mut dattn = unsafe { output_buffer(s.attn.len()) };
             let out = Some((&mut dattn[..], false));
             self.project_back(
-                3, &s.attn, &dx_mid, rows, &s.lows[3], out, ab, &mut da, &mut db,
+                O, &s.attn, &dx_mid, rows, &s.lows[O], out, ab, &mut da, &mut db,
             )?;
             let dims = self.attn_dims(b_sz, t);
             let (dq, dk, dv) = self
@@ -411,11 +414,11 @@ impl BlockOp {
                 .backward_slices([&dims[0], &dims[1], &dims[2]], [&s.q, &s.k, &s.v, &dattn])?;
             drop(dattn);
             let h1 = self.norm(&w_in, x);
-            // SAFETY: [rows, h], overwritten by q's base product (p = 0 below, without
+            // SAFETY: [rows, h], overwritten by q's base product (the first below, without
             // accumulation); k and v then accumulate.
             let mut dh1 = need_dx.then(|| unsafe { output_buffer(rows * h) });
-            for (p, dp) in [(0, &dq), (1, &dk), (2, &dv)] {
-                let out = dh1.as_deref_mut().map(|d| (d, p > 0));
+            for (p, dp) in [(Q, &dq), (K, &dk), (V, &dv)] {
+                let out = dh1.as_deref_mut().map(|d| (d, p != Q));
                 self.project_back(p, &h1, dp, rows, &s.lows[p], out, ab, &mut da, &mut db)?;
             }
             // dx = dx_mid + rms_norm'(dh1)
@@ -443,6 +446,83 @@ impl BlockOp {
                 .then(|| tensor_from_vec(db, b.dims()))
                 .transpose()?,
         ))
+    }
+}
+
+/// The [`block_plan`] stages on slices, for the fused forward: the input is borrowed, every
+/// stage's output owned (so it can be kept for backward without a copy); each projection's
+/// LoRA intermediate is kept in `lows`.
+struct FusedSteps<'a, T> {
+    op: &'a BlockOp,
+    /// The flat LoRA factors (A, B).
+    ab: [&'a [T]; 2],
+    rows: usize,
+    /// MLP width (`check_shapes`, which the forward ran before the stages).
+    inter: usize,
+    dims: [Vec<usize>; 3],
+    /// Norm weights: input, post-attention.
+    norms: [Vec<T>; 2],
+    lows: [Vec<T>; 7],
+}
+
+impl<'a, T: Elem> BlockSteps for FusedSteps<'a, T> {
+    type Act = Cow<'a, [T]>;
+    type Error = candle_core::Error;
+
+    fn norm(&mut self, norm: Norm, x: &Self::Act) -> candle_core::Result<Self::Act> {
+        let w = match norm {
+            Norm::Input => &self.norms[0],
+            Norm::PostAttention => &self.norms[1],
+        };
+        if x.len() % w.len().max(1) != 0 {
+            bail!("decoder block: norm input is not whole rows");
+        }
+        Ok(Cow::Owned(self.op.norm(w, x)))
+    }
+
+    fn project(
+        &mut self,
+        p: usize,
+        x: &Self::Act,
+        residual: Option<&Self::Act>,
+    ) -> candle_core::Result<Self::Act> {
+        let [a, b] = self.ab;
+        let mut y = match residual {
+            // The residual's rows, then the projection accumulated into them.
+            Some(r) => par_copy(r),
+            // SAFETY: `project` without accumulation overwrites all of `y`: the bias fills
+            // every row (it has the projection's width, `check_shapes`), or the base product
+            // writes the whole [rows, out] result.
+            None => unsafe { output_buffer(self.rows * dims_of(&self.op.block, p)?.0) },
+        };
+        let low = self
+            .op
+            .project(p, x, self.rows, &mut y, residual.is_some(), a, b)?;
+        self.lows[p] = low;
+        Ok(Cow::Owned(y))
+    }
+
+    fn attention(
+        &mut self,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+    ) -> candle_core::Result<Self::Act> {
+        let [qd, kd, vd] = &self.dims;
+        let out = self.op.attention.forward_slices([qd, kd, vd], q, k, v)?;
+        Ok(Cow::Owned(out))
+    }
+
+    fn silu_mul(&mut self, gate: &Self::Act, up: &Self::Act) -> candle_core::Result<Self::Act> {
+        let n = self.rows * self.inter;
+        if gate.len() != n || up.len() != n {
+            bail!("decoder block: gate/up are not [rows, intermediate]");
+        }
+        // SAFETY: gate, up and act all have n elements (checked above), so `forward_into`
+        // overwrites all of act.
+        let mut act = unsafe { output_buffer(n) };
+        silu_mul::forward_into(gate, up, &mut act);
+        Ok(Cow::Owned(act))
     }
 }
 

@@ -8,6 +8,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::block_op::{BlockOp, BranchSlot};
+use super::block_plan::{self, BlockSteps, Norm};
 use super::config::{ModelConfig, PROJECTIONS};
 use super::frozen::FrozenWeight;
 use super::linear::{lora_linear, DropoutMask, LoraPair};
@@ -367,39 +368,83 @@ impl Decoder {
                 return Ok(out);
             }
         }
-        let cfg = &self.config;
-        let (b, t, _) = x.dims3()?;
+        let mut steps = PerOpSteps {
+            decoder: self,
+            layer,
+            block,
+            attention,
+            cos,
+            sin,
+            ctx,
+        };
+        Ok(block_plan::forward(&mut steps, x)?.out)
+    }
+}
+
+/// The [`block_plan`] stages as separate candle ops: the graph for any device, with candle's
+/// backward, and the incremental path with a KV cache.
+struct PerOpSteps<'a, 'm, 'c> {
+    decoder: &'a Decoder,
+    layer: usize,
+    block: &'a Block,
+    attention: &'a AttentionMask<'m>,
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    ctx: &'a mut ForwardContext<'c>,
+}
+
+impl BlockSteps for PerOpSteps<'_, '_, '_> {
+    type Act = Tensor;
+    type Error = crate::Error;
+
+    fn norm(&mut self, norm: Norm, x: &Tensor) -> Result<Tensor> {
+        let w = match norm {
+            Norm::Input => &self.block.input_layernorm,
+            Norm::PostAttention => &self.block.post_attention_layernorm,
+        };
+        Ok(ops::rms_norm(x, w, self.decoder.config.rms_norm_eps)?)
+    }
+
+    fn project(&mut self, p: usize, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let y = self
+            .decoder
+            .project(self.layer, p, self.block, x, self.ctx)?;
+        Ok(match residual {
+            Some(r) => (r + y)?,
+            None => y,
+        })
+    }
+
+    fn attention(&mut self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let cfg = &self.decoder.config;
+        let (b, t, _) = q.dims3()?;
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-
-        let h = ops::rms_norm(x, &block.input_layernorm, cfg.rms_norm_eps)?;
-        let q = self.project(layer, 0, block, &h, ctx)?;
-        let k = self.project(layer, 1, block, &h, ctx)?;
-        let v = self.project(layer, 2, block, &h, ctx)?;
+        let (cos, sin) = (self.cos, self.sin);
         let scale = 1.0 / (hd as f64).sqrt();
-        let attn = match attention {
+        Ok(match self.attention {
             // Token-major all the way ([B, T, heads·D] in and out): rope and attention in one
             // node, no transposes or reshapes.
             AttentionMask::Fused(key_padding) => {
-                ops::rope_causal_attention(&q, &k, &v, cos, sin, *key_padding, scale)?
+                ops::rope_causal_attention(q, k, v, cos, sin, *key_padding, scale)?
             }
             AttentionMask::Bias(bias) => {
                 let heads =
-                    |x: Tensor, n: usize| x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+                    |x: &Tensor, n: usize| x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
                 let q = ops::rope(&heads(q, nh)?, cos, sin)?;
                 let mut k = ops::rope(&heads(k, nkv)?, cos, sin)?;
                 let mut v = heads(v, nkv)?;
-                if let Some(cache) = ctx.cache.as_deref_mut() {
-                    if let Some((pk, pv)) = &cache.layers[layer] {
+                if let Some(cache) = self.ctx.cache.as_deref_mut() {
+                    if let Some((pk, pv)) = &cache.layers[self.layer] {
                         k = Tensor::cat(&[pk, &k], 2)?;
                         v = Tensor::cat(&[pv, &v], 2)?;
                     }
                     // Cached without their graph: decoding never differentiates through
                     // earlier tokens, and an attached cache keeps every step's graph alive.
-                    cache.layers[layer] = Some((k.detach(), v.detach()));
+                    cache.layers[self.layer] = Some((k.detach(), v.detach()));
                 }
                 let n_rep = nh / nkv;
                 let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
@@ -411,15 +456,11 @@ impl Decoder {
                 let out = ops::softmax_last_dim(&scores)?.matmul(&v)?;
                 out.transpose(1, 2)?.reshape((b, t, nh * hd))?
             }
-        };
-        let attn = self.project(layer, 3, block, &attn, ctx)?;
-        let x = (x + attn)?;
+        })
+    }
 
-        let h = ops::rms_norm(&x, &block.post_attention_layernorm, cfg.rms_norm_eps)?;
-        let gate = self.project(layer, 4, block, &h, ctx)?;
-        let up = self.project(layer, 5, block, &h, ctx)?;
-        let mlp = self.project(layer, 6, block, &ops::silu_mul(&gate, &up)?, ctx)?;
-        Ok((x + mlp)?)
+    fn silu_mul(&mut self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        Ok(ops::silu_mul(gate, up)?)
     }
 }
 

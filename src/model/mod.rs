@@ -1,6 +1,7 @@
 //! The base model: configuration, loading (GGUF or Hugging Face layout), the decoder.
 
 mod block_op;
+mod block_plan;
 pub mod config;
 pub mod decoder;
 pub mod frozen;

@@ -3,8 +3,8 @@
 //! skipping per micro-tile instead of per query block, and the softmax passes vectorised
 //! 16 wide.
 
-use super::{load, rope_scratch, Dims, HeadLayout, MatMut, SharedOut, Tables, QBLOCK};
-use super::{unrotate, Result};
+use super::{load, rope_scratch, Block, BwdSteps, Dims, HeadLayout, Mat, MatMut, SharedOut};
+use super::{Result, Tables, QBLOCK};
 use candle_core::bail;
 use std::arch::x86_64::*;
 
@@ -435,122 +435,189 @@ pub(super) fn fwd_task(
     Ok(())
 }
 
-/// Backward of one task (see [`fwd_task`]): dQ of its query heads, dK and dV of its kv head.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f")]
-pub(super) fn bwd_task(
-    cx: &Cx<'_>,
-    [q, k, v, go]: [&[f32]; 4],
-    kv: Option<&[bool]>,
-    (bi, g): (usize, usize),
-    lse: &[f64],
-    [sq, sk, sv]: [&SharedOut<'_, f32>; 3],
-) -> Result<()> {
-    let Dims { h, hkv, t, d, .. } = cx.dm;
-    let rep = h / hkv;
-    let bias = key_bias(kv, t);
-    let (mut kr, mut qr) = (rope_scratch(cx.rope, cx.dm), rope_scratch(cx.rope, cx.dm));
-    let (mut dkr, mut dqr) = (rope_scratch(cx.rope, cx.dm), rope_scratch(cx.rope, cx.dm));
-    let (koff, krs) = cx.dm.head(cx.layout, bi, g, hkv);
-    let kh = load(k, (koff, krs), cx.rope, &mut kr, d);
-    let kt = pack_t(kh.data, kh.rs, t, d);
-    let vt = pack_t(&v[koff..], krs, t, d);
-    let (ktb, vtb) = (
+/// The backward's [`BwdSteps`] on this path: register-tiled products with causal skipping per
+/// micro-tile over `[nq, T]` scratch, 16-wide softmax passes; dK/dV rows are overwritten by
+/// the task's first query head (so their buffers need no zeroing). Exists only where
+/// [`available`] holds, which is what makes its calls into avx512f code sound.
+pub(super) struct Steps {
+    scale: f32,
+    t: usize,
+    d: usize,
+}
+
+impl Steps {
+    /// None when the CPU lacks avx512f.
+    pub(super) fn new(scale: f32, dm: Dims) -> Option<Self> {
+        available().then_some(Self {
+            scale,
+            t: dm.t,
+            d: dm.d,
+        })
+    }
+
+    /// A packed [T, D] transpose as a right operand.
+    fn packed<'a>(&self, x: &'a [f32]) -> BOp<'a> {
         BOp {
-            data: &kt,
+            data: x,
             rs: NR,
-            ps: d * NR,
-        },
-        BOp {
-            data: &vt,
-            rs: NR,
-            ps: d * NR,
-        },
-    );
-    let kb = BOp {
-        data: kh.data,
-        rs: kh.rs,
+            ps: self.d * NR,
+        }
+    }
+}
+
+/// A task's K and V heads packed transposed (for the scores and dP), K as is (for dQ), and
+/// its key bias.
+pub(super) struct KvPacked<'a> {
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    k: BOp<'a>,
+    bias: Vec<f32>,
+}
+
+/// A strided view as a left operand.
+fn a_op(x: Mat<'_, f32>) -> AOp<'_> {
+    AOp {
+        data: x.data,
+        rs: x.rs,
+        cs: x.cs,
+    }
+}
+
+/// A strided view with unit column stride as a right operand.
+fn b_op(x: Mat<'_, f32>) -> BOp<'_> {
+    BOp {
+        data: x.data,
+        rs: x.rs,
         ps: NR,
-    };
-    let mut p = vec![0f32; QBLOCK.min(t) * t];
-    let mut dp = vec![0f32; QBLOCK.min(t) * t];
-    // SAFETY: (every `at` below) this task is the only one that writes kv head g of batch
-    // bi and its query heads g·rep .. (g+1)·rep.
-    let mut dvh = unsafe { sv.at(koff, krs)? };
-    // With rope, gradients w.r.t. the rotated q/k collect in scratch first.
-    let mut dkh = match cx.rope {
-        Some(_) => MatMut::new(&mut dkr, d),
-        // SAFETY: see "every `at` below" above: a head only this task writes.
-        None => unsafe { sk.at(koff, krs)? },
-    };
-    for r in 0..rep {
-        let (qoff, qrs) = cx.dm.head(cx.layout, bi, g * rep + r, h);
-        let qh = load(q, (qoff, qrs), cx.rope, &mut qr, d);
-        let mut dqh = match cx.rope {
-            Some(_) => MatMut::new(&mut dqr, d),
-            // SAFETY: see "every `at` below" above: a head only this task writes.
-            None => unsafe { sq.at(qoff, qrs)? },
+    }
+}
+
+/// Probabilities of the block's queries from raw scores (rows of stride `t`) and their
+/// logsumexp `lse[r]`.
+#[target_feature(enable = "avx512f")]
+fn probs_block(p: &mut [f32], t: usize, b: Block, bias: &[f32], scale: f32, lse: &[f64]) {
+    for (r, row) in p.chunks_exact_mut(t).take(b.nq).enumerate() {
+        let i = b.i0 + r;
+        probs_from_lse_row(&mut row[..b.i1], i, &bias[..b.i1], scale, lse[r]);
+    }
+}
+
+/// dS of the block's queries in place over dP (rows of stride `t`).
+#[target_feature(enable = "avx512f")]
+fn softmax_grad_block(p: &[f32], dp: &mut [f32], t: usize, b: Block, scale: f32) {
+    for (r, (pr, dr)) in p
+        .chunks_exact(t)
+        .zip(dp.chunks_exact_mut(t))
+        .take(b.nq)
+        .enumerate()
+    {
+        softmax_grad_row(&pr[..b.i1], &mut dr[..b.i1], b.i0 + r, scale);
+    }
+}
+
+// SAFETY (every `unsafe` call in this impl): the functions called are safe apart from needing
+// avx512f, which the CPU has: a `Steps` exists only where `available()` said so.
+impl BwdSteps<f32> for Steps {
+    type Kv<'a> = KvPacked<'a>;
+
+    fn kv<'a>(&self, k: Mat<'a, f32>, v: Mat<'a, f32>, valid: Option<&'a [bool]>) -> KvPacked<'a> {
+        KvPacked {
+            kt: pack_t(k.data, k.rs, self.t, self.d),
+            vt: pack_t(v.data, v.rs, self.t, self.d),
+            k: b_op(k),
+            bias: key_bias(valid, self.t),
+        }
+    }
+
+    fn ld(&self, _b: Block, t: usize) -> usize {
+        t
+    }
+
+    fn scores(&self, kv: &KvPacked<'_>, s: &mut [f32], q: Mat<'_, f32>, b: Block) -> Result<()> {
+        let (t, d) = (self.t, self.d);
+        let causal = |_: usize, r1: usize| (b.i0 + r1, 0, d);
+        let c = MatMut::new(s, t);
+        // SAFETY: avx512f (see the impl).
+        unsafe {
+            product(
+                c,
+                b.nq,
+                b.i1,
+                d,
+                a_op(q),
+                self.packed(&kv.kt),
+                false,
+                causal,
+            )
+        }
+    }
+
+    fn probs(&self, kv: &KvPacked<'_>, p: &mut [f32], b: Block, lse: &[f64]) {
+        // SAFETY: avx512f (see the impl).
+        unsafe { probs_block(p, self.t, b, &kv.bias, self.scale, lse) }
+    }
+
+    fn dv(
+        &self,
+        dv: &mut MatMut<'_, f32>,
+        p: &[f32],
+        go: Mat<'_, f32>,
+        b: Block,
+        first: bool,
+    ) -> Result<()> {
+        // SAFETY: avx512f (see the impl).
+        unsafe { key_grad(dv, p, self.t, b_op(go), (b.i0, b.i1), self.d, first) }
+    }
+
+    fn dp(&self, kv: &KvPacked<'_>, dp: &mut [f32], go: Mat<'_, f32>, b: Block) -> Result<()> {
+        let (t, d) = (self.t, self.d);
+        let causal = |_: usize, r1: usize| (b.i0 + r1, 0, d);
+        let c = MatMut::new(dp, t);
+        // SAFETY: avx512f (see the impl).
+        unsafe {
+            product(
+                c,
+                b.nq,
+                b.i1,
+                d,
+                a_op(go),
+                self.packed(&kv.vt),
+                false,
+                causal,
+            )
+        }
+    }
+
+    fn ds(&self, p: &[f32], dp: &mut [f32], b: Block) {
+        // SAFETY: avx512f (see the impl).
+        unsafe { softmax_grad_block(p, dp, self.t, b, self.scale) }
+    }
+
+    fn dq(&self, kv: &KvPacked<'_>, dq: &mut MatMut<'_, f32>, ds: &[f32], b: Block) -> Result<()> {
+        let (t, d) = (self.t, self.d);
+        let dsa = AOp {
+            data: ds,
+            rs: t,
+            cs: 1,
         };
-        let lse = &lse[r * t..(r + 1) * t];
-        for i0 in (0..t).step_by(QBLOCK) {
-            let (i1, nq) = ((i0 + QBLOCK).min(t), QBLOCK.min(t - i0));
-            let qa = AOp {
-                data: &qh.data[i0 * qh.rs..],
-                rs: qh.rs,
-                cs: 1,
-            };
-            let ga = AOp {
-                data: &go[qoff + i0 * qrs..],
-                rs: qrs,
-                cs: 1,
-            };
-            let causal = |_: usize, r1: usize| (i0 + r1, 0, d);
-            product(MatMut::new(&mut p, t), nq, i1, d, qa, ktb, false, causal)?;
-            for (r, row) in p.chunks_exact_mut(t).take(nq).enumerate() {
-                let i = i0 + r;
-                probs_from_lse_row(&mut row[..i1], i, &bias[..i1], cx.scale, lse[i]);
-            }
-            // dV[..i1] += Pᵀ dO
-            let gb = BOp {
-                data: ga.data,
-                rs: qrs,
-                ps: NR,
-            };
-            key_grad(&mut dvh, &p, t, gb, (i0, i1), d, r == 0)?;
-            // dP = dO Vᵀ; dS = scale · P ⊙ (dP − Σ_j P dP)
-            product(MatMut::new(&mut dp, t), nq, i1, d, ga, vtb, false, causal)?;
-            for (r, (pr, dr)) in p
-                .chunks_exact(t)
-                .zip(dp.chunks_exact_mut(t))
-                .take(nq)
-                .enumerate()
-            {
-                softmax_grad_row(&pr[..i1], &mut dr[..i1], i0 + r, cx.scale);
-            }
-            // dQ = dS K; dK[..i1] += dSᵀ Q
-            let dsa = AOp {
-                data: &dp,
-                rs: t,
-                cs: 1,
-            };
-            product(dqh.skip_rows(i0)?, nq, d, i1, dsa, kb, false, |_, r1| {
-                (d, 0, i0 + r1)
-            })?;
-            let qb = BOp {
-                data: qa.data,
-                rs: qa.rs,
-                ps: NR,
-            };
-            key_grad(&mut dkh, &dp, t, qb, (i0, i1), d, r == 0)?;
-        }
-        if let Some(tb) = cx.rope {
-            // SAFETY: see "every `at` below" above: a head only this task writes.
-            unrotate(&dqr, unsafe { sq.at(qoff, qrs)? }, tb, d)?;
+        let c = dq.skip_rows(b.i0)?;
+        // SAFETY: avx512f (see the impl).
+        unsafe {
+            product(c, b.nq, d, b.i1, dsa, kv.k, false, |_, r1| {
+                (d, 0, b.i0 + r1)
+            })
         }
     }
-    if let Some(tb) = cx.rope {
-        // SAFETY: see "every `at` below" above: a head only this task writes.
-        unrotate(&dkr, unsafe { sk.at(koff, krs)? }, tb, d)?;
+
+    fn dk(
+        &self,
+        dk: &mut MatMut<'_, f32>,
+        ds: &[f32],
+        q: Mat<'_, f32>,
+        b: Block,
+        first: bool,
+    ) -> Result<()> {
+        // SAFETY: avx512f (see the impl).
+        unsafe { key_grad(dk, ds, self.t, b_op(q), (b.i0, b.i1), self.d, first) }
     }
-    Ok(())
 }

@@ -584,86 +584,268 @@ impl AttentionOp {
         self.bwd_generic(dm, [q, k, v, go], lse, rope)
     }
 
-    /// [`Self::bwd_heads`] for any [`Elem`] through the `gemm` crate.
+    /// [`Self::bwd_heads`] for any [`Elem`]: the [`bwd_task`] skeleton with [`GenericSteps`].
     fn bwd_generic<T: Elem>(
         &self,
         dm: Dims,
-        [q, k, v, go]: [&[T]; 4],
+        x: [&[T]; 4],
         lse: &[f64],
         rope: Option<Tables<'_, T>>,
     ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
-        let Dims { h, hkv, t, d, .. } = dm;
-        let rep = h / hkv;
-        let scale = T::from_f64(self.scale);
+        let [q, k, v, _] = x;
+        // Zeroed: the generic dK/dV steps always accumulate (they ignore `first`).
         let mut dq = vec![T::ZERO; q.len()];
         let mut dk = vec![T::ZERO; k.len()];
         let mut dv = vec![T::ZERO; v.len()];
-        if t * d == 0 {
-            return Ok((dq, dk, dv));
+        if dm.t * dm.d > 0 {
+            let steps = GenericSteps {
+                scale: T::from_f64(self.scale),
+                d: dm.d,
+            };
+            self.bwd_tasks(&steps, dm, x, lse, rope, [&mut dq, &mut dk, &mut dv])?;
         }
-        let (sq, sk, sv) = (
-            SharedOut::new(&mut dq),
-            SharedOut::new(&mut dk),
-            SharedOut::new(&mut dv),
-        );
-        lse.par_chunks(rep * t)
-            .enumerate()
-            .try_for_each(|(task, lse)| -> Result<()> {
-                let (bi, g) = (task / hkv, task % hkv);
-                let kv = self.key_valid(bi, t);
-                let (mut kr, mut qr) = (rope_scratch(rope, dm), rope_scratch(rope, dm));
-                let (mut dkr, mut dqr) = (rope_scratch(rope, dm), rope_scratch(rope, dm));
-                let mut p = vec![T::ZERO; QBLOCK.min(t) * t];
-                let mut dp = vec![T::ZERO; QBLOCK.min(t) * t];
-                let (koff, krs) = dm.head(self.layout, bi, g, hkv);
-                let kh = load(k, (koff, krs), rope, &mut kr, d);
-                let vh = mat(&v[koff..], krs, 1);
-                // SAFETY: (every `at` below) this task is the only one that writes kv head g of
-                // batch bi and its query heads g·rep..(g+1)·rep.
-                let mut dvh = unsafe { sv.at(koff, krs)? };
-                // With rope, gradients w.r.t. the rotated q/k collect in scratch first.
-                let mut dkh = match rope {
-                    Some(_) => MatMut::new(&mut dkr, d),
-                    // SAFETY: see "every `at` below" above: a head only this task writes.
-                    None => unsafe { sk.at(koff, krs)? },
-                };
-                for r in 0..rep {
-                    let (qoff, qrs) = dm.head(self.layout, bi, g * rep + r, h);
-                    let qh = load(q, (qoff, qrs), rope, &mut qr, d);
-                    let gh = mat(&go[qoff..], qrs, 1);
-                    let mut dqh = match rope {
-                        Some(_) => MatMut::new(&mut dqr, d),
-                        // SAFETY: see "every `at` below" above: a head only this task writes.
-                        None => unsafe { sq.at(qoff, qrs)? },
-                    };
-                    let lse = &lse[r * t..(r + 1) * t];
-                    for i0 in (0..t).step_by(QBLOCK) {
-                        let (i1, nq) = ((i0 + QBLOCK).min(t), QBLOCK.min(t - i0));
-                        let (p, dp) = (&mut p[..nq * i1], &mut dp[..nq * i1]);
-                        let (qb, gb) = (qh.skip_rows(i0), gh.skip_rows(i0));
-                        gemm(MatMut::new(p, i1), nq, i1, d, qb, kh.t(), false)?;
-                        probs_from_lse(p, i1, i0, scale, kv, &lse[i0..i1]);
-                        // dV[..i1] += Pᵀ dO
-                        gemm(dvh.skip_rows(0)?, i1, d, nq, mat(p, 1, i1), gb, true)?;
-                        // dP = dO Vᵀ; dS = scale · P ⊙ (dP − Σ_j P dP)
-                        gemm(MatMut::new(dp, i1), nq, i1, d, gb, vh.t(), false)?;
-                        softmax_grad(p, dp, i1, scale);
-                        // dQ = dS K; dK[..i1] += dSᵀ Q
-                        gemm(dqh.skip_rows(i0)?, nq, d, i1, mat(dp, i1, 1), kh, false)?;
-                        gemm(dkh.skip_rows(0)?, i1, d, nq, mat(dp, 1, i1), qb, true)?;
-                    }
-                    if let Some(tb) = rope {
-                        // SAFETY: see "every `at` below" above: a head only this task writes.
-                        unrotate(&dqr, unsafe { sq.at(qoff, qrs)? }, tb, d)?;
-                    }
-                }
-                if let Some(tb) = rope {
-                    // SAFETY: see "every `at` below" above: a head only this task writes.
-                    unrotate(&dkr, unsafe { sk.at(koff, krs)? }, tb, d)?;
-                }
-                Ok(())
-            })?;
         Ok((dq, dk, dv))
+    }
+
+    /// Runs [`bwd_task`] with `steps` for every task (one per batch and kv head, in parallel),
+    /// writing dq, dk, dv (q, k, v's lengths and layout).
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_tasks<T: Elem, S: BwdSteps<T>>(
+        &self,
+        steps: &S,
+        dm: Dims,
+        x: [&[T]; 4],
+        lse: &[f64],
+        rope: Option<Tables<'_, T>>,
+        [dq, dk, dv]: [&mut [T]; 3],
+    ) -> Result<()> {
+        let Dims { h, hkv, t, .. } = dm;
+        let out = [
+            &SharedOut::new(dq),
+            &SharedOut::new(dk),
+            &SharedOut::new(dv),
+        ];
+        let cx = TaskCx {
+            dm,
+            layout: self.layout,
+            rope,
+        };
+        lse.par_chunks(h / hkv * t)
+            .enumerate()
+            .try_for_each(|(task, lse)| {
+                let (bi, g) = (task / hkv, task % hkv);
+                bwd_task(steps, &cx, x, self.key_valid(bi, t), (bi, g), lse, out)
+            })
+    }
+}
+
+/// What every attention task needs besides its data: dims, head layout, rope tables.
+struct TaskCx<'a, T> {
+    dm: Dims,
+    layout: HeadLayout,
+    rope: Option<Tables<'a, T>>,
+}
+
+/// Query block `i0 .. i1` (`nq` rows) of the causal loop: it sees keys `0 .. i1` only.
+#[derive(Clone, Copy)]
+struct Block {
+    i0: usize,
+    i1: usize,
+    nq: usize,
+}
+
+/// The per-step kernels of the attention backward. [`bwd_task`] is its one decomposition;
+/// each path provides only how a step is computed: [`GenericSteps`] (the `gemm` crate and
+/// [`Elem`] loops, any element type) and `fast::Steps` (AVX-512 micro-kernels, f32).
+///
+/// For each query block, with P and dP/dS in `[nq, ·]` scratch of row stride [`Self::ld`]:
+/// [`scores`](Self::scores) S = Q·Kᵀ → [`probs`](Self::probs) P from the saved logsumexp →
+/// [`dv`](Self::dv) dV += Pᵀ·dO → [`dp`](Self::dp) dP = dO·Vᵀ →
+/// [`ds`](Self::ds) dS = scale · P ⊙ (dP − Σ_j P dP) → [`dq`](Self::dq) dQ = dS·K →
+/// [`dk`](Self::dk) dK += dSᵀ·Q. Key-side gradients (dV, dK) only get rows `0 .. i1`; with
+/// `first` (the task's first query head) rows `i0 .. i1` are written for the first time, so
+/// a step may overwrite them instead of accumulating.
+trait BwdSteps<T: Elem>: Sync {
+    /// A task's K and V heads (and key mask) in the form this path's products read.
+    type Kv<'a>;
+    fn kv<'a>(&self, k: Mat<'a, T>, v: Mat<'a, T>, valid: Option<&'a [bool]>) -> Self::Kv<'a>;
+    /// Row stride of the block scratch for block `b` of `t` queries.
+    fn ld(&self, b: Block, t: usize) -> usize;
+    fn scores(&self, kv: &Self::Kv<'_>, s: &mut [T], q: Mat<'_, T>, b: Block) -> Result<()>;
+    fn probs(&self, kv: &Self::Kv<'_>, p: &mut [T], b: Block, lse: &[f64]);
+    fn dv(
+        &self,
+        dv: &mut MatMut<'_, T>,
+        p: &[T],
+        go: Mat<'_, T>,
+        b: Block,
+        first: bool,
+    ) -> Result<()>;
+    fn dp(&self, kv: &Self::Kv<'_>, dp: &mut [T], go: Mat<'_, T>, b: Block) -> Result<()>;
+    fn ds(&self, p: &[T], dp: &mut [T], b: Block);
+    fn dq(&self, kv: &Self::Kv<'_>, dq: &mut MatMut<'_, T>, ds: &[T], b: Block) -> Result<()>;
+    fn dk(
+        &self,
+        dk: &mut MatMut<'_, T>,
+        ds: &[T],
+        q: Mat<'_, T>,
+        b: Block,
+        first: bool,
+    ) -> Result<()>;
+}
+
+/// Backward of one task: kv head `g` of batch `bi` and its query heads (dQ of those, dK and
+/// dV of the kv head), written into `[dq, dk, dv]` in their final layout. With rope, q and k
+/// are rotated into scratch, their gradients collect in scratch and are un-rotated at the end.
+#[allow(clippy::too_many_arguments)]
+fn bwd_task<T: Elem, S: BwdSteps<T>>(
+    steps: &S,
+    cx: &TaskCx<'_, T>,
+    [q, k, v, go]: [&[T]; 4],
+    valid: Option<&[bool]>,
+    (bi, g): (usize, usize),
+    lse: &[f64],
+    [sq, sk, sv]: [&SharedOut<'_, T>; 3],
+) -> Result<()> {
+    let (dm, rope) = (cx.dm, cx.rope);
+    let Dims { h, hkv, t, d, .. } = dm;
+    let rep = h / hkv;
+    let (mut kr, mut qr) = (rope_scratch(rope, dm), rope_scratch(rope, dm));
+    let (mut dkr, mut dqr) = (rope_scratch(rope, dm), rope_scratch(rope, dm));
+    let mut p = vec![T::ZERO; QBLOCK.min(t) * t];
+    let mut dp = vec![T::ZERO; QBLOCK.min(t) * t];
+    let (koff, krs) = dm.head(cx.layout, bi, g, hkv);
+    let kh = load(k, (koff, krs), rope, &mut kr, d);
+    let kvh = steps.kv(kh, mat(&v[koff..], krs, 1), valid);
+    // SAFETY: (every `at` below) this task is the only one that writes kv head g of batch bi
+    // and its query heads g·rep .. (g+1)·rep.
+    let mut dvh = unsafe { sv.at(koff, krs)? };
+    let mut dkh = match rope {
+        Some(_) => MatMut::new(&mut dkr, d),
+        // SAFETY: see "every `at` below" above: a head only this task writes.
+        None => unsafe { sk.at(koff, krs)? },
+    };
+    for r in 0..rep {
+        let (qoff, qrs) = dm.head(cx.layout, bi, g * rep + r, h);
+        let qh = load(q, (qoff, qrs), rope, &mut qr, d);
+        let gh = mat(&go[qoff..], qrs, 1);
+        let mut dqh = match rope {
+            Some(_) => MatMut::new(&mut dqr, d),
+            // SAFETY: see "every `at` below" above: a head only this task writes.
+            None => unsafe { sq.at(qoff, qrs)? },
+        };
+        let lse = &lse[r * t..(r + 1) * t];
+        for i0 in (0..t).step_by(QBLOCK) {
+            let (i1, nq) = ((i0 + QBLOCK).min(t), QBLOCK.min(t - i0));
+            let b = Block { i0, i1, nq };
+            let n = nq * steps.ld(b, t);
+            let (p, dp) = (&mut p[..n], &mut dp[..n]);
+            let (qb, gb, first) = (qh.skip_rows(i0), gh.skip_rows(i0), r == 0);
+            steps.scores(&kvh, p, qb, b)?;
+            steps.probs(&kvh, p, b, &lse[i0..i1]);
+            steps.dv(&mut dvh, p, gb, b, first)?;
+            steps.dp(&kvh, dp, gb, b)?;
+            steps.ds(p, dp, b);
+            steps.dq(&kvh, &mut dqh, dp, b)?;
+            steps.dk(&mut dkh, dp, qb, b, first)?;
+        }
+        if let Some(tb) = rope {
+            // SAFETY: see "every `at` below" above: a head only this task writes.
+            unrotate(&dqr, unsafe { sq.at(qoff, qrs)? }, tb, d)?;
+        }
+    }
+    if let Some(tb) = rope {
+        // SAFETY: see "every `at` below" above: a head only this task writes.
+        unrotate(&dkr, unsafe { sk.at(koff, krs)? }, tb, d)?;
+    }
+    Ok(())
+}
+
+/// The [`BwdSteps`] of any [`Elem`]: `gemm` crate products over compact `[nq, i1]` scratch,
+/// causal skipping per query block, [`Elem`] softmax loops. dK and dV always accumulate (their
+/// buffers start zeroed).
+struct GenericSteps<T> {
+    scale: T,
+    /// Head dim D.
+    d: usize,
+}
+
+/// A task's K and V heads as strided views, and its key mask.
+struct KvHeads<'a, T> {
+    k: Mat<'a, T>,
+    v: Mat<'a, T>,
+    valid: Option<&'a [bool]>,
+}
+
+impl<T: Elem> BwdSteps<T> for GenericSteps<T> {
+    type Kv<'a> = KvHeads<'a, T>;
+
+    fn kv<'a>(&self, k: Mat<'a, T>, v: Mat<'a, T>, valid: Option<&'a [bool]>) -> KvHeads<'a, T> {
+        KvHeads { k, v, valid }
+    }
+
+    fn ld(&self, b: Block, _t: usize) -> usize {
+        b.i1
+    }
+
+    fn scores(&self, kv: &KvHeads<'_, T>, s: &mut [T], q: Mat<'_, T>, b: Block) -> Result<()> {
+        gemm(MatMut::new(s, b.i1), b.nq, b.i1, self.d, q, kv.k.t(), false)
+    }
+
+    fn probs(&self, kv: &KvHeads<'_, T>, p: &mut [T], b: Block, lse: &[f64]) {
+        probs_from_lse(p, b.i1, b.i0, self.scale, kv.valid, lse);
+    }
+
+    fn dv(&self, dv: &mut MatMut<'_, T>, p: &[T], go: Mat<'_, T>, b: Block, _: bool) -> Result<()> {
+        gemm(
+            dv.skip_rows(0)?,
+            b.i1,
+            self.d,
+            b.nq,
+            mat(p, 1, b.i1),
+            go,
+            true,
+        )
+    }
+
+    fn dp(&self, kv: &KvHeads<'_, T>, dp: &mut [T], go: Mat<'_, T>, b: Block) -> Result<()> {
+        gemm(
+            MatMut::new(dp, b.i1),
+            b.nq,
+            b.i1,
+            self.d,
+            go,
+            kv.v.t(),
+            false,
+        )
+    }
+
+    fn ds(&self, p: &[T], dp: &mut [T], b: Block) {
+        softmax_grad(p, dp, b.i1, self.scale);
+    }
+
+    fn dq(&self, kv: &KvHeads<'_, T>, dq: &mut MatMut<'_, T>, ds: &[T], b: Block) -> Result<()> {
+        gemm(
+            dq.skip_rows(b.i0)?,
+            b.nq,
+            self.d,
+            b.i1,
+            mat(ds, b.i1, 1),
+            kv.k,
+            false,
+        )
+    }
+
+    fn dk(&self, dk: &mut MatMut<'_, T>, ds: &[T], q: Mat<'_, T>, b: Block, _: bool) -> Result<()> {
+        gemm(
+            dk.skip_rows(0)?,
+            b.i1,
+            self.d,
+            b.nq,
+            mat(ds, 1, b.i1),
+            q,
+            true,
+        )
     }
 }
 
@@ -724,7 +906,8 @@ impl AttentionOp {
         Some(res.map(|()| (out, lse)))
     }
 
-    /// [`Self::bwd_heads`] on the f32 AVX-512 path (None when it does not apply).
+    /// [`Self::bwd_heads`] on the f32 AVX-512 path: the [`bwd_task`] skeleton with
+    /// `fast::Steps` (None when it does not apply).
     #[allow(clippy::type_complexity)]
     fn bwd_fast<T: Elem>(
         &self,
@@ -733,9 +916,9 @@ impl AttentionOp {
         lse: &[f64],
         rope: Option<Tables<'_, T>>,
     ) -> Option<Result<(Vec<T>, Vec<T>, Vec<T>)>> {
-        let cx = self.fast_cx(dm, rope)?;
+        let steps = fast::Steps::new(self.scale as f32, dm)?;
+        let rope = f32_tables(rope)?;
         let x = [T::as_f32(q)?, T::as_f32(k)?, T::as_f32(v)?, T::as_f32(go)?];
-        let Dims { h, hkv, t, .. } = dm;
         // SAFETY: every element is written before it is read or returned (lengths checked in
         // `backward_slices`; the tasks cover every batch and head, as in `fwd_fast`). dQ: each
         // query block overwrites all D columns of its rows, or with rope `unrotate` writes the
@@ -751,19 +934,12 @@ impl AttentionOp {
                 output_buffer::<T>(v.len()),
             )
         };
-        let res = {
-            let sq = SharedOut::new(T::as_f32_mut(&mut dq)?);
-            let sk = SharedOut::new(T::as_f32_mut(&mut dk)?);
-            let sv = SharedOut::new(T::as_f32_mut(&mut dv)?);
-            lse.par_chunks(h / hkv * t)
-                .enumerate()
-                .try_for_each(|(task, lse)| {
-                    let (bi, g) = (task / hkv, task % hkv);
-                    let kv = self.key_valid(bi, t);
-                    // SAFETY: the CPU has avx512f (`fast_cx` checked it).
-                    unsafe { fast::bwd_task(&cx, x, kv, (bi, g), lse, [&sq, &sk, &sv]) }
-                })
-        };
+        let out = [
+            T::as_f32_mut(&mut dq)?,
+            T::as_f32_mut(&mut dk)?,
+            T::as_f32_mut(&mut dv)?,
+        ];
+        let res = self.bwd_tasks(&steps, dm, x, lse, rope, out);
         Some(res.map(|()| (dq, dk, dv)))
     }
 }
