@@ -41,8 +41,8 @@ fn main() -> anyhow::Result<()> {
         name: "example-grid".into(),
         prefix: "example-".into(),
         metric: metric.into(),
-        prompt_weights: vec![0.0, 0.5],
-        response_weights: vec![0.5, 1.0],
+        prompt_weights: vec![0.0.into(), 0.5.into()],
+        response_weights: vec![0.5.into(), 1.0.into()],
     };
     let plan = SweepPlan::new(&grid, &cfg, &base, &data)?;
     plan.write_or_match(&registry, &data)?;

@@ -451,3 +451,52 @@ fn examples_run_on_the_tiny_model() {
     let out = run("custom_role_weights", &[model.as_os_str()]);
     assert!(out.contains("system 0, user 0.1, response 1"), "{out}");
 }
+
+#[test]
+fn weight_schedules_train_sweep_and_show() {
+    let dir = Dir::tiny();
+    train(
+        &dir,
+        "sched",
+        &[
+            "--prompt-weight-schedule",
+            "step:1->0@0.5",
+            "--response-weight",
+            "1",
+        ],
+    );
+    let show = dir.cmd(&["adapters", "show", "sched"]).stdout();
+    assert!(
+        show.contains("prompt step:1->0@0.5 (ended at 0) / response 1"),
+        "{show}"
+    );
+    let out = dir
+        .cmd_with_model(&[
+            "sweep",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--rank",
+            "2",
+        ])
+        .args([
+            "--prompt-weights",
+            "linear:1->0,0",
+            "--response-weights",
+            "1",
+            "--data",
+        ])
+        .arg(dir.data())
+        .all_output();
+    assert!(
+        out.contains("wit-plin1to0-r1") && out.contains("wit-p0-r1"),
+        "{out}"
+    );
+    let list = dir.cmd(&["adapters", "list"]).stdout();
+    assert!(list.contains("linear:1->0/1"), "{list}");
+    let err = dir
+        .cmd_with_model(&["train", "--prompt-weight-schedule", "linear:1"])
+        .fails_with(2);
+    assert!(err.contains("expected constant, linear:A->B"), "{err}");
+}

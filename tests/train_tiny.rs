@@ -267,8 +267,8 @@ fn a_stopped_sweep_resumes_and_skips_finished_cells() {
         name: "t-grid".into(),
         prefix: "t-".into(),
         metric: "response_loss".into(),
-        prompt_weights: vec![0.0, 0.5],
-        response_weights: vec![0.0, 1.0],
+        prompt_weights: vec![0.0.into(), 0.5.into()],
+        response_weights: vec![0.0.into(), 1.0.into()],
     };
     let plan = SweepPlan::new(&grid, &cfg, &base, &data).unwrap();
     assert_eq!(plan.cells.len(), 3, "(0, 0) has no loss and no cell");
@@ -373,4 +373,113 @@ fn eval_of_a_trained_adapter_equals_the_trainers_own_eval() {
         .find_map(|l| l.eval_response_loss)
         .unwrap();
     assert_eq!(last_eval, logged);
+}
+
+/// The train losses of a finished run, step by step.
+fn train_losses(registry: &Path, name: &str) -> Vec<f64> {
+    metrics(registry, name)
+        .iter()
+        .filter_map(|m| m.loss)
+        .collect()
+}
+
+#[test]
+fn weight_schedules_weigh_each_step_and_resume_byte_identical() {
+    use peft_wit::train::WeightSchedule;
+    // step:1->0@0.5 over 4 steps: steps 1-2 weigh the prompt 1 (as a fixed λp = 1 run does),
+    // steps 3-4 weigh it 0.
+    let fixed = tempfile::tempdir().unwrap();
+    let mut one = config(4);
+    one.lora_dropout = 0.0;
+    one.prompt_weight = 1.0;
+    run(fixed.path(), &one, &RunOptions::default()).unwrap();
+    let scheduled = tempfile::tempdir().unwrap();
+    let mut sched = one.clone();
+    sched.prompt_weight_schedule = "step:1->0@0.5".parse::<WeightSchedule>().unwrap();
+    run(scheduled.path(), &sched, &RunOptions::default()).unwrap();
+    let (a, b) = (
+        train_losses(fixed.path(), "tiny"),
+        train_losses(scheduled.path(), "tiny"),
+    );
+    assert_eq!(a[..2], b[..2], "the first half weighs the prompt as λp = 1");
+    assert_ne!(a[2], b[2], "the second half weighs the prompt 0");
+
+    // A schedule that stays put equals the fixed weight, byte for byte.
+    let flat = tempfile::tempdir().unwrap();
+    let mut same = one.clone();
+    same.prompt_weight_schedule = "linear:1->1".parse().unwrap();
+    run(flat.path(), &same, &RunOptions::default()).unwrap();
+    assert_eq!(
+        adapter_bytes(fixed.path(), "tiny"),
+        adapter_bytes(flat.path(), "tiny")
+    );
+
+    // Stopped mid-schedule and resumed: the same adapter as an uninterrupted run.
+    let mut lin = config(6);
+    lin.prompt_weight_schedule = "linear:1->0".parse().unwrap();
+    lin.response_weight_schedule = "cosine:0.5->1".parse().unwrap();
+    let whole = tempfile::tempdir().unwrap();
+    run(whole.path(), &lin, &RunOptions::default()).unwrap();
+    let parts = tempfile::tempdir().unwrap();
+    let stopping = RunOptions {
+        stop: Arc::new(AtomicBool::new(true)),
+        ..RunOptions::default()
+    };
+    for expected in [1, 2, 3] {
+        let opts = RunOptions {
+            resume: expected > 1,
+            ..stopping.clone()
+        };
+        match run(parts.path(), &lin, &opts).unwrap() {
+            TrainOutcome::Interrupted { step, .. } => assert_eq!(step, expected),
+            other => panic!("{other:?}"),
+        }
+    }
+    let resume = RunOptions {
+        resume: true,
+        ..RunOptions::default()
+    };
+    run(parts.path(), &lin, &resume).unwrap();
+    assert_eq!(
+        adapter_bytes(whole.path(), "tiny"),
+        adapter_bytes(parts.path(), "tiny")
+    );
+    // The sidecar records the schedules and the weights training ended with.
+    let meta = peft_wit::registry::AdapterMeta::read(&whole.path().join("tiny")).unwrap();
+    assert_eq!(
+        meta.loss.prompt_weight_schedule.as_deref(),
+        Some("linear:1->0")
+    );
+    assert_eq!(
+        meta.loss.response_weight_schedule.as_deref(),
+        Some("cosine:0.5->1")
+    );
+    assert_eq!(meta.loss.prompt_weight, 0.0);
+    assert_eq!(meta.loss.response_weight, 1.0);
+}
+
+#[test]
+fn a_scheduled_step_counts_the_tokens_weighted_at_that_step() {
+    // λp 0 -> 1 with λr 0 at the start would leave nothing to learn at step 1: refused up front.
+    let mut cfg = config(4);
+    cfg.prompt_weight_schedule = "linear:0->1".parse().unwrap();
+    cfg.response_weight_schedule = "step:0->1@0.5".parse().unwrap();
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("no token with a non-zero weight at the start"),
+        "{err}"
+    );
+    // Schedules need the explicit WIT weights.
+    let mut cfg = config(4);
+    cfg.loss = LossPreset::Standard;
+    cfg.prompt_weight_schedule = "linear:1->0".parse().unwrap();
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("need loss"));
+    // The default name says the schedule.
+    let mut cfg = config(4);
+    cfg.prompt_weight_schedule = "linear:1->0".parse().unwrap();
+    assert_eq!(cfg.default_name(), "wit-plin1to0-r0.8");
 }

@@ -177,6 +177,8 @@ fn entry_json(e: &EntryInfo) -> serde_json::Value {
         "base": m.map(|m| &m.base.name),
         "prompt_weight": known.map(|m| m.loss.prompt_weight),
         "response_weight": known.map(|m| m.loss.response_weight),
+        "prompt_weight_schedule": m.and_then(|m| m.loss.prompt_weight_schedule.clone()),
+        "response_weight_schedule": m.and_then(|m| m.loss.response_weight_schedule.clone()),
         "normalization": known.map(|m| m.loss.normalization),
         "rank": rank(e),
         "lora_alpha": e.peft.as_ref().map(|p| p.lora_alpha).or(m.map(|m| m.lora.lora_alpha)),
@@ -221,10 +223,14 @@ fn show(registry: &Registry, name: &str, as_json: bool) -> anyhow::Result<()> {
             ),
         ));
         let loss = if m.loss.is_known() {
+            let scheduled = |fixed: f32, schedule: &Option<String>| match schedule {
+                Some(s) => format!("{s} (ended at {fixed})"),
+                None => fixed.to_string(),
+            };
             let mut s = format!(
                 "prompt {} / response {}, {}",
-                m.loss.prompt_weight,
-                m.loss.response_weight,
+                scheduled(m.loss.prompt_weight, &m.loss.prompt_weight_schedule),
+                scheduled(m.loss.response_weight, &m.loss.response_weight_schedule),
                 normalization(m.loss.normalization)
             );
             if let Some(w) = m.loss.system_weight {
@@ -427,7 +433,14 @@ fn num(x: f64) -> String {
 
 fn weights(loss: &registry::LossInfo) -> String {
     if loss.is_known() {
-        format!("{}/{}", loss.prompt_weight, loss.response_weight)
+        let one = |fixed: f32, schedule: &Option<String>| {
+            schedule.clone().unwrap_or_else(|| fixed.to_string())
+        };
+        format!(
+            "{}/{}",
+            one(loss.prompt_weight, &loss.prompt_weight_schedule),
+            one(loss.response_weight, &loss.response_weight_schedule)
+        )
     } else {
         "?".into()
     }

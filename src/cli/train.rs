@@ -47,6 +47,13 @@ pub struct ConfigArgs {
     pub prompt_weight: Option<f32>,
     #[arg(long)]
     pub response_weight: Option<f32>,
+    /// λp over training: constant, linear:A->B, cosine:A->B or step:A->B@F (F: the share of
+    /// the steps done when it switches); implies --loss wit.
+    #[arg(long)]
+    pub prompt_weight_schedule: Option<peft_wit::train::WeightSchedule>,
+    /// λr over training, as --prompt-weight-schedule.
+    #[arg(long)]
+    pub response_weight_schedule: Option<peft_wit::train::WeightSchedule>,
     #[arg(long)]
     pub system_weight: Option<f32>,
     #[arg(long)]
@@ -130,16 +137,25 @@ impl ConfigArgs {
         if let Some(loss) = &self.loss {
             c.loss = loss.parse()?;
         }
-        if self.prompt_weight.is_some() || self.response_weight.is_some() {
+        let scheduled =
+            self.prompt_weight_schedule.is_some() || self.response_weight_schedule.is_some();
+        if self.prompt_weight.is_some() || self.response_weight.is_some() || scheduled {
             if self.loss.is_none() {
                 c.loss = LossPreset::Wit;
             }
             if c.loss != LossPreset::Wit {
-                anyhow::bail!("--prompt-weight/--response-weight need --loss wit");
+                anyhow::bail!(
+                    "--prompt-weight/--response-weight and their schedules need --loss wit"
+                );
             }
         }
         set(&mut c.prompt_weight, self.prompt_weight);
         set(&mut c.response_weight, self.response_weight);
+        set(&mut c.prompt_weight_schedule, self.prompt_weight_schedule);
+        set(
+            &mut c.response_weight_schedule,
+            self.response_weight_schedule,
+        );
         set(&mut c.system_weight, self.system_weight.map(Some));
         set(&mut c.user_weight, self.user_weight.map(Some));
         if let Some(n) = &self.normalization {

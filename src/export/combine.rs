@@ -388,6 +388,8 @@ fn combined_meta(req: &CombineRequest<'_>) -> Result<AdapterMeta> {
             system_weight: None,
             user_weight: None,
             normalization: first.map(|m| m.loss.normalization).unwrap_or_default(),
+            prompt_weight_schedule: None,
+            response_weight_schedule: None,
         },
         data: DataInfo {
             fingerprint: None,

@@ -93,6 +93,12 @@ pub struct LossInfo {
     pub system_weight: Option<f32>,
     pub user_weight: Option<f32>,
     pub normalization: crate::loss::Normalization,
+    /// How λp / λr moved during training (`linear:1->0`, ...); absent when fixed. The weights
+    /// above are then the ones training ended with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_weight_schedule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_weight_schedule: Option<String>,
 }
 
 impl LossInfo {
@@ -104,6 +110,8 @@ impl LossInfo {
             system_weight: None,
             user_weight: None,
             normalization: crate::loss::Normalization::default(),
+            prompt_weight_schedule: None,
+            response_weight_schedule: None,
         }
     }
 

@@ -18,8 +18,7 @@ use crate::eval::higher_is_better;
 use crate::fsutil::{atomic_write, atomic_write_json};
 use crate::model::BaseModel;
 use crate::registry::Registry;
-use crate::train::config::fmt_weight;
-use crate::train::{PreparedData, RunOptions};
+use crate::train::{PreparedData, RunOptions, WeightSchedule};
 use crate::{Error, Result};
 
 pub use cell::{run_cell, train_cell, CellOutcome};
@@ -27,11 +26,63 @@ pub use launch::Launcher;
 pub use plan::{GridSpec, PlannedCell, SweepPlan};
 pub use status::{cell_statuses, collect, CellState};
 
+/// One value on an axis of the grid: a fixed weight, or a schedule (`linear:1->0`) the weight
+/// follows during training. Written in JSON as a number or as the schedule's text.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AxisValue {
+    Weight(f32),
+    Schedule(WeightSchedule),
+}
+
+impl From<f32> for AxisValue {
+    fn from(w: f32) -> Self {
+        AxisValue::Weight(w)
+    }
+}
+
+impl AxisValue {
+    /// The fixed weight a config gets (for a schedule its end value, which the schedule
+    /// overrides during training).
+    pub fn weight(&self) -> f32 {
+        match self {
+            AxisValue::Weight(w) => *w,
+            AxisValue::Schedule(s) => s.ends(0.0).1,
+        }
+    }
+
+    pub fn schedule(&self) -> WeightSchedule {
+        match self {
+            AxisValue::Weight(_) => WeightSchedule::Constant,
+            AxisValue::Schedule(s) => *s,
+        }
+    }
+
+    /// The value in a cell's registry name (`0.2`, `lin1to0`).
+    pub fn name_part(&self) -> String {
+        self.schedule().name_part(self.weight())
+    }
+
+    /// Whether it is the fixed weight `w`.
+    pub fn is(&self, w: f32) -> bool {
+        *self == AxisValue::Weight(w)
+    }
+}
+
+impl std::fmt::Display for AxisValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AxisValue::Weight(w) => write!(f, "{w}"),
+            AxisValue::Schedule(s) => write!(f, "{s}"),
+        }
+    }
+}
+
 /// One cell of the grid.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SweepCell {
-    pub prompt_weight: f32,
-    pub response_weight: f32,
+    pub prompt_weight: AxisValue,
+    pub response_weight: AxisValue,
     pub name: String,
     /// `trained`, `skipped (done)`, `invalid`, or `interrupted`.
     pub status: String,
@@ -42,19 +93,21 @@ pub struct SweepCell {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SweepResult {
     pub metric: String,
-    pub prompt_weights: Vec<f32>,
-    pub response_weights: Vec<f32>,
+    pub prompt_weights: Vec<AxisValue>,
+    pub response_weights: Vec<AxisValue>,
     pub cells: Vec<SweepCell>,
     /// Name of the best cell under `metric` (lower is better for losses, higher otherwise).
     pub best: Option<String>,
     pub interrupted: bool,
 }
 
-/// Parses `0,0.2,0.4` (or `0:1:0.2` for a range with step) into weights.
-pub fn parse_weights(spec: &str) -> Result<Vec<f32>> {
+/// Parses `0,0.2,0.4` (or `0:1:0.2` for a range with step) into weights; list items may be
+/// schedules (`linear:1->0,0.2,0`).
+pub fn parse_weights(spec: &str) -> Result<Vec<AxisValue>> {
     let bad = |m: String| Error::InvalidArgument(format!("weight list `{spec}`: {m}"));
     let parts: Vec<&str> = spec.split(':').collect();
-    let values: Vec<f32> = if parts.len() == 3 {
+    let is_range = parts.len() == 3 && parts.iter().all(|p| p.trim().parse::<f64>().is_ok());
+    let values: Vec<AxisValue> = if is_range {
         let nums: Vec<f64> = parts
             .iter()
             .map(|p| p.trim().parse::<f64>().map_err(|e| bad(e.to_string())))
@@ -64,21 +117,40 @@ pub fn parse_weights(spec: &str) -> Result<Vec<f32>> {
             return Err(bad("range needs start <= end and step > 0".into()));
         }
         let n = ((end - start) / step + 1e-9).floor() as usize;
-        (0..=n).map(|i| (start + i as f64 * step) as f32).collect()
+        (0..=n)
+            .map(|i| AxisValue::Weight((start + i as f64 * step) as f32))
+            .collect()
     } else {
         spec.split(',')
-            .map(|p| p.trim().parse::<f32>().map_err(|e| bad(e.to_string())))
+            .map(|p| {
+                let p = p.trim();
+                if p.contains(':') || p == "constant" {
+                    let schedule: WeightSchedule = p.parse()?;
+                    if schedule.is_constant() {
+                        return Err(bad("`constant` needs a weight: write the number".into()));
+                    }
+                    Ok(AxisValue::Schedule(schedule))
+                } else {
+                    p.parse::<f32>()
+                        .map(AxisValue::Weight)
+                        .map_err(|e| bad(format!("`{p}`: {e}")))
+                }
+            })
             .collect::<Result<_>>()?
     };
-    if values.is_empty() || values.iter().any(|v| !v.is_finite() || *v < 0.0) {
+    let fixed_ok = |v: &AxisValue| match v {
+        AxisValue::Weight(w) => w.is_finite() && *w >= 0.0,
+        AxisValue::Schedule(_) => true,
+    };
+    if values.is_empty() || !values.iter().all(fixed_ok) {
         return Err(bad("weights must be finite and non-negative".into()));
     }
     Ok(values)
 }
 
 /// The registry name of a cell.
-pub fn cell_name(prefix: &str, p: f32, r: f32) -> String {
-    format!("{prefix}wit-p{}-r{}", fmt_weight(p), fmt_weight(r))
+pub fn cell_name(prefix: &str, p: AxisValue, r: AxisValue) -> String {
+    format!("{prefix}wit-p{}-r{}", p.name_part(), r.name_part())
 }
 
 /// A sweep run here: the plan's cells trained one after another on one loaded base.
@@ -182,8 +254,8 @@ pub fn benchmark_cells(
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct GainRow {
     pub name: String,
-    pub prompt_weight: f32,
-    pub response_weight: f32,
+    pub prompt_weight: AxisValue,
+    pub response_weight: AxisValue,
     /// Benchmark → (score, relative gain in % over the standard cell).
     pub scores: BTreeMap<String, (f64, Option<f64>)>,
     pub mean_gain: Option<f64>,
@@ -219,7 +291,7 @@ impl SweepResult {
         let standard = self
             .cells
             .iter()
-            .find(|c| c.prompt_weight == 0.0 && c.response_weight == 1.0);
+            .find(|c| c.prompt_weight.is(0.0) && c.response_weight.is(1.0));
         self.cells
             .iter()
             .filter(|c| benchmarks.iter().any(|b| c.metrics.contains_key(b)))
@@ -281,11 +353,11 @@ impl SweepResult {
             let row = self
                 .response_weights
                 .iter()
-                .position(|&r| r == cell.response_weight)?;
+                .position(|r| *r == cell.response_weight)?;
             let col = self
                 .prompt_weights
                 .iter()
-                .position(|&p| p == cell.prompt_weight)?;
+                .position(|p| *p == cell.prompt_weight)?;
             Some((row, col))
         });
         crate::plot::heatmap(
@@ -295,12 +367,12 @@ impl SweepResult {
             &self
                 .response_weights
                 .iter()
-                .map(|w| fmt_weight(*w))
+                .map(AxisValue::name_part)
                 .collect::<Vec<_>>(),
             &self
                 .prompt_weights
                 .iter()
-                .map(|w| fmt_weight(*w))
+                .map(AxisValue::name_part)
                 .collect::<Vec<_>>(),
             &self.grid(),
             best,
@@ -321,13 +393,26 @@ mod tests {
 
     #[test]
     fn weight_lists_and_ranges() {
-        assert_eq!(parse_weights("0,0.2,1").unwrap(), vec![0.0, 0.2, 1.0]);
+        let w = |v: f32| AxisValue::Weight(v);
+        assert_eq!(
+            parse_weights("0,0.2,1").unwrap(),
+            vec![w(0.0), w(0.2), w(1.0)]
+        );
         let r = parse_weights("0:1:0.2").unwrap();
         assert_eq!(r.len(), 6);
-        assert!((r[5] - 1.0).abs() < 1e-6);
+        assert!((r[5].weight() - 1.0).abs() < 1e-6);
         assert!(parse_weights("a,b").is_err());
         assert!(parse_weights("-1").is_err());
-        assert_eq!(cell_name("", 0.2, 1.0), "wit-p0.2-r1");
+        assert!(parse_weights("constant").is_err());
+        assert_eq!(cell_name("", w(0.2), w(1.0)), "wit-p0.2-r1");
+        let axis = parse_weights("linear:1->0,0.2,0").unwrap();
+        assert_eq!(axis.len(), 3);
+        assert_eq!(axis[0].to_string(), "linear:1->0");
+        assert_eq!(cell_name("", axis[0], w(1.0)), "wit-plin1to0-r1");
+        assert_eq!(
+            serde_json::to_string(&axis).unwrap(),
+            r#"["linear:1->0",0.2,0.0]"#
+        );
         assert!(!higher_is_better("response_loss"));
         assert!(higher_is_better("exact_match"));
     }
@@ -335,16 +420,16 @@ mod tests {
     #[test]
     fn relative_gains_over_the_standard_cell() {
         let cell = |p: f32, r: f32, mmlu: f64, bbh: f64| SweepCell {
-            prompt_weight: p,
-            response_weight: r,
-            name: cell_name("", p, r),
+            prompt_weight: p.into(),
+            response_weight: r.into(),
+            name: cell_name("", p.into(), r.into()),
             status: "trained".into(),
             metrics: [("mmlu".to_string(), mmlu), ("bbh".to_string(), bbh)].into(),
         };
         let result = SweepResult {
             metric: "response_loss".into(),
-            prompt_weights: vec![0.0, 0.2],
-            response_weights: vec![1.0],
+            prompt_weights: vec![0.0.into(), 0.2.into()],
+            response_weights: vec![1.0.into()],
             cells: vec![cell(0.0, 1.0, 0.40, 0.20), cell(0.2, 1.0, 0.44, 0.19)],
             best: None,
             interrupted: false,

@@ -8,12 +8,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::cell_name;
+use super::{cell_name, AxisValue};
 use crate::data::{Example, TokenizedExample};
 use crate::fsutil::{atomic_write, atomic_write_json, read_json};
 use crate::model::BaseModel;
 use crate::registry::Registry;
-use crate::train::config::fmt_weight;
 use crate::train::trainer::{config_hash, total_steps};
 use crate::train::{LossPreset, PreparedData, TrainConfig};
 use crate::{Error, Result};
@@ -30,8 +29,8 @@ const DATA_FILE: &str = "data.json";
 pub struct PlannedCell {
     pub index: usize,
     pub name: String,
-    pub prompt_weight: f32,
-    pub response_weight: f32,
+    pub prompt_weight: AxisValue,
+    pub response_weight: AxisValue,
 }
 
 /// The base every cell must load: the model as given (made absolute), and what it must hash to.
@@ -47,8 +46,8 @@ pub struct GridSpec {
     pub name: String,
     pub prefix: String,
     pub metric: String,
-    pub prompt_weights: Vec<f32>,
-    pub response_weights: Vec<f32>,
+    pub prompt_weights: Vec<AxisValue>,
+    pub response_weights: Vec<AxisValue>,
 }
 
 /// A sweep's plan: everything a cell needs besides the base's weights.
@@ -61,8 +60,8 @@ pub struct SweepPlan {
     pub prefix: String,
     /// The metric the table and heatmap rank by (held-out eval or benchmark column).
     pub metric: String,
-    pub prompt_weights: Vec<f32>,
-    pub response_weights: Vec<f32>,
+    pub prompt_weights: Vec<AxisValue>,
+    pub response_weights: Vec<AxisValue>,
     pub cells: Vec<PlannedCell>,
     /// The training config shared by every cell (each sets its own weights and name).
     pub train_config: TrainConfig,
@@ -120,7 +119,7 @@ impl SweepPlan {
         let mut cells = Vec::new();
         for &r in &grid.response_weights {
             for &p in &grid.prompt_weights {
-                if p == 0.0 && r == 0.0 {
+                if p.is(0.0) && r.is(0.0) {
                     continue;
                 }
                 cells.push(PlannedCell {
@@ -148,7 +147,7 @@ impl SweepPlan {
             let default = crate::model::resolve::default_model_path();
             config.model = Some(absolute_path(&default).display().to_string());
         }
-        Ok(SweepPlan {
+        let plan = SweepPlan {
             format_version: PLAN_FORMAT_VERSION,
             peft_wit_version: env!("CARGO_PKG_VERSION").to_string(),
             name: grid.name.clone(),
@@ -166,7 +165,14 @@ impl SweepPlan {
             data_fingerprint: data.fingerprint.clone(),
             train_examples: data.train.len(),
             created_unix: crate::fsutil::lock::unix_now(),
-        })
+        };
+        // A cell whose weights leave nothing to learn is refused before anything runs.
+        for cell in &plan.cells {
+            plan.cell_config(cell.index)?
+                .validate()
+                .map_err(|e| Error::InvalidArgument(format!("cell `{}`: {e}", cell.name)))?;
+        }
+        Ok(plan)
     }
 
     /// The config of cell `index` (its weights and registry name set).
@@ -174,8 +180,10 @@ impl SweepPlan {
         let cell = self.cell(index)?;
         let mut cfg = self.train_config.clone();
         cfg.loss = LossPreset::Wit;
-        cfg.prompt_weight = cell.prompt_weight;
-        cfg.response_weight = cell.response_weight;
+        cfg.prompt_weight = cell.prompt_weight.weight();
+        cfg.response_weight = cell.response_weight.weight();
+        cfg.prompt_weight_schedule = cell.prompt_weight.schedule();
+        cfg.response_weight_schedule = cell.response_weight.schedule();
         cfg.name = Some(cell.name.clone());
         Ok(cfg)
     }
@@ -196,14 +204,7 @@ impl SweepPlan {
         let grid: Vec<String> = self
             .cells
             .iter()
-            .map(|c| {
-                format!(
-                    "{}:{}:{}",
-                    c.name,
-                    fmt_weight(c.prompt_weight),
-                    fmt_weight(c.response_weight)
-                )
-            })
+            .map(|c| format!("{}:{}:{}", c.name, c.prompt_weight, c.response_weight))
             .collect();
         format!(
             "{}|{}|{}|{}|{}|{}",

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::optim::Schedule;
+use super::weight_schedule::WeightSchedule;
 use crate::config_value::with_key_hint;
 use crate::data::{DataFormat, OnBadRow, Truncation};
 use crate::device::DeviceSpec;
@@ -76,6 +77,11 @@ pub struct TrainConfig {
     pub loss: LossPreset,
     pub prompt_weight: f32,
     pub response_weight: f32,
+    /// λp over training (`linear:1->0`, ...); `constant` keeps `prompt_weight`. Needs `wit`.
+    #[serde(skip_serializing_if = "WeightSchedule::is_constant")]
+    pub prompt_weight_schedule: WeightSchedule,
+    #[serde(skip_serializing_if = "WeightSchedule::is_constant")]
+    pub response_weight_schedule: WeightSchedule,
     pub system_weight: Option<f32>,
     pub user_weight: Option<f32>,
     pub normalization: Normalization,
@@ -149,6 +155,8 @@ impl Default for TrainConfig {
             loss: LossPreset::Standard,
             prompt_weight: 0.0,
             response_weight: 1.0,
+            prompt_weight_schedule: WeightSchedule::Constant,
+            response_weight_schedule: WeightSchedule::Constant,
             system_weight: None,
             user_weight: None,
             normalization: Normalization::TokenCount,
@@ -200,7 +208,7 @@ impl TrainConfig {
     }
 
     /// Every key a TOML config may hold (with the older aliases), for "did you mean".
-    pub const KEYS: [&'static str; 55] = [
+    pub const KEYS: [&'static str; 57] = [
         "model",
         "base_dtype",
         "device",
@@ -219,6 +227,8 @@ impl TrainConfig {
         "loss",
         "prompt_weight",
         "response_weight",
+        "prompt_weight_schedule",
+        "response_weight_schedule",
         "system_weight",
         "user_weight",
         "normalization",
@@ -267,13 +277,32 @@ impl TrainConfig {
         }
     }
 
-    /// The registry name derived from the weights, e.g. `wit-p0.2-r0.8`.
+    /// `(λp, λr)` at optimizer step `step` (0-based) of `total`, schedules applied.
+    pub fn loss_weights_at(&self, step: usize, total: usize) -> (f32, f32) {
+        let (p, r) = self.loss_weights();
+        (
+            self.prompt_weight_schedule.weight(p, step, total),
+            self.response_weight_schedule.weight(r, step, total),
+        )
+    }
+
+    /// Whether a weight changes during training.
+    pub fn has_weight_schedule(&self) -> bool {
+        !self.prompt_weight_schedule.is_constant() || !self.response_weight_schedule.is_constant()
+    }
+
+    /// The registry name derived from the weights, e.g. `wit-p0.2-r0.8` (`wit-plin1to0-r1`
+    /// with a schedule).
     pub fn default_name(&self) -> String {
         let (p, r) = self.loss_weights();
         match self.loss {
             LossPreset::Standard => "standard".into(),
             LossPreset::Im => "im".into(),
-            LossPreset::Wit => format!("wit-p{}-r{}", fmt_weight(p), fmt_weight(r)),
+            LossPreset::Wit => format!(
+                "wit-p{}-r{}",
+                self.prompt_weight_schedule.name_part(p),
+                self.response_weight_schedule.name_part(r)
+            ),
         }
     }
 
@@ -302,8 +331,25 @@ impl TrainConfig {
                 ));
             }
         }
-        if p == 0.0 && r == 0.0 {
+        if p == 0.0 && r == 0.0 && !self.has_weight_schedule() {
             return bad("prompt_weight and response_weight are both 0: nothing to learn".into());
+        }
+        if self.has_weight_schedule() {
+            if self.loss != LossPreset::Wit {
+                return bad(
+                    "prompt_weight_schedule / response_weight_schedule need loss = \"wit\"".into(),
+                );
+            }
+            let (p0, p1) = self.prompt_weight_schedule.ends(p);
+            let (r0, r1) = self.response_weight_schedule.ends(r);
+            if (p0 == 0.0 && r0 == 0.0) || (p1 == 0.0 && r1 == 0.0) {
+                return bad(format!(
+                    "the weight schedules ({} for the prompt, {} for the response) leave no token with a non-zero weight at the {} of training",
+                    self.prompt_weight_schedule,
+                    self.response_weight_schedule,
+                    if p0 == 0.0 && r0 == 0.0 { "start" } else { "end" }
+                ));
+            }
         }
         if self.batch_size == 0 || self.grad_accum == 0 {
             return bad("batch_size and grad_accum must be positive".into());

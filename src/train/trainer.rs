@@ -237,7 +237,6 @@ struct Run<'a> {
     optimizer: AdamW,
     adapter: LoraAdapter,
     lora: LoraConfig,
-    weights: LossWeights,
     base: &'a BaseModel,
     data: &'a PreparedData,
     cfg: &'a TrainConfig,
@@ -305,13 +304,6 @@ impl<'a> Run<'a> {
             weight_decay: cfg.weight_decay,
         };
         let mut optimizer = AdamW::new(adapter.named_vars(), params)?;
-        let (lp, lr_w) = cfg.loss_weights();
-        let weights = LossWeights {
-            prompt: lp,
-            response: lr_w,
-            system: cfg.system_weight,
-            user: cfg.user_weight,
-        };
         let hash = config_hash(cfg);
 
         let mut start_step = 0;
@@ -358,7 +350,6 @@ impl<'a> Run<'a> {
             optimizer,
             adapter,
             lora,
-            weights,
             base,
             data,
             cfg,
@@ -402,13 +393,26 @@ impl<'a> Run<'a> {
         self.elapsed_before + self.started.elapsed().as_secs_f64()
     }
 
-    /// Held-out loss metrics at the adapter's current values (same data and weights every time).
+    /// The loss weights of optimizer step `step` (0-based): a pure function of the step, so a
+    /// resumed run weighs every step as an uninterrupted one does.
+    fn weights_at(&self, step: usize) -> LossWeights {
+        let (prompt, response) = self.cfg.loss_weights_at(step, self.total);
+        LossWeights {
+            prompt,
+            response,
+            system: self.cfg.system_weight,
+            user: self.cfg.user_weight,
+        }
+    }
+
+    /// Held-out loss metrics at the adapter's current values (same data every time; the WIT
+    /// loss under the weights of the step just done, or of the first step before training).
     fn eval_now(&self) -> Result<Option<LossMetrics>> {
         evaluate_losses(
             self.base,
             Some(&self.adapter),
             &self.data.eval,
-            &self.weights,
+            &self.weights_at(self.last_step.saturating_sub(1)),
             self.cfg.normalization,
             self.cfg.batch_size,
         )
@@ -420,11 +424,14 @@ impl<'a> Run<'a> {
     fn step(&mut self, step: usize) -> Result<StepResult> {
         let cfg = self.cfg;
         let step_start = Instant::now();
+        // Every micro-batch of the step shares its weights, so the denominator below counts the
+        // tokens whose weight at this step is non-zero over the whole accumulated batch.
+        let weights = self.weights_at(step);
         let micro: Vec<Batch> = (0..cfg.grad_accum)
             .map(|k| {
                 Batch::new(
                     &self.order.micro_batch(step * cfg.grad_accum + k),
-                    &self.weights,
+                    &weights,
                     self.pad,
                 )
             })
@@ -604,7 +611,9 @@ impl<'a> Run<'a> {
     fn adapter_meta(&self, metrics: BTreeMap<String, f64>, elapsed: f64) -> Result<AdapterMeta> {
         let (base, data, cfg) = (self.base, self.data, self.cfg);
         let decoder = &base.decoder;
-        let (lp, lr_w) = cfg.loss_weights();
+        // With a schedule, the weights the training ended with (the schedules are recorded too).
+        let (lp, lr_w) = cfg.loss_weights_at(self.total.saturating_sub(1), self.total);
+        let recorded = |s: &super::WeightSchedule| (!s.is_constant()).then(|| s.to_string());
         Ok(AdapterMeta {
             format_version: 1,
             name: self.name.clone(),
@@ -622,6 +631,8 @@ impl<'a> Run<'a> {
                 system_weight: cfg.system_weight,
                 user_weight: cfg.user_weight,
                 normalization: cfg.normalization,
+                prompt_weight_schedule: recorded(&cfg.prompt_weight_schedule),
+                response_weight_schedule: recorded(&cfg.response_weight_schedule),
             },
             data: DataInfo {
                 fingerprint: Some(data.fingerprint.clone()),
