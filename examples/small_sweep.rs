@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         metric: metric.into(),
         prompt_weights: vec![0.0.into(), 0.5.into()],
         response_weights: vec![0.5.into(), 1.0.into()],
+        strategy: peft_wit::sweep::Strategy::Grid,
     };
     let plan = SweepPlan::new(&grid, &cfg, &base, &data)?;
     plan.write_or_match(&registry, &data)?;

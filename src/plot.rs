@@ -111,6 +111,22 @@ pub fn heatmap(
     values: &[Vec<f64>],
     best: Option<(usize, usize)>,
 ) -> String {
+    heatmap_with_notes(title, row_label, col_label, rows, cols, values, best, &[])
+}
+
+/// [`heatmap`] with a small note under some cells' values (`notes[row][col]`, empty for none),
+/// e.g. the rung where successive halving stopped a cell.
+#[allow(clippy::too_many_arguments)]
+pub fn heatmap_with_notes(
+    title: &str,
+    row_label: &str,
+    col_label: &str,
+    rows: &[String],
+    cols: &[String],
+    values: &[Vec<f64>],
+    best: Option<(usize, usize)>,
+    notes: &[Vec<String>],
+) -> String {
     let finite = values.iter().flatten().copied().filter(|v| v.is_finite());
     let (lo, hi) = finite.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
     let cell_w = (W - 2.0 * PAD) / cols.len().max(1) as f64;
@@ -154,6 +170,19 @@ pub fn heatmap(
                 x + cell_w / 2.0,
                 y + cell_h / 2.0 + 4.0
             );
+            if let Some(note) = notes
+                .get(r)
+                .and_then(|n| n.get(c))
+                .filter(|n| !n.is_empty())
+            {
+                let _ = write!(
+                    svg,
+                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9" fill="{ink}">{}</text>"#,
+                    x + cell_w / 2.0,
+                    y + cell_h / 2.0 + 16.0,
+                    escape(note)
+                );
+            }
         }
     }
     if let Some((r, c)) = best {

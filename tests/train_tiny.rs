@@ -269,6 +269,7 @@ fn a_stopped_sweep_resumes_and_skips_finished_cells() {
         metric: "response_loss".into(),
         prompt_weights: vec![0.0.into(), 0.5.into()],
         response_weights: vec![0.0.into(), 1.0.into()],
+        strategy: peft_wit::sweep::Strategy::Grid,
     };
     let plan = SweepPlan::new(&grid, &cfg, &base, &data).unwrap();
     assert_eq!(plan.cells.len(), 3, "(0, 0) has no loss and no cell");
@@ -482,4 +483,93 @@ fn a_scheduled_step_counts_the_tokens_weighted_at_that_step() {
     let mut cfg = config(4);
     cfg.prompt_weight_schedule = "linear:1->0".parse().unwrap();
     assert_eq!(cfg.default_name(), "wit-plin1to0-r0.8");
+}
+
+#[test]
+fn successive_halving_stops_the_worse_cells_and_finishes_the_best_as_the_grid_does() {
+    use peft_wit::sweep::{GridSpec, LocalSweep, Strategy, SweepPlan};
+    let (base, data) = (tiny_base(), data());
+    let cfg = config(4);
+    let spec = |strategy| GridSpec {
+        name: "h".into(),
+        prefix: "h-".into(),
+        metric: "response_loss".into(),
+        prompt_weights: vec![0.0.into(), 1.0.into()],
+        response_weights: vec![0.5.into(), 1.0.into()],
+        strategy,
+    };
+    let sweep = |dir: &Path, strategy| {
+        let registry = Registry::open(dir).unwrap();
+        let plan = SweepPlan::new(&spec(strategy), &cfg, &base, &data).unwrap();
+        plan.write_or_match(&registry, &data).unwrap();
+        LocalSweep {
+            base: &base,
+            data: &data,
+            plan: &plan,
+            registry: &registry,
+            opts: &RunOptions::default(),
+        }
+        .run(|_, _| {})
+        .unwrap()
+    };
+    let grid_dir = tempfile::tempdir().unwrap();
+    let grid = sweep(grid_dir.path(), Strategy::Grid);
+    let halving_dir = tempfile::tempdir().unwrap();
+    let halving = sweep(halving_dir.path(), Strategy::Halving { rungs: 2, eta: 2 });
+    assert!(!halving.interrupted, "{halving:?}");
+    // Rung 1 ends at step 2: all four cells; the better two go on to step 4.
+    let stopped: Vec<&str> = halving
+        .cells
+        .iter()
+        .filter(|c| c.stopped_at_rung == Some(1))
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(stopped.len(), 2, "{halving:?}");
+    let mut tokens = (0u64, 0u64);
+    for cell in &halving.cells {
+        let meta =
+            peft_wit::registry::AdapterMeta::read(&halving_dir.path().join(&cell.name)).unwrap();
+        let grid_meta =
+            peft_wit::registry::AdapterMeta::read(&grid_dir.path().join(&cell.name)).unwrap();
+        tokens.0 += meta.tokens_seen;
+        tokens.1 += grid_meta.tokens_seen;
+        if stopped.contains(&cell.name.as_str()) {
+            assert_eq!(meta.steps, 2);
+            assert!(
+                cell.status
+                    .starts_with("stopped at rung 1 of 2 (step 2 of 4)"),
+                "{cell:?}"
+            );
+            // No leftover run folder once the sweep is over.
+            assert!(!halving_dir.path().join(".runs").join(&cell.name).exists());
+        } else {
+            // A finalist is the grid's cell, byte for byte: same schedule, data order, steps.
+            assert_eq!(meta.steps, 4);
+            assert_eq!(
+                adapter_bytes(halving_dir.path(), &cell.name),
+                adapter_bytes(grid_dir.path(), &cell.name),
+                "{}",
+                cell.name
+            );
+            assert_eq!(
+                cell.metrics,
+                grid.cells
+                    .iter()
+                    .find(|g| g.name == cell.name)
+                    .unwrap()
+                    .metrics
+            );
+        }
+    }
+    assert!(
+        tokens.0 < tokens.1,
+        "halving trained {} tokens, the grid {}",
+        tokens.0,
+        tokens.1
+    );
+    // The finalists were the best two at rung 1; the sweep's best is one of them.
+    let best = halving.best.clone().unwrap();
+    assert!(!stopped.contains(&best.as_str()));
+    let svg = halving.heatmap_svg();
+    assert!(svg.contains("stopped at rung 1"));
 }

@@ -8,7 +8,7 @@ use peft_wit::sweep::launch::{self, K8sOptions, SlurmOptions};
 use peft_wit::sweep::plan::plan_dir;
 use peft_wit::sweep::{
     benchmark_cells, cell_statuses, collect, parse_weights, run_cell, CellOutcome, CellState,
-    GridSpec, Launcher, LocalSweep, SweepPlan, SweepResult,
+    GridSpec, Launcher, LocalSweep, Strategy, SweepPlan, SweepResult,
 };
 use peft_wit::train::{prepare_data, RunOptions};
 
@@ -58,6 +58,16 @@ struct GridArgs {
     /// (default: <prefix>grid).
     #[arg(long)]
     sweep_name: Option<String>,
+    /// grid (every cell to the end) or halving (successive halving: every cell to the first
+    /// rung, the best 1/eta of them on to the next, ...). Halving runs with --launcher local.
+    #[arg(long, default_value = "grid")]
+    strategy: String,
+    /// With halving: the number of rungs (the first ends at 1/eta^(rungs-1) of the steps).
+    #[arg(long, default_value_t = 3)]
+    rungs: usize,
+    /// With halving: keep the best 1/eta of the cells at each rung.
+    #[arg(long, default_value_t = 3)]
+    eta: usize,
     /// Where the cells run: local (here, one after another), slurm (a job array), k8s (an
     /// Indexed Job manifest) or print (one command line per cell).
     #[arg(long, default_value = "local")]
@@ -186,6 +196,19 @@ fn run_grid(args: GridArgs) -> anyhow::Result<()> {
         "--log-samples and --output-path belong to `peft-wit eval --tasks ... --adapters <cells>`; a sweep keeps each cell's scores in <registry>/<cell>/{}",
         peft_wit::sweep::BENCHMARK_FILE
     );
+    let strategy = match args.strategy.as_str() {
+        "grid" => Strategy::Grid,
+        "halving" => Strategy::Halving {
+            rungs: args.rungs,
+            eta: args.eta,
+        },
+        other => anyhow::bail!("--strategy `{other}`: use grid or halving"),
+    };
+    strategy.validate()?;
+    anyhow::ensure!(
+        strategy == Strategy::Grid || args.launcher == Launcher::Local,
+        "--strategy halving runs with --launcher local for now: its rungs decide which cells go on, so a cluster would run them as waves of cells, which peft-wit does not submit yet"
+    );
     // Everything a launcher needs is checked before the model loads and the plan is written.
     match args.launcher {
         Launcher::Local => {}
@@ -223,6 +246,7 @@ fn run_grid(args: GridArgs) -> anyhow::Result<()> {
     }
     let registry = open_registry(cfg.registry.as_deref())?;
     let grid = GridSpec {
+        strategy,
         name: sweep_name,
         prefix: args.prefix.clone(),
         metric: args.metric.clone(),

@@ -5,6 +5,7 @@
 //! trained by [`cell`], and [`status`] reads where they stand from the registry alone.
 
 pub mod cell;
+pub mod halving;
 pub mod launch;
 pub mod plan;
 pub mod status;
@@ -22,6 +23,7 @@ use crate::train::{PreparedData, RunOptions, WeightSchedule};
 use crate::{Error, Result};
 
 pub use cell::{run_cell, train_cell, CellOutcome};
+pub use halving::Strategy;
 pub use launch::Launcher;
 pub use plan::{GridSpec, PlannedCell, SweepPlan};
 pub use status::{cell_statuses, collect, CellState};
@@ -84,9 +86,13 @@ pub struct SweepCell {
     pub prompt_weight: AxisValue,
     pub response_weight: AxisValue,
     pub name: String,
-    /// `trained`, `skipped (done)`, `invalid`, or `interrupted`.
+    /// `done`, `pending`, `running (...)`, `interrupted at ...`, `failed: ...`, `invalid ...`
+    /// or `stopped at rung k ...`.
     pub status: String,
     pub metrics: BTreeMap<String, f64>,
+    /// Successive halving stopped the cell at this rung (1-based); its metrics are from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at_rung: Option<usize>,
 }
 
 /// The whole grid's results.
@@ -167,6 +173,9 @@ impl LocalSweep<'_> {
     /// sweep and cluster cells can share a plan), stopping after an interrupted cell; then the
     /// table of all cells, as `sweep collect` gives it.
     pub fn run(&self, mut on_cell: impl FnMut(&PlannedCell, &CellOutcome)) -> Result<SweepResult> {
+        if let Strategy::Halving { rungs, eta } = self.plan.strategy {
+            return self.run_halving(rungs, eta, &mut on_cell);
+        }
         for cell in &self.plan.cells {
             let outcome = train_cell(
                 self.base,
@@ -360,7 +369,24 @@ impl SweepResult {
                 .position(|p| *p == cell.prompt_weight)?;
             Some((row, col))
         });
-        crate::plot::heatmap(
+        let notes: Vec<Vec<String>> = self
+            .response_weights
+            .iter()
+            .map(|r| {
+                self.prompt_weights
+                    .iter()
+                    .map(|p| {
+                        self.cells
+                            .iter()
+                            .find(|c| c.prompt_weight == *p && c.response_weight == *r)
+                            .and_then(|c| c.stopped_at_rung)
+                            .map(|k| format!("stopped at rung {k}"))
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .collect();
+        crate::plot::heatmap_with_notes(
             &format!("{} over the loss-weight grid (best outlined)", self.metric),
             "response weight λr",
             "prompt weight λp",
@@ -376,6 +402,7 @@ impl SweepResult {
                 .collect::<Vec<_>>(),
             &self.grid(),
             best,
+            &notes,
         )
     }
 
@@ -423,8 +450,9 @@ mod tests {
             prompt_weight: p.into(),
             response_weight: r.into(),
             name: cell_name("", p.into(), r.into()),
-            status: "trained".into(),
+            status: "done".into(),
             metrics: [("mmlu".to_string(), mmlu), ("bbh".to_string(), bbh)].into(),
+            stopped_at_rung: None,
         };
         let result = SweepResult {
             metric: "response_loss".into(),

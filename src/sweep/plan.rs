@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{cell_name, AxisValue};
+use super::{cell_name, AxisValue, Strategy};
 use crate::data::{Example, TokenizedExample};
 use crate::fsutil::{atomic_write, atomic_write_json, read_json};
 use crate::model::BaseModel;
@@ -48,6 +48,7 @@ pub struct GridSpec {
     pub metric: String,
     pub prompt_weights: Vec<AxisValue>,
     pub response_weights: Vec<AxisValue>,
+    pub strategy: Strategy,
 }
 
 /// A sweep's plan: everything a cell needs besides the base's weights.
@@ -62,6 +63,9 @@ pub struct SweepPlan {
     pub metric: String,
     pub prompt_weights: Vec<AxisValue>,
     pub response_weights: Vec<AxisValue>,
+    /// Every cell to the end (grid), or successive halving.
+    #[serde(default)]
+    pub strategy: Strategy,
     pub cells: Vec<PlannedCell>,
     /// The training config shared by every cell (each sets its own weights and name).
     pub train_config: TrainConfig,
@@ -116,6 +120,7 @@ impl SweepPlan {
         data: &PreparedData,
     ) -> Result<SweepPlan> {
         validate_sweep_name(&grid.name)?;
+        grid.strategy.validate()?;
         let mut cells = Vec::new();
         for &r in &grid.response_weights {
             for &p in &grid.prompt_weights {
@@ -155,6 +160,7 @@ impl SweepPlan {
             metric: grid.metric.clone(),
             prompt_weights: grid.prompt_weights.clone(),
             response_weights: grid.response_weights.clone(),
+            strategy: grid.strategy,
             cells,
             total_steps: total_steps(&config, data.train.len()),
             train_config: config,
@@ -207,10 +213,11 @@ impl SweepPlan {
             .map(|c| format!("{}:{}:{}", c.name, c.prompt_weight, c.response_weight))
             .collect();
         format!(
-            "{}|{}|{}|{}|{}|{}",
+            "{}|{}|{}|{:?}|{}|{}|{}",
             self.format_version,
             self.peft_wit_version,
             grid.join(","),
+            self.strategy,
             config_hash(&self.train_config),
             self.base.fingerprint,
             self.data_fingerprint
@@ -361,6 +368,9 @@ impl SweepPlan {
         }
         if self.cells != other.cells {
             out.push("another grid");
+        }
+        if self.strategy != other.strategy {
+            out.push("another strategy");
         }
         if self.peft_wit_version != other.peft_wit_version {
             out.push("another peft-wit version");

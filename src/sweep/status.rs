@@ -171,6 +171,7 @@ pub fn collect(registry: &Registry, plan: &SweepPlan, metric: &str) -> Result<Sw
                     name: super::cell_name(&plan.prefix, p, r),
                     status: "invalid (all weights 0)".into(),
                     metrics: BTreeMap::new(),
+                    stopped_at_rung: None,
                 });
                 continue;
             };
@@ -184,16 +185,26 @@ pub fn collect(registry: &Registry, plan: &SweepPlan, metric: &str) -> Result<Sw
                     CellState::Done { metrics } => metrics.clone(),
                     _ => BTreeMap::new(),
                 },
+                stopped_at_rung: None,
             });
         }
     }
-    Ok(SweepResult {
+    let mut result = SweepResult {
         metric: metric.to_string(),
         prompt_weights: plan.prompt_weights.clone(),
         response_weights: plan.response_weights.clone(),
         cells,
         best: None,
         interrupted: unfinished,
+    };
+    if let Some(state) = super::halving::halving_state(registry, plan) {
+        super::halving::mark_stopped(&mut result, plan, &state);
+        // A cell halving stopped is finished, not unfinished.
+        result.interrupted = result.cells.iter().any(|c| {
+            c.stopped_at_rung.is_none()
+                && !c.status.starts_with("done")
+                && !c.status.starts_with("invalid")
+        });
     }
-    .by_metric(metric))
+    Ok(result.by_metric(metric))
 }

@@ -47,6 +47,10 @@ pub struct RunOptions {
     /// to use when the config names none.
     pub tracking_tags: Vec<(String, String)>,
     pub default_experiment: Option<String>,
+    /// Train only to this optimizer step (of the config's total), then evaluate and commit the
+    /// adapter as it is there, keeping its checkpoint: a rung of successive halving. Resuming
+    /// later (with `force`, to replace the entry) continues exactly as an unbroken run.
+    pub end_at: Option<usize>,
 }
 
 impl Default for RunOptions {
@@ -58,6 +62,7 @@ impl Default for RunOptions {
             force: false,
             tracking_tags: Vec::new(),
             default_experiment: None,
+            end_at: None,
         }
     }
 }
@@ -214,7 +219,13 @@ pub fn train(
             return Ok(run.interrupt(checkpoint));
         }
     }
-    run.finish()
+    if run.last_step < run.total {
+        // Trained to `end_at` only (a rung of successive halving): evaluated and committed like
+        // a finished run, with a checkpoint kept so that the run can go on from here.
+        run.save_checkpoint()?;
+        return run.finish(true);
+    }
+    run.finish(false)
 }
 
 /// What [`Run::step`] asks of its caller.
@@ -385,7 +396,8 @@ impl<'a> Run<'a> {
     /// The steps still to run (all of them for a fresh run, those after the checkpoint for a
     /// resumed one).
     fn remaining_steps(&self) -> std::ops::Range<usize> {
-        self.last_step..self.total
+        let end = self.opts.end_at.map_or(self.total, |e| e.min(self.total));
+        self.last_step..end.max(self.last_step)
     }
 
     /// Training time so far, including the time before a resume.
@@ -536,19 +548,24 @@ impl<'a> Run<'a> {
         let stop = self.opts.stop.load(Ordering::SeqCst);
         let periodic = cfg.checkpoint_every > 0 && last_step % cfg.checkpoint_every == 0;
         if (periodic || stop) && last_step < total {
-            let state = CheckpointState {
-                step: last_step,
-                tokens_seen,
-                elapsed_s: elapsed,
-                config_hash: self.hash.clone(),
-                data_fingerprint: self.data.fingerprint.clone(),
-            };
-            let dir = checkpoint::save(&self.run_dir, &self.adapter, &self.optimizer, &state)?;
+            let dir = self.save_checkpoint()?;
             if stop {
                 return Ok(StepResult::Stopped { checkpoint: dir });
             }
         }
         Ok(StepResult::Continue)
+    }
+
+    /// A checkpoint of the run as it is now.
+    fn save_checkpoint(&self) -> Result<PathBuf> {
+        let state = CheckpointState {
+            step: self.last_step,
+            tokens_seen: self.tokens_seen,
+            elapsed_s: self.elapsed(),
+            config_hash: self.hash.clone(),
+            data_fingerprint: self.data.fingerprint.clone(),
+        };
+        checkpoint::save(&self.run_dir, &self.adapter, &self.optimizer, &state)
     }
 
     /// Ends a run stopped on request: the tracker run is marked KILLED and the progress bar
@@ -566,8 +583,9 @@ impl<'a> Run<'a> {
     }
 
     /// The final evaluation and generation scores, then the adapter staged with its sidecar and
-    /// history, committed to the registry, and the run folder removed.
-    fn finish(mut self) -> Result<TrainOutcome> {
+    /// history, committed to the registry, and the run folder removed (kept with its checkpoint
+    /// when `keep_run`: the run goes on later).
+    fn finish(mut self, keep_run: bool) -> Result<TrainOutcome> {
         self.bar.finish_and_clear();
 
         let elapsed = self.elapsed();
@@ -596,7 +614,9 @@ impl<'a> Run<'a> {
         let meta = self.adapter_meta(metrics, elapsed)?;
         let staged = self.stage_adapter(&meta)?;
         let dir = self.registry.commit(&self.name, &staged, self.opts.force)?;
-        std::fs::remove_dir_all(&self.run_dir).map_err(|e| Error::io(&self.run_dir, e))?;
+        if !keep_run {
+            std::fs::remove_dir_all(&self.run_dir).map_err(|e| Error::io(&self.run_dir, e))?;
+        }
         let mut tracker = self.log.close();
         tracker.log_artifacts(&dir);
         tracker.finish(RunStatus::Finished);
