@@ -4,6 +4,7 @@
 //! - [`model`]: the frozen base (GGUF or Hugging Face layout; dense or kept quantized).
 //! - [`lora`]: trainable low-rank adapters in PEFT's format.
 //! - [`loss`]: the weighted prompt/response loss.
+//! - [`suggest`]: a data-driven starting point for λp and λr, and a grid to sweep around it.
 //! - [`tasks`]: standard benchmarks (MMLU, BBH, GSM8K, IFEval) scored as lm-evaluation-harness does.
 
 pub mod bench;
@@ -21,6 +22,7 @@ pub mod model;
 pub mod ops;
 pub mod plot;
 pub mod registry;
+pub mod suggest;
 pub mod sweep;
 pub mod tasks;
 pub mod tokenizer;

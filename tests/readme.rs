@@ -83,6 +83,7 @@ const LOADS_MODEL: &[&str] = &[
     "merge-adapters",
     "generate",
     "bench",
+    "suggest",
 ];
 
 /// One command line of a README `bash` block: its text (continuations joined, comment and

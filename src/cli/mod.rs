@@ -9,6 +9,7 @@ mod export;
 mod generate;
 mod merge;
 mod quickstart;
+mod suggest;
 mod sweep;
 mod tasks;
 mod train;
@@ -32,6 +33,9 @@ enum Command {
     Quickstart(quickstart::Args),
     /// Train one LoRA adapter into the registry.
     Train(Box<train::Args>),
+    /// Suggest a starting (λp, λr) and a grid to sweep, from the data's token statistics, the
+    /// published findings and the registry's past sweeps.
+    Suggest(suggest::Args),
     /// Train one adapter per (λp, λr) cell of a grid, then compare them in a table and heatmap.
     Sweep(Box<sweep::Args>),
     /// Evaluate adapters (and the base) side by side on one loaded base.
@@ -55,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Quickstart(args) => quickstart::run(args),
         Command::Train(args) => train::run(*args),
+        Command::Suggest(args) => suggest::run(args),
         Command::Sweep(args) => sweep::run(*args),
         Command::Eval(args) => eval::run(*args),
         Command::Generate(args) => generate::run(args),

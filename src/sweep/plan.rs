@@ -340,6 +340,29 @@ impl SweepPlan {
         })
     }
 
+    /// The plan's tokenized examples, train then eval, without loading a base: what its cells
+    /// trained and were evaluated on (read by `suggest` for the data's statistics).
+    pub fn load_tokenized(&self, registry: &Registry) -> Result<Vec<TokenizedExample>> {
+        /// The part of [`DataCache`] holding tokens (the other fields are not parsed).
+        #[derive(Deserialize)]
+        struct Tokens {
+            fingerprint: String,
+            train: Vec<TokenizedExample>,
+            eval: Vec<TokenizedExample>,
+        }
+        let path = plan_dir(registry, &self.name).join(DATA_FILE);
+        let tokens: Tokens = read_json(&path)?;
+        if tokens.fingerprint != self.data_fingerprint {
+            return Err(Error::invalid_file(
+                &path,
+                "its data does not match the plan's data fingerprint",
+            ));
+        }
+        let mut all = tokens.train;
+        all.extend(tokens.eval);
+        Ok(all)
+    }
+
     /// Checks that `base` is the base this plan was made for.
     pub fn check_base(&self, base: &BaseModel) -> Result<()> {
         if base.fingerprint != self.base.fingerprint {

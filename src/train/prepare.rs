@@ -29,13 +29,26 @@ pub struct PreparedData {
     pub report: Vec<String>,
 }
 
-fn load_options(cfg: &TrainConfig) -> LoadOptions {
+/// How training reads the rows of the data a config names (shared with `suggest`, which must
+/// see the data exactly as training does).
+pub fn load_options(cfg: &TrainConfig) -> LoadOptions {
     let field_map =
         FieldMap::from_fields(cfg.prompt_field.as_deref(), cfg.response_field.as_deref());
     LoadOptions {
         format: cfg.format.resolve(field_map.as_ref()),
         field_map,
         on_bad_row: cfg.on_bad_row,
+    }
+}
+
+/// How training tokenizes and truncates for a config and base (shared with `suggest`).
+pub fn tokenize_options(cfg: &TrainConfig, base: &BaseModel) -> TokenizeOptions {
+    TokenizeOptions {
+        max_seq_len: Some(cfg.max_seq_len.min(base.decoder.max_positions())),
+        truncation: cfg.truncate_prompt,
+        last_turn_only: cfg.last_turn_only,
+        on_error: cfg.on_bad_row,
+        ..Default::default()
     }
 }
 
@@ -82,13 +95,7 @@ pub fn prepare_data(cfg: &TrainConfig, base: &BaseModel) -> Result<PreparedData>
             eval
         }
     };
-    let tok_opts = TokenizeOptions {
-        max_seq_len: Some(cfg.max_seq_len.min(base.decoder.max_positions())),
-        truncation: cfg.truncate_prompt,
-        last_turn_only: cfg.last_turn_only,
-        on_error: opts.on_bad_row,
-        ..Default::default()
-    };
+    let tok_opts = tokenize_options(cfg, base);
     let train = data::tokenize_examples(&train_examples, &template, tokenizer, &tok_opts)?;
     report.push(format!("train: {}", train.report));
     let eval = data::tokenize_examples(&eval_examples, &template, tokenizer, &tok_opts)?;
