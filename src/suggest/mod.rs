@@ -15,6 +15,7 @@ pub use stats::{measure, DataStats, LengthSummary, RowCounts};
 use crate::model::BaseModel;
 use crate::registry::Registry;
 use crate::sweep::plan::{list_plans, SweepPlan};
+use crate::sweep::AxisValue;
 use crate::train::TrainConfig;
 use crate::Result;
 
@@ -147,6 +148,14 @@ fn past_sweep(
             best.name
         )));
     }
+    if let (AxisValue::Schedule(_), _) | (_, AxisValue::Schedule(_)) =
+        (best.prompt_weight, best.response_weight)
+    {
+        return Ok(Err(format!(
+            "its best cell ({}) follows a weight schedule, not one (λp, λr) point",
+            best.name
+        )));
+    }
     let stats = DataStats::from_tokenized(&plan.load_tokenized(registry)?, None);
     Ok(Ok(PastSweep {
         name: plan.name.clone(),
@@ -154,8 +163,8 @@ fn past_sweep(
         ratio: stats.ratio_of_totals,
         metric: plan.metric.clone(),
         best_cell: best.name.clone(),
-        best_prompt_weight: best.prompt_weight,
-        best_response_weight: best.response_weight,
+        best_prompt_weight: best.prompt_weight.weight(),
+        best_response_weight: best.response_weight.weight(),
         finished_cells: finished.len(),
         same_base: plan.base.fingerprint == base_fingerprint,
     }))
