@@ -6,8 +6,36 @@ pub mod tiny;
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
+use peft_wit::device::DeviceSpec;
 use peft_wit::lora::LoraAdapter;
+
+/// The device the reference-parity tests run on: `PEFT_WIT_TEST_DEVICE` (`cpu`, `cuda[:N]`,
+/// `metal[:N]`; unset or empty: the CPU). `scripts/device-check.sh` sets it to `cuda` on a GPU
+/// machine (the test binary must then be built with `--features cuda`). A device that cannot be
+/// opened fails the test rather than falling back to the CPU.
+pub fn test_device() -> Device {
+    match std::env::var("PEFT_WIT_TEST_DEVICE") {
+        Ok(spec) if !spec.trim().is_empty() => spec
+            .parse::<DeviceSpec>()
+            .and_then(DeviceSpec::open)
+            .unwrap_or_else(|e| panic!("PEFT_WIT_TEST_DEVICE={spec}: {e}")),
+        _ => Device::Cpu,
+    }
+}
+
+/// How much looser than the CPU's a parity tolerance is on `device`. The CPU tolerances are
+/// tight (about 1e-4 relative on losses) because our CPU kernels and the reference agree that
+/// closely; on a GPU, cuBLAS and candle's CUDA reductions sum in another order (and f16/bf16
+/// GEMMs may keep partial sums in half precision), so the same f32 comparison gets 10x the room
+/// and a half-precision one 2x. Still far below what a wrong kernel produces.
+pub fn gpu_slack(device: &Device, half_precision: bool) -> f64 {
+    match (device.is_cpu(), half_precision) {
+        (true, _) => 1.0,
+        (false, false) => 10.0,
+        (false, true) => 2.0,
+    }
+}
 
 /// `../shared/reference` beside the checkout (CI has it too).
 pub fn reference_dir() -> PathBuf {
