@@ -4,6 +4,7 @@
 mod adapters;
 mod bench;
 mod common;
+mod dpo;
 mod eval;
 mod export;
 mod generate;
@@ -32,6 +33,8 @@ enum Command {
     Quickstart(quickstart::Args),
     /// Train one LoRA adapter into the registry.
     Train(Box<train::Args>),
+    /// Continue a registry adapter under the DPO loss on preference pairs (a new adapter).
+    Dpo(Box<dpo::Args>),
     /// Train one adapter per (λp, λr) cell of a grid, then compare them in a table and heatmap.
     Sweep(Box<sweep::Args>),
     /// Evaluate adapters (and the base) side by side on one loaded base.
@@ -55,6 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Quickstart(args) => quickstart::run(args),
         Command::Train(args) => train::run(*args),
+        Command::Dpo(args) => dpo::run(*args),
         Command::Sweep(args) => sweep::run(*args),
         Command::Eval(args) => eval::run(*args),
         Command::Generate(args) => generate::run(args),
