@@ -5,12 +5,14 @@
 //! - [`lora`]: trainable low-rank adapters in PEFT's format.
 //! - [`loss`]: the weighted prompt/response loss.
 //! - [`suggest`]: a data-driven starting point for λp and λr, and a grid to sweep around it.
+//! - [`dpo`]: preference tuning (DPO) that continues any registry adapter.
 //! - [`tasks`]: standard benchmarks (MMLU, BBH, GSM8K, IFEval) scored as lm-evaluation-harness does.
 
 pub mod bench;
 pub mod config_value;
 pub mod data;
 pub mod device;
+pub mod dpo;
 pub mod error;
 pub mod eval;
 pub mod export;

@@ -76,6 +76,7 @@ const SKIP: &[(&str, &str)] = &[
 /// Subcommands that load a base model (they get `--model <tiny>`).
 const LOADS_MODEL: &[&str] = &[
     "train",
+    "dpo",
     "sweep",
     "eval",
     "merge",
@@ -349,6 +350,12 @@ fn run(pool: &Pool, readme_line: &str, args: &[String]) {
     let dolly = root.path().join("shared/data/alpagasus_3k_dolly.jsonl");
     std::fs::create_dir_all(dolly.parent().unwrap()).unwrap();
     std::fs::write(&dolly, &data).unwrap();
+    // Preference pairs for `dpo`: HH dialogues at the README's path, and `prefs.jsonl`.
+    let hh = root
+        .path()
+        .join("shared/data/hh_rlhf_harmless_base_test.jsonl");
+    std::fs::write(&hh, preference_rows(true)).unwrap();
+    std::fs::write(work.join("prefs.jsonl"), preference_rows(false)).unwrap();
     copy_dir(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("configs"),
         &work.join("configs"),
@@ -395,6 +402,27 @@ fn run(pool: &Pool, readme_line: &str, args: &[String]) {
             path.display()
         );
     }
+}
+
+/// Ten small preference pairs: Anthropic HH dialogues, or prompt/chosen/rejected strings.
+fn preference_rows(hh: bool) -> String {
+    let words = [
+        "red", "blue", "green", "gold", "grey", "pink", "teal", "plum",
+    ];
+    (0..10)
+        .map(|i| {
+            let (a, b) = (words[i % 8], words[(i * 3 + 1) % 8]);
+            let row = if hh {
+                let dialogue = |answer: &str| {
+                    format!("\n\nHuman: Say {a} {b}.\n\nAssistant: {answer}")
+                };
+                serde_json::json!({"chosen": dialogue(&format!("{a} {b}")), "rejected": dialogue(b)})
+            } else {
+                serde_json::json!({"prompt": format!("Say {a}."), "chosen": a, "rejected": b})
+            };
+            format!("{row}\n")
+        })
+        .collect()
 }
 
 fn copy_dir(from: &Path, to: &Path) {

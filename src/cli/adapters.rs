@@ -191,6 +191,7 @@ fn entry_json(e: &EntryInfo) -> serde_json::Value {
         "created_unix": m.map(|m| m.created_unix),
         "created": m.map(|m| utc(m.created_unix)),
         "imported": m.map(|m| m.train_config.is_none()),
+        "parent": m.and_then(|m| m.parent.clone()),
         "problems": e.problems,
     })
 }
@@ -270,6 +271,18 @@ fn show(registry: &Registry, name: &str, as_json: bool) -> anyhow::Result<()> {
                 "not trained here (imported)".into()
             },
         ));
+        if let Some(parent) = &m.parent {
+            out.push(("parent", parent.clone()));
+        }
+        if let Some(d) = &m.dpo {
+            out.push((
+                "dpo",
+                format!(
+                    "beta {}, sft weight {}, {} train / {} eval pairs",
+                    d.beta, d.sft_weight, d.pairs, d.eval_pairs
+                ),
+            ));
+        }
         for (k, v) in &m.metrics {
             out.push(("metric", format!("{k} = {v:.4}")));
         }

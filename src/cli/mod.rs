@@ -4,6 +4,7 @@
 mod adapters;
 mod bench;
 mod common;
+mod dpo;
 mod eval;
 mod export;
 mod generate;
@@ -36,6 +37,8 @@ enum Command {
     /// Suggest a starting (λp, λr) and a grid to sweep, from the data's token statistics, the
     /// published findings and the registry's past sweeps.
     Suggest(suggest::Args),
+    /// Continue a registry adapter under the DPO loss on preference pairs (a new adapter).
+    Dpo(Box<dpo::Args>),
     /// Train one adapter per (λp, λr) cell of a grid, then compare them in a table and heatmap.
     Sweep(Box<sweep::Args>),
     /// Evaluate adapters (and the base) side by side on one loaded base.
@@ -60,6 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quickstart(args) => quickstart::run(args),
         Command::Train(args) => train::run(*args),
         Command::Suggest(args) => suggest::run(args),
+        Command::Dpo(args) => dpo::run(*args),
         Command::Sweep(args) => sweep::run(*args),
         Command::Eval(args) => eval::run(*args),
         Command::Generate(args) => generate::run(args),

@@ -336,7 +336,7 @@ fn parse_row(obj: &Map<String, Value>, format: &Format) -> Result<Example, Strin
 
 /// Splits a file into `(1-based line, row text)`: JSONL lines (blank lines ignored) or the
 /// elements of a top-level JSON array, each with the line it starts on.
-fn split_rows<'a>(text: &'a str, path: &Path) -> Result<Vec<(usize, &'a str)>> {
+pub(crate) fn split_rows<'a>(text: &'a str, path: &Path) -> Result<Vec<(usize, &'a str)>> {
     let trimmed = text.trim_start_matches('\u{feff}');
     let offset = text.len() - trimmed.len();
     if trimmed.trim_start().starts_with('[') {

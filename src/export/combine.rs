@@ -405,6 +405,8 @@ fn combined_meta(req: &CombineRequest<'_>) -> Result<AdapterMeta> {
         steps: 0,
         tokens_seen: 0,
         wall_time_s: 0.0,
+        parent: None,
+        dpo: None,
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -72,6 +72,8 @@ pub fn import(
         steps: 0,
         tokens_seen: 0,
         wall_time_s: 0.0,
+        parent: None,
+        dpo: None,
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -70,6 +70,26 @@ pub struct AdapterMeta {
     pub tokens_seen: u64,
     pub wall_time_s: f64,
     pub created_unix: u64,
+    /// The registry adapter this one continued training from (DPO from a trained adapter);
+    /// absent for adapters trained from scratch and in sidecars written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The preference-tuning settings, for adapters made by `peft-wit dpo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoInfo>,
+}
+
+/// How an adapter was preference-tuned from its parent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DpoInfo {
+    /// β of the DPO loss (the KL-penalty strength relative to the parent).
+    pub beta: f64,
+    /// Weight of the added WIT loss on the chosen response (0: plain DPO).
+    pub sft_weight: f64,
+    /// Training pairs (after skipping bad ones) and held-out pairs.
+    pub pairs: usize,
+    #[serde(default)]
+    pub eval_pairs: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -671,6 +671,8 @@ impl<'a> Run<'a> {
             tokens_seen: self.tokens_seen,
             wall_time_s: elapsed,
             created_unix: unix_now(),
+            parent: None,
+            dpo: None,
         })
     }
 
