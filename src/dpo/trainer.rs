@@ -14,7 +14,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +28,7 @@ use crate::lora::LoraAdapter;
 use crate::model::decoder::ForwardContext;
 use crate::model::BaseModel;
 use crate::registry::{AdapterMeta, BaseInfo, DataInfo, DpoInfo, LossInfo, Registry, METRICS_FILE};
-use crate::train::optim::{clip_grad_norm, learning_rate, AdamW, AdamWParams, Schedule};
+use crate::train::optim::{learning_rate, AdamW, AdamWParams, GradAccumulator, Schedule};
 use crate::{Error, Result};
 
 /// Everything that determines a DPO run's result.
@@ -375,7 +374,7 @@ pub fn train_dpo(
             sft_weight: cfg.sft_weight,
             sft_denominator: micro.iter().map(|(b, _)| b.sft_tokens() as f64).sum(),
         };
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut grads = GradAccumulator::new(&vars);
         let mut value = 0f64;
         let mut sft_sum = 0f64;
         let mut stats = DpoStats::default();
@@ -389,15 +388,7 @@ pub fn train_dpo(
             value += obj.value;
             sft_sum += obj.sft_sum;
             stats.merge(&obj.stats);
-            let store = obj.surrogate.backward()?;
-            for (i, (_, var)) in vars.iter().enumerate() {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    grads[i] = Some(match grads[i].take() {
-                        None => g.clone(),
-                        Some(acc) => (acc + g)?,
-                    });
-                }
-            }
+            grads.add(&obj.surrogate.backward()?)?;
             step_tokens += batch.batch.seq_lens.iter().sum::<usize>() as u64;
         }
         if !value.is_finite() {
@@ -406,18 +397,7 @@ pub fn train_dpo(
                 value: value as f32,
             });
         }
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&vars)
-            .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
-            .collect::<candle_core::Result<_>>()?;
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-        if !grad_norm.is_finite() {
-            return Err(Error::NonFiniteLoss {
-                step: step + 1,
-                value: grad_norm as f32,
-            });
-        }
+        let (grads, grad_norm) = grads.clipped(cfg.max_grad_norm, step + 1)?;
         let lr = learning_rate(cfg.schedule, cfg.lr, step, warmup, total);
         optimizer.step(&grads, lr)?;
         tokens_seen += step_tokens;

@@ -173,6 +173,55 @@ pub fn learning_rate(
 
 /// Scales `grads` in place so their global L2 norm is at most `max_norm`; returns the norm
 /// before clipping.
+/// The gradients of one optimizer step, summed over its micro-batches (each micro-batch's loss
+/// is already divided by the whole step's denominator, so the sum is the step's gradient).
+pub struct GradAccumulator {
+    vars: Vec<(String, Var)>,
+    grads: Vec<Option<Tensor>>,
+}
+
+impl GradAccumulator {
+    pub fn new(vars: &[(String, Var)]) -> Self {
+        Self {
+            vars: vars.to_vec(),
+            grads: vec![None; vars.len()],
+        }
+    }
+
+    /// Adds one micro-batch's gradients.
+    pub fn add(&mut self, store: &candle_core::backprop::GradStore) -> Result<()> {
+        for (slot, (_, var)) in self.grads.iter_mut().zip(&self.vars) {
+            if let Some(g) = store.get(var.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    None => g.clone(),
+                    Some(acc) => (acc + g)?,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The step's gradients (zeros for a variable no micro-batch reached), clipped to
+    /// `max_norm`, and their norm before clipping; a non-finite norm stops the run at `step`
+    /// (1-based).
+    pub fn clipped(self, max_norm: Option<f64>, step: usize) -> Result<(Vec<Tensor>, f64)> {
+        let mut grads: Vec<Tensor> = self
+            .grads
+            .into_iter()
+            .zip(&self.vars)
+            .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
+            .collect::<candle_core::Result<_>>()?;
+        let norm = clip_grad_norm(&mut grads, max_norm)?;
+        if !norm.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                step,
+                value: norm as f32,
+            });
+        }
+        Ok((grads, norm))
+    }
+}
+
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.iter() {

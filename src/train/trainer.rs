@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::checkpoint::{self, CheckpointState};
 use super::config::TrainConfig;
-use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWParams};
+use super::optim::{learning_rate, AdamW, AdamWParams, GradAccumulator};
 use super::prepare::PreparedData;
 use crate::data::{length_grouped_batches, Batch, LossWeights, TokenizedExample};
 use crate::eval::{evaluate_losses, LossMetrics};
@@ -458,8 +458,7 @@ impl<'a> Run<'a> {
                 step + 1
             )));
         }
-        let vars = self.optimizer.vars().to_vec();
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut grads = GradAccumulator::new(self.optimizer.vars());
         let mut loss_value = 0f64;
         let mut step_tokens = 0u64;
         for (k, batch) in micro.iter().enumerate() {
@@ -475,15 +474,7 @@ impl<'a> Run<'a> {
             let (sum, _) = weighted_nll_sum(&self.base.decoder, batch, &mut ctx)?;
             let loss = (sum / denom)?;
             loss_value += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let store = loss.backward()?;
-            for (i, (_, var)) in vars.iter().enumerate() {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    grads[i] = Some(match grads[i].take() {
-                        None => g.clone(),
-                        Some(acc) => (acc + g)?,
-                    });
-                }
-            }
+            grads.add(&loss.backward()?)?;
             step_tokens += batch.seq_lens.iter().sum::<usize>() as u64;
         }
         if !loss_value.is_finite() {
@@ -492,18 +483,7 @@ impl<'a> Run<'a> {
                 value: loss_value as f32,
             });
         }
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&vars)
-            .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
-            .collect::<candle_core::Result<_>>()?;
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-        if !grad_norm.is_finite() {
-            return Err(Error::NonFiniteLoss {
-                step: step + 1,
-                value: grad_norm as f32,
-            });
-        }
+        let (grads, grad_norm) = grads.clipped(cfg.max_grad_norm, step + 1)?;
         let lr = learning_rate(cfg.schedule, cfg.lr, step, self.warmup, self.total);
         self.optimizer.step(&grads, lr)?;
         self.tokens_seen += step_tokens;
