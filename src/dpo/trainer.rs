@@ -635,7 +635,6 @@ fn build_meta(
     policy: &LoraAdapter,
     inputs: MetaInputs<'_>,
 ) -> Result<AdapterMeta> {
-    let decoder = &base.decoder;
     let loss = match &parent.meta {
         Some(m) => m.loss.clone(),
         None => LossInfo::unknown(),
@@ -649,14 +648,7 @@ fn build_meta(
     Ok(AdapterMeta {
         format_version: 1,
         name: inputs.name.to_string(),
-        base: BaseInfo {
-            name: base.name.clone(),
-            fingerprint: Some(base.fingerprint.clone()),
-            architecture: decoder.config.architecture.name().into(),
-            base_dtype: base.base_dtype.name().into(),
-            num_layers: decoder.config.num_hidden_layers,
-            hidden_size: decoder.config.hidden_size,
-        },
+        base: BaseInfo::of(base),
         loss,
         data: DataInfo {
             fingerprint: Some(data.fingerprint.clone()),

@@ -121,6 +121,21 @@ pub struct LossInfo {
     pub response_weight_schedule: Option<String>,
 }
 
+impl BaseInfo {
+    /// What the sidecar records of the base an adapter was trained on.
+    pub fn of(base: &crate::model::BaseModel) -> Self {
+        let config = &base.decoder.config;
+        Self {
+            name: base.name.clone(),
+            fingerprint: Some(base.fingerprint.clone()),
+            architecture: config.architecture.name().into(),
+            base_dtype: base.base_dtype.name().into(),
+            num_layers: config.num_hidden_layers,
+            hidden_size: config.hidden_size,
+        }
+    }
+}
+
 impl LossInfo {
     /// For adapters trained elsewhere: the weights are unknown.
     pub fn unknown() -> Self {

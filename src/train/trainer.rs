@@ -610,21 +610,13 @@ impl<'a> Run<'a> {
     /// the full training config, and the final `metrics`.
     fn adapter_meta(&self, metrics: BTreeMap<String, f64>, elapsed: f64) -> Result<AdapterMeta> {
         let (base, data, cfg) = (self.base, self.data, self.cfg);
-        let decoder = &base.decoder;
         // With a schedule, the weights the training ended with (the schedules are recorded too).
         let (lp, lr_w) = cfg.loss_weights_at(self.total.saturating_sub(1), self.total);
         let recorded = |s: &super::WeightSchedule| (!s.is_constant()).then(|| s.to_string());
         Ok(AdapterMeta {
             format_version: 1,
             name: self.name.clone(),
-            base: BaseInfo {
-                name: base.name.clone(),
-                fingerprint: Some(base.fingerprint.clone()),
-                architecture: decoder.config.architecture.name().into(),
-                base_dtype: base.base_dtype.name().into(),
-                num_layers: decoder.config.num_hidden_layers,
-                hidden_size: decoder.config.hidden_size,
-            },
+            base: BaseInfo::of(base),
             loss: LossInfo {
                 prompt_weight: lp,
                 response_weight: lr_w,
