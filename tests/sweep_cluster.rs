@@ -491,3 +491,217 @@ fn a_slurm_job_array_sweep_with_a_cancelled_cell_equals_a_local_sweep() {
         );
     }
 }
+
+/// The flags of a two-rung halving sweep over the 2×2 grid (rung 1 ends at half the steps).
+fn halving_args(dir: &Dir, steps: usize) -> Vec<String> {
+    let mut args = grid_args(dir, steps);
+    args.extend(
+        [
+            "--strategy",
+            "halving",
+            "--rungs",
+            "2",
+            "--eta",
+            "2",
+            "--sweep-name",
+            "halving",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    args
+}
+
+fn local_halving(dir: &Dir, steps: usize) -> PathBuf {
+    let registry = dir.path().join("local-halving");
+    dir.cmd_with_model(&["sweep", "--registry"])
+        .arg(&registry)
+        .args(halving_args(dir, steps))
+        .all_output();
+    registry
+}
+
+/// A cluster halving sweep ended as the local one did: the same rungs (scores, promotions),
+/// the same table, byte-identical adapters, and no checkpoint left behind.
+fn assert_same_halving(local: &Path, remote: &Path) {
+    let rungs = |r: &Path| common::read_json(r.join(".sweeps/halving/rungs.json"));
+    assert_eq!(rungs(local), rungs(remote));
+    let plans = |r: &Path| sweep_metrics(&r.join(".sweeps/halving/sweep.json"));
+    assert_eq!(plans(local), plans(remote));
+    for cell in CELLS {
+        assert_eq!(
+            adapter_bytes(local, cell),
+            adapter_bytes(remote, cell),
+            "{cell}"
+        );
+        assert!(!remote.join(".runs").join(cell).exists(), "{cell}");
+    }
+}
+
+#[test]
+fn halving_waves_run_from_printed_commands_equal_a_local_halving_sweep() {
+    let dir = Dir::tiny();
+    let local = local_halving(&dir, 4);
+    let remote = dir.path().join("shared-registry");
+    let printed = dir
+        .cmd_with_model(&["sweep", "--launcher", "print", "--registry"])
+        .arg(&remote)
+        .args(halving_args(&dir, 4))
+        .stdout();
+    let lines: Vec<&str> = printed.lines().collect();
+    // Rung 1: four cells; rung 2: the best two, whichever they turn out to be.
+    assert_eq!(lines.len(), 8, "{printed}");
+    assert_eq!(lines[0], "# rung 1");
+    assert!(lines[1].ends_with("--rung 1 --slot 0"), "{printed}");
+    assert!(lines[5].starts_with("# rung 2: once"), "{printed}");
+    assert!(lines[7].ends_with("--rung 2 --slot 1"), "{printed}");
+
+    // A second-rung task started too early fails, saying what it waits for.
+    let early = dir
+        .cmd(&[])
+        .args(shlex::split(lines[6]).unwrap().iter().skip(1))
+        .fails();
+    assert!(
+        early.contains(
+            "rung 1 of sweep `halving` is not complete (cells without a score: 0, 1, 2, 3)"
+        ),
+        "{early}"
+    );
+    for line in lines.iter().filter(|l| !l.starts_with('#')) {
+        run_shell(line, &dir);
+    }
+    let status = dir
+        .cmd(&["sweep", "status", "halving", "--registry"])
+        .arg(&remote)
+        .stdout();
+    assert!(
+        status.contains("rung 1 of 2 (to step 2 of 4, 4 cells): complete, 2 went on")
+            && status.contains("rung 2 of 2 (to step 4 of 4, 2 cells): complete"),
+        "{status}"
+    );
+    // A finished task run again has nothing to do.
+    let again = dir
+        .cmd(&[])
+        .args(shlex::split(lines[7]).unwrap().iter().skip(1))
+        .all_output();
+    assert!(again.contains("has nothing to run"), "{again}");
+    dir.cmd(&["sweep", "collect", "halving", "--registry"])
+        .arg(&remote)
+        .stdout();
+    assert_same_halving(&local, &remote);
+    // Nothing is left to print once every rung is complete.
+    let rest = dir
+        .cmd_with_model(&["sweep", "--launcher", "print", "--registry"])
+        .arg(&remote)
+        .args(halving_args(&dir, 4))
+        .stdout();
+    assert!(rest.trim().is_empty(), "{rest}");
+}
+
+#[test]
+fn a_halving_sweep_on_kubernetes_is_one_indexed_job_per_rung() {
+    use k8s_openapi::api::batch::v1::Job;
+    let dir = Dir::tiny();
+    let registry = dir.path().join("registry-k8s");
+    let printed = dir
+        .cmd_with_model(&["sweep", "--launcher", "k8s", "--registry"])
+        .arg(&registry)
+        .args(halving_args(&dir, 4))
+        .args([
+            "--k8s-image",
+            "ghcr.io/example/peft-wit:0.1",
+            "--k8s-pvc",
+            "sweeps",
+            "--k8s-registry-path",
+            "/workspace/registry",
+        ])
+        .stdout();
+    let paths: Vec<&str> = printed.lines().collect();
+    assert_eq!(paths.len(), 3, "{printed}");
+    for (k, completions) in [(1usize, 4), (2, 2)] {
+        let text = std::fs::read_to_string(paths[k - 1]).unwrap();
+        let job: Job = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(
+            job.metadata.name.unwrap(),
+            format!("peft-wit-halving-rung-{k}")
+        );
+        let spec = job.spec.unwrap();
+        assert_eq!(spec.completions, Some(completions));
+        let args = spec.template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap();
+        let rung = k.to_string();
+        let tail: Vec<&str> = args
+            .iter()
+            .rev()
+            .take(4)
+            .rev()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            tail,
+            ["--rung", rung.as_str(), "--slot", "$(JOB_COMPLETION_INDEX)"]
+        );
+    }
+    let script = std::fs::read_to_string(paths[2]).unwrap();
+    let first = script.find("job-rung-1.yaml").unwrap();
+    let wait = script.find("wait_job peft-wit-halving-rung-1").unwrap();
+    let second = script.find("job-rung-2.yaml").unwrap();
+    assert!(first < wait && wait < second, "{script}");
+    let sh = Command::new("sh").args(["-n", paths[2]]).status().unwrap();
+    assert!(sh.success(), "waves.sh is not valid sh:\n{script}");
+}
+
+#[test]
+fn a_slurm_halving_sweep_runs_its_rungs_as_dependent_waves() {
+    if common::required_env("PEFT_WIT_TEST_SLURM").is_none() {
+        return;
+    }
+    let steps = 40;
+    let dir = Dir::tiny();
+    let local = local_halving(&dir, steps);
+    let registry = dir.path().join("slurm-halving");
+    let jobs = dir
+        .cmd_with_model(&["sweep", "--launcher", "slurm"])
+        .args(["--slurm-opt", "--time=00:20:00 --cpus-per-task=1"])
+        .arg("--registry")
+        .arg(&registry)
+        .args(halving_args(&dir, steps))
+        .stdout();
+    let jobs: Vec<String> = jobs.lines().map(str::to_string).collect();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    let plan = registry.join(".sweeps/halving");
+    let first = std::fs::read_to_string(plan.join("sweep-rung-1.sbatch")).unwrap();
+    assert!(first.contains("#SBATCH --array=0-3\n"), "{first}");
+    let second = std::fs::read_to_string(plan.join("sweep-rung-2.sbatch")).unwrap();
+    assert!(second.contains("#SBATCH --array=0-1\n"), "{second}");
+    assert!(
+        second.contains("--rung 2 --slot \"$SLURM_ARRAY_TASK_ID\""),
+        "{second}"
+    );
+    let limit = Duration::from_secs(600);
+    wait_for("both waves", limit, || {
+        jobs.iter().all(|job| {
+            let states = squeue_states(job);
+            !states.contains("RUNNING") && !states.contains("PENDING")
+        })
+    });
+    let status = dir
+        .cmd(&["sweep", "status", "halving", "--registry"])
+        .arg(&registry)
+        .stdout();
+    assert!(
+        status.contains("rung 2 of 2 (to step 40 of 40, 2 cells): complete"),
+        "{status}"
+    );
+    for slot in 0..2 {
+        let log =
+            std::fs::read_to_string(plan.join(format!("logs/rung-2-slot-{slot}.log"))).unwrap();
+        assert!(log.contains("(rung 2) of sweep `halving`"), "{log}");
+    }
+    dir.cmd(&["sweep", "collect", "halving", "--registry"])
+        .arg(&registry)
+        .stdout();
+    assert_same_halving(&local, &registry);
+}

@@ -487,7 +487,7 @@ fn a_scheduled_step_counts_the_tokens_weighted_at_that_step() {
 
 #[test]
 fn successive_halving_stops_the_worse_cells_and_finishes_the_best_as_the_grid_does() {
-    use peft_wit::sweep::{GridSpec, LocalSweep, Strategy, SweepPlan};
+    use peft_wit::sweep::{CellOutcome, GridSpec, LocalSweep, Strategy, SweepPlan};
     let (base, data) = (tiny_base(), data());
     let cfg = config(4);
     let spec = |strategy| GridSpec {
@@ -498,24 +498,32 @@ fn successive_halving_stops_the_worse_cells_and_finishes_the_best_as_the_grid_do
         response_weights: vec![0.5.into(), 1.0.into()],
         strategy,
     };
+    // The tokens each run trained on, summed over the sweep.
     let sweep = |dir: &Path, strategy| {
         let registry = Registry::open(dir).unwrap();
         let plan = SweepPlan::new(&spec(strategy), &cfg, &base, &data).unwrap();
         plan.write_or_match(&registry, &data).unwrap();
-        LocalSweep {
+        let mut trained = 0u64;
+        let result = LocalSweep {
             base: &base,
             data: &data,
             plan: &plan,
             registry: &registry,
             opts: &RunOptions::default(),
         }
-        .run(|_, _| {})
-        .unwrap()
+        .run(|_, outcome| {
+            if let CellOutcome::Trained { tokens_trained, .. } = outcome {
+                trained += tokens_trained;
+            }
+        })
+        .unwrap();
+        (result, trained)
     };
     let grid_dir = tempfile::tempdir().unwrap();
-    let grid = sweep(grid_dir.path(), Strategy::Grid);
+    let (grid, grid_trained) = sweep(grid_dir.path(), Strategy::Grid);
     let halving_dir = tempfile::tempdir().unwrap();
-    let halving = sweep(halving_dir.path(), Strategy::Halving { rungs: 2, eta: 2 });
+    let (halving, halving_trained) =
+        sweep(halving_dir.path(), Strategy::Halving { rungs: 2, eta: 2 });
     assert!(!halving.interrupted, "{halving:?}");
     // Rung 1 ends at step 2: all four cells; the better two go on to step 4.
     let stopped: Vec<&str> = halving
@@ -567,6 +575,9 @@ fn successive_halving_stops_the_worse_cells_and_finishes_the_best_as_the_grid_do
         tokens.0,
         tokens.1
     );
+    // No token trained twice: a finalist continues its rung-1 checkpoint, it does not start over.
+    assert_eq!(grid_trained, tokens.1);
+    assert_eq!(halving_trained, tokens.0);
     // The finalists were the best two at rung 1; the sweep's best is one of them.
     let best = halving.best.clone().unwrap();
     assert!(!stopped.contains(&best.as_str()));

@@ -4,13 +4,15 @@
 
 use std::path::PathBuf;
 
+use peft_wit::model::BaseModel;
+use peft_wit::sweep::halving::{self, TaskOutcome, TaskTarget};
 use peft_wit::sweep::launch::{self, K8sOptions, SlurmOptions};
 use peft_wit::sweep::plan::plan_dir;
 use peft_wit::sweep::{
     benchmark_cells, cell_statuses, collect, parse_weights, run_cell, CellOutcome, CellState,
     GridSpec, Launcher, LocalSweep, Strategy, SweepPlan, SweepResult,
 };
-use peft_wit::train::{prepare_data, RunOptions};
+use peft_wit::train::{prepare_data, PreparedData, RunOptions};
 
 use super::common::{load_model, open_registry, stop_on_ctrl_c, table};
 use super::tasks::TaskArgs;
@@ -59,7 +61,8 @@ struct GridArgs {
     #[arg(long)]
     sweep_name: Option<String>,
     /// grid (every cell to the end) or halving (successive halving: every cell to the first
-    /// rung, the best 1/eta of them on to the next, ...). Halving runs with --launcher local.
+    /// rung, the best 1/eta of them on to the next, ...). On a cluster the rungs run as waves,
+    /// each after the one before.
     #[arg(long, default_value = "grid")]
     strategy: String,
     /// With halving: the number of rungs (the first ends at 1/eta^(rungs-1) of the steps).
@@ -135,9 +138,15 @@ struct RunCellArgs {
     #[arg(long)]
     sweep: String,
     /// The cell's index in the plan (0-based; a Slurm array task id, a Kubernetes completion
-    /// index).
-    #[arg(long)]
-    index: usize,
+    /// index). In a halving sweep: the cell's next rung.
+    #[arg(long, required_unless_present = "rung", conflicts_with_all = ["rung", "slot"])]
+    index: Option<usize>,
+    /// A halving sweep's wave task: the rung (1-based) ...
+    #[arg(long, requires = "slot")]
+    rung: Option<usize>,
+    /// ... and the slot in it (0-based), resolved to a cell from the rung before's promotions.
+    #[arg(long, requires = "rung")]
+    slot: Option<usize>,
     #[arg(long)]
     registry: Option<PathBuf>,
     #[arg(long)]
@@ -205,10 +214,6 @@ fn run_grid(args: GridArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("--strategy `{other}`: use grid or halving"),
     };
     strategy.validate()?;
-    anyhow::ensure!(
-        strategy == Strategy::Grid || args.launcher == Launcher::Local,
-        "--strategy halving runs with --launcher local for now: its rungs decide which cells go on, so a cluster would run them as waves of cells, which peft-wit does not submit yet"
-    );
     // Everything a launcher needs is checked before the model loads and the plan is written.
     match args.launcher {
         Launcher::Local => {}
@@ -264,32 +269,38 @@ fn run_grid(args: GridArgs) -> anyhow::Result<()> {
         if new { "written to" } else { "already in" },
         dir.display()
     );
-    let pending: Vec<usize> = cell_statuses(&registry, &plan)?
-        .iter()
-        .filter(|s| args.force || !s.state.is_done())
-        .map(|s| s.cell.index)
-        .collect();
     let exe = std::env::current_exe()?;
     match args.launcher {
         Launcher::Local => {}
         Launcher::Slurm => {
-            if pending.is_empty() {
-                eprintln!("every cell is done: `peft-wit sweep collect {}`", plan.name);
-                return Ok(());
-            }
             anyhow::ensure!(
                 !args.force,
                 "--force retrains cells here only: remove the cells to redo them, then submit again"
             );
-            let job = launch::submit_slurm(&exe, &registry, &plan, &pending, &slurm)?;
+            let pending = launch::pending_tasks(&registry, &plan, false)?;
+            if pending.is_empty() {
+                eprintln!("every cell is done: `peft-wit sweep collect {}`", plan.name);
+                return Ok(());
+            }
+            let jobs = launch::submit_slurm(&exe, &registry, &plan, &pending, &slurm)?;
+            for (job, set) in jobs.iter().zip(&pending) {
+                let what = match set.rung {
+                    None => format!("cells {}", launch::array_spec(&set.ids)),
+                    Some(k) => format!(
+                        "rung {} ({} cells, after the job before)",
+                        k + 1,
+                        set.ids.len()
+                    ),
+                };
+                eprintln!("submitted Slurm job {job}: {what}");
+            }
             eprintln!(
-                "submitted Slurm job {job}: cells {} of {}; watch with `peft-wit sweep status {}`, then `peft-wit sweep collect {}`",
-                launch::array_spec(&pending),
+                "{} cells; watch with `peft-wit sweep status {}`, then `peft-wit sweep collect {}`",
                 plan.cells.len(),
                 plan.name,
                 plan.name
             );
-            println!("{job}");
+            println!("{}", jobs.join("\n"));
             return Ok(());
         }
         Launcher::K8s => {
@@ -305,17 +316,25 @@ fn run_grid(args: GridArgs) -> anyhow::Result<()> {
                 gpus: args.k8s.k8s_gpus,
                 program: args.k8s.k8s_program.clone(),
             };
-            let path = launch::write_k8s_manifest(&registry, &plan, &opts)?;
-            eprintln!(
-                "Indexed Job for {} cells ({} not done; done cells exit at once): kubectl apply -f {}",
-                plan.cells.len(),
-                pending.len(),
-                path.display()
-            );
-            println!("{}", path.display());
+            let paths = launch::write_k8s_manifests(&registry, &plan, &opts)?;
+            match paths.last() {
+                Some(script) if paths.len() > 1 => eprintln!(
+                    "one Indexed Job per rung; `sh {}` applies each once the one before has completed",
+                    script.display()
+                ),
+                _ => eprintln!(
+                    "Indexed Job for {} cells (done cells exit at once): kubectl apply -f {}",
+                    plan.cells.len(),
+                    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ")
+                ),
+            }
+            for path in &paths {
+                println!("{}", path.display());
+            }
             return Ok(());
         }
         Launcher::Print => {
+            let pending = launch::pending_tasks(&registry, &plan, args.force)?;
             for line in launch::cell_commands(&exe, &registry, &plan, &pending) {
                 println!("{line}");
             }
@@ -386,30 +405,81 @@ fn run_one_cell(args: RunCellArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let host = peft_wit::fsutil::hostname();
-    let outcome = run_cell(&registry, &args.sweep, args.index, &opts, |base, data| {
+    let plan = SweepPlan::load(&registry, &args.sweep)?;
+    let announce = |index: usize, rung: Option<usize>, base: &BaseModel, data: &PreparedData| {
+        let at = rung
+            .map(|k| format!(" (rung {})", k + 1))
+            .unwrap_or_default();
         eprintln!(
-            "cell {} of sweep `{}` on {host}: base {} ({}), {} train / {} eval examples",
-            args.index,
+            "cell {index}{at} of sweep `{}` on {host}: base {} ({}), {} train / {} eval examples",
             args.sweep,
             base.name,
             base.base_dtype.name(),
             data.train.len(),
             data.eval.len()
         );
+    };
+    if plan.strategy != Strategy::Grid {
+        let target = match (args.index, args.rung, args.slot) {
+            (Some(index), _, _) => TaskTarget::Cell(index),
+            (None, Some(rung), Some(slot)) => {
+                anyhow::ensure!(rung >= 1, "--rung counts from 1");
+                TaskTarget::Slot {
+                    rung: rung - 1,
+                    slot,
+                }
+            }
+            _ => anyhow::bail!("run-cell needs --index, or --rung and --slot"),
+        };
+        let outcome = halving::run_task(&registry, &plan, target, &opts, |index, rung, b, d| {
+            announce(index, Some(rung), b, d)
+        })?;
+        return match outcome {
+            TaskOutcome::Finished { index, rung } => {
+                let name = &plan.cell(index)?.name;
+                eprintln!(
+                    "cell {index} (`{name}`) has nothing to run: halving took it through rung {rung}"
+                );
+                Ok(())
+            }
+            TaskOutcome::Scored {
+                index, rung, score, ..
+            } => {
+                let name = &plan.cell(index)?.name;
+                eprintln!(
+                    "cell {index} (`{name}`) rung {} done: {} {score:.4}",
+                    rung + 1,
+                    plan.metric
+                );
+                Ok(())
+            }
+            TaskOutcome::Interrupted { index, rung, .. } => Err(anyhow::anyhow!(
+                "cell {index} interrupted in rung {}; its checkpoint is saved and the cell resumes from it when run again",
+                rung + 1
+            )),
+        };
+    }
+    let Some(index) = args.index else {
+        anyhow::bail!(
+            "sweep `{}` is a grid sweep: run its cells with --index (--rung/--slot are for halving sweeps)",
+            args.sweep
+        );
+    };
+    let outcome = run_cell(&registry, &args.sweep, index, &opts, |base, data| {
+        announce(index, None, base, data)
     })?;
     match outcome {
         CellOutcome::AlreadyDone { name, .. } => {
-            eprintln!("cell {} (`{name}`) is already done", args.index);
+            eprintln!("cell {index} (`{name}`) is already done");
             Ok(())
         }
-        CellOutcome::Trained { name, metrics } => {
+        CellOutcome::Trained { name, metrics, .. } => {
             let shown: Vec<String> = metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-            eprintln!("cell {} (`{name}`) done: {}", args.index, shown.join(", "));
+            eprintln!("cell {index} (`{name}`) done: {}", shown.join(", "));
             Ok(())
         }
         CellOutcome::Interrupted { name, step } => Err(anyhow::anyhow!(
-            "cell {} (`{name}`) interrupted at step {step}; its checkpoint is saved and the cell resumes from it when run again",
-            args.index
+            "cell {index} (`{name}`) interrupted at step {step}; its checkpoint is saved and the cell resumes from it when run again"
         )),
     }
 }
@@ -475,6 +545,9 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
         count(|s| matches!(s, CellState::Failed { .. })),
         count(|s| matches!(s, CellState::Pending)),
     );
+    for line in halving::rung_summary(&registry, &plan)? {
+        println!("{line}");
+    }
     Ok(())
 }
 

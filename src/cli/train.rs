@@ -251,7 +251,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..Default::default()
     };
     match train(&base, &data, &cfg, &registry, &opts)? {
-        TrainOutcome::Finished { dir, meta } => {
+        TrainOutcome::Finished { dir, meta, .. } => {
             eprintln!(
                 "trained {} steps ({} tokens) in {:.1}s -> {}",
                 meta.steps,

@@ -51,6 +51,8 @@ pub enum CellOutcome {
     Trained {
         name: String,
         metrics: BTreeMap<String, f64>,
+        /// Tokens this run trained on (a resumed cell counts only what it added).
+        tokens_trained: u64,
     },
     /// Stopped on request (Ctrl-C, SIGTERM from the scheduler) after a checkpoint.
     Interrupted { name: String, step: usize },
@@ -179,14 +181,20 @@ pub fn run_cell(
         }
         Claim::Mine(lock) => lock,
     };
+    let (base, data) = load_for_plan(registry, &plan)?;
+    on_loaded(&base, &data);
+    train_claimed(&base, &data, &plan, registry, index, opts, lock)
+}
+
+/// The plan's base (mmapped) and tokenized data, checked against the plan's fingerprints.
+pub fn load_for_plan(registry: &Registry, plan: &SweepPlan) -> Result<(BaseModel, PreparedData)> {
     let cfg = &plan.train_config;
     let location = crate::model::resolve::resolve_model(cfg.model.as_deref())?;
     let device = cfg.device.open()?;
     let base = BaseModel::load(&location, cfg.base_dtype, &device)?;
     plan.check_base(&base)?;
     let data = plan.load_data(registry, &base)?;
-    on_loaded(&base, &data);
-    train_claimed(&base, &data, &plan, registry, index, opts, lock)
+    Ok((base, data))
 }
 
 fn train_claimed(
@@ -207,9 +215,11 @@ fn train_claimed(
         )));
     }
     write_record(registry, plan, index, RecordedState::Running, None, None)?;
-    // A cell stopped mid-way (preempted, cancelled, Ctrl-C) continues from its checkpoint.
-    let resume =
-        !opts.force && crate::train::checkpoint::latest(&registry.run_dir(&name))?.is_some();
+    // A cell stopped mid-way (preempted, cancelled, Ctrl-C) continues from its checkpoint, as
+    // does a cell successive halving takes on to its next rung (`force` replaces its entry,
+    // `resume` keeps its checkpoint).
+    let has_checkpoint = crate::train::checkpoint::latest(&registry.run_dir(&name))?.is_some();
+    let resume = has_checkpoint && (opts.resume || !opts.force);
     let mut tracking_tags = opts.tracking_tags.clone();
     tracking_tags.extend([
         ("peft_wit.sweep".to_string(), plan.name.clone()),
@@ -225,7 +235,11 @@ fn train_claimed(
         ..opts.clone()
     };
     match train(base, data, &cfg, registry, &cell_opts) {
-        Ok(TrainOutcome::Finished { meta, .. }) => {
+        Ok(TrainOutcome::Finished {
+            meta,
+            tokens_trained,
+            ..
+        }) => {
             write_record(
                 registry,
                 plan,
@@ -237,6 +251,7 @@ fn train_claimed(
             Ok(CellOutcome::Trained {
                 name,
                 metrics: meta.metrics.clone(),
+                tokens_trained,
             })
         }
         Ok(TrainOutcome::Interrupted { step, .. }) => {

@@ -173,8 +173,8 @@ impl LocalSweep<'_> {
     /// sweep and cluster cells can share a plan), stopping after an interrupted cell; then the
     /// table of all cells, as `sweep collect` gives it.
     pub fn run(&self, mut on_cell: impl FnMut(&PlannedCell, &CellOutcome)) -> Result<SweepResult> {
-        if let Strategy::Halving { rungs, eta } = self.plan.strategy {
-            return self.run_halving(rungs, eta, &mut on_cell);
+        if let Some(ladder) = halving::Ladder::of(self.plan) {
+            return self.run_halving(&ladder, &mut on_cell);
         }
         for cell in &self.plan.cells {
             let outcome = train_cell(

@@ -74,6 +74,8 @@ pub enum TrainOutcome {
     Finished {
         dir: PathBuf,
         meta: Box<AdapterMeta>,
+        /// Tokens this run trained on (fewer than `meta.tokens_seen` when it resumed).
+        tokens_trained: u64,
     },
     /// Stopped on request after a checkpoint; `--resume` continues it.
     Interrupted { step: usize, checkpoint: PathBuf },
@@ -263,6 +265,8 @@ struct Run<'a> {
     /// Optimizer steps done so far, counting those before a resume.
     last_step: usize,
     tokens_seen: u64,
+    /// `tokens_seen` when this run started (non-zero when it resumed).
+    tokens_at_start: u64,
     /// Training time of the run before it was resumed (0 for a fresh run).
     elapsed_before: f64,
     started: Instant,
@@ -374,6 +378,7 @@ impl<'a> Run<'a> {
             warmup,
             last_step: start_step,
             tokens_seen,
+            tokens_at_start: tokens_seen,
             elapsed_before,
             started,
             smoothed: None,
@@ -603,6 +608,7 @@ impl<'a> Run<'a> {
         Ok(TrainOutcome::Finished {
             dir,
             meta: Box::new(meta),
+            tokens_trained: self.tokens_seen - self.tokens_at_start,
         })
     }
 
