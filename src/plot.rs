@@ -44,13 +44,7 @@ pub fn line_chart(
     }
     let sx = |x: f64| PAD + (x - x0) / (x1 - x0) * (W - 2.0 * PAD);
     let sy = |y: f64| H - PAD - (y - y0) / (y1 - y0) * (H - 2.0 * PAD);
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
-        W / 2.0,
-        escape(title)
-    );
+    let mut svg = open_svg(title);
     let _ = write!(
         svg,
         r#"<line x1="{PAD}" y1="{0}" x2="{1}" y2="{0}" stroke="black"/><line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{0}" stroke="black"/>"#,
@@ -71,16 +65,7 @@ pub fn line_chart(
             short(yv)
         );
     }
-    let _ = write!(
-        svg,
-        r#"<text x="{}" y="{}" text-anchor="middle">{}</text><text x="14" y="{}" text-anchor="middle" transform="rotate(-90 14 {})">{}</text>"#,
-        W / 2.0,
-        H - 12.0,
-        escape(x_label),
-        H / 2.0,
-        H / 2.0,
-        escape(y_label)
-    );
+    axis_titles(&mut svg, x_label, y_label);
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let path: Vec<String> = pts
@@ -101,23 +86,11 @@ pub fn line_chart(
     svg
 }
 
-/// A heatmap of `values[row][col]` (NaN = missing) with the `best` cell outlined.
-pub fn heatmap(
-    title: &str,
-    row_label: &str,
-    col_label: &str,
-    rows: &[String],
-    cols: &[String],
-    values: &[Vec<f64>],
-    best: Option<(usize, usize)>,
-) -> String {
-    heatmap_with_notes(title, row_label, col_label, rows, cols, values, best, &[])
-}
-
-/// [`heatmap`] with a small note under some cells' values (`notes[row][col]`, empty for none),
-/// e.g. the rung where successive halving stopped a cell.
+/// A heatmap of `values[row][col]` (NaN = missing) with the `best` cell outlined and a small
+/// note under some cells' values (`notes[row][col]`, empty or missing for none), e.g. the rung
+/// where successive halving stopped a cell.
 #[allow(clippy::too_many_arguments)]
-pub fn heatmap_with_notes(
+pub fn heatmap(
     title: &str,
     row_label: &str,
     col_label: &str,
@@ -131,13 +104,7 @@ pub fn heatmap_with_notes(
     let (lo, hi) = finite.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
     let cell_w = (W - 2.0 * PAD) / cols.len().max(1) as f64;
     let cell_h = (H - 2.0 * PAD) / rows.len().max(1) as f64;
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
-        W / 2.0,
-        escape(title)
-    );
+    let mut svg = open_svg(title);
     for (r, row) in values.iter().enumerate() {
         for (c, &v) in row.iter().enumerate() {
             let (x, y) = (PAD + c as f64 * cell_w, PAD + r as f64 * cell_h);
@@ -211,18 +178,35 @@ pub fn heatmap_with_notes(
             escape(name)
         );
     }
+    axis_titles(&mut svg, col_label, row_label);
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// An SVG document of the plot size, white background, `title` centred on top (left open).
+fn open_svg(title: &str) -> String {
+    let mut svg = String::new();
     let _ = write!(
         svg,
-        r#"<text x="{}" y="{}" text-anchor="middle">{}</text><text x="14" y="{}" text-anchor="middle" transform="rotate(-90 14 {})">{}</text></svg>"#,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
+        W / 2.0,
+        escape(title)
+    );
+    svg
+}
+
+/// The x-axis title under the plot and the y-axis title turned along the left edge.
+fn axis_titles(svg: &mut String, x_label: &str, y_label: &str) {
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text><text x="14" y="{}" text-anchor="middle" transform="rotate(-90 14 {})">{}</text>"#,
         W / 2.0,
         H - 12.0,
-        escape(col_label),
+        escape(x_label),
         H / 2.0,
         H / 2.0,
-        escape(row_label)
+        escape(y_label)
     );
-    svg.push('\n');
-    svg
 }
 
 fn short(v: f64) -> String {

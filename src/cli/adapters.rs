@@ -376,21 +376,7 @@ fn diff(
             row
         })
         .collect();
-    print!(
-        "{}",
-        table(
-            &[
-                "module",
-                "present",
-                "||ΔA||",
-                "||ΔB||",
-                "cos",
-                "||ΔA-ΔB||",
-                "rel diff"
-            ],
-            &rows
-        )
-    );
+    print_totals_table(["module", "present"], &rows);
     Ok(())
 }
 
@@ -407,21 +393,14 @@ fn print_layers(d: &AdapterDiff) {
     let mut overall = vec!["all".to_string(), d.modules.len().to_string()];
     overall.extend(totals_cells(&d.overall));
     rows.push(overall);
-    print!(
-        "{}",
-        table(
-            &[
-                "layer",
-                "modules",
-                "||ΔA||",
-                "||ΔB||",
-                "cos",
-                "||ΔA-ΔB||",
-                "rel diff"
-            ],
-            &rows
-        )
-    );
+    print_totals_table(["layer", "modules"], &rows);
+}
+
+/// A table of rows that end in [`totals_cells`], headed by `first` then the totals' columns.
+fn print_totals_table(first: [&str; 2], rows: &[Vec<String>]) {
+    let mut header = first.to_vec();
+    header.extend(["||ΔA||", "||ΔB||", "cos", "||ΔA-ΔB||", "rel diff"]);
+    print!("{}", table(&header, rows));
 }
 
 fn totals_cells(t: &DiffTotals) -> Vec<String> {
@@ -544,24 +523,9 @@ fn human_size(bytes: u64) -> String {
     }
 }
 
-/// `YYYY-MM-DD HH:MM UTC` from Unix seconds (days-from-civil inverse, proleptic Gregorian).
+/// `YYYY-MM-DD HH:MM UTC` from Unix seconds.
 fn utc(unix: u64) -> String {
-    let days = (unix / 86_400) as i64;
-    let secs = unix % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
-        secs / 3600,
-        (secs % 3600) / 60
-    )
+    peft_wit::fsutil::strftime_utc(unix as i64, "%Y-%m-%d %H:%M UTC")
 }
 
 #[cfg(test)]

@@ -60,9 +60,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "peft-wit {} base, batch {}x{}, LoRA r{} on 7 projections, {} threads:",
             result.base_dtype, spec.batch_size, spec.seq_len, spec.rank, result.threads
         );
+        let peak_name = if result.base_dtype == "bf16" {
+            "bf16"
+        } else {
+            "f32"
+        };
+        let share = |s: Option<f64>| {
+            s.map(|s| format!(", {:.0}% of the {peak_name} peak", 100.0 * s))
+                .unwrap_or_default()
+        };
         println!(
-            "  train step (fwd+bwd+AdamW): {:.1} tokens/s (median of {})",
-            result.train_tokens_per_s, spec.steps
+            "  train step (fwd+bwd+AdamW): {:.1} tokens/s (median of {}){}",
+            result.train_tokens_per_s,
+            spec.steps,
+            share(result.train_share_of_peak)
         );
         let phases = &result.train_phase_s;
         println!(
@@ -70,8 +81,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             phases.forward, phases.backward, phases.optimizer
         );
         println!(
-            "  forward-only eval:          {:.1} tokens/s",
-            result.eval_tokens_per_s
+            "  forward-only eval:          {:.1} tokens/s ({:.1}x training){}",
+            result.eval_tokens_per_s,
+            result.eval_tokens_per_s / result.train_tokens_per_s,
+            share(result.eval_share_of_peak)
         );
         match result.generate_tokens_per_s {
             Some(rate) => println!("  generation (KV cache):      {rate:.1} tokens/s"),
@@ -80,6 +93,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!(
             "  peak RSS:                   {:.0} MB",
             result.peak_rss_mb.unwrap_or(f64::NAN)
+        );
+        let gflops = |g: Option<f64>| g.map_or("n/a".to_string(), |g| format!("{g:.0} GFLOP/s"));
+        println!(
+            "  machine peak ({} threads):   f32 FMA {}, bf16 dot {}; the step does {:.3} GFLOP a token",
+            result.peak.threads,
+            gflops(result.peak.f32_gflops),
+            gflops(result.peak.bf16_gflops),
+            result.train_flops_per_token / 1e9
         );
     }
     Ok(())

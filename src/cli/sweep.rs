@@ -91,13 +91,7 @@ struct GridArgs {
     #[arg(long)]
     force: bool,
     #[command(flatten)]
-    bench: TaskArgs,
-    /// With --tasks: the first N documents of each subtask.
-    #[arg(long)]
-    task_limit: Option<usize>,
-    /// With --tasks: sequences decoded together.
-    #[arg(long, default_value_t = 8)]
-    task_batch_size: usize,
+    bench: SweepTaskArgs,
     #[arg(long)]
     quiet: bool,
 }
@@ -175,11 +169,27 @@ struct CollectArgs {
     report_dir: Option<PathBuf>,
     /// Also score the done cells on benchmarks (the base loaded once; scores kept per cell).
     #[command(flatten)]
-    bench: TaskArgs,
+    bench: SweepTaskArgs,
+}
+
+/// Benchmarks for a sweep's cells.
+#[derive(clap::Args)]
+struct SweepTaskArgs {
+    #[command(flatten)]
+    tasks: TaskArgs,
+    /// With --tasks: the first N documents of each subtask.
     #[arg(long)]
     task_limit: Option<usize>,
+    /// With --tasks: sequences decoded together.
     #[arg(long, default_value_t = 8)]
     task_batch_size: usize,
+}
+
+impl SweepTaskArgs {
+    fn prepare(&self, base: &BaseModel) -> anyhow::Result<Option<peft_wit::tasks::Suite>> {
+        self.tasks
+            .prepare(base, self.task_limit, self.task_batch_size)
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -201,7 +211,7 @@ fn run_grid(args: GridArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("{}grid", args.prefix));
     peft_wit::sweep::plan::validate_sweep_name(&sweep_name)?;
     anyhow::ensure!(
-        args.bench.log_samples.is_none() && args.bench.output_path.is_none(),
+        args.bench.tasks.log_samples.is_none() && args.bench.tasks.output_path.is_none(),
         "--log-samples and --output-path belong to `peft-wit eval --tasks ... --adapters <cells>`; a sweep keeps each cell's scores in <registry>/<cell>/{}",
         peft_wit::sweep::BENCHMARK_FILE
     );
@@ -219,7 +229,7 @@ fn run_grid(args: GridArgs) -> anyhow::Result<()> {
         Launcher::Local => {}
         other => {
             anyhow::ensure!(
-                args.bench.tasks.is_empty(),
+                args.bench.tasks.tasks.is_empty(),
                 "--tasks runs with --launcher local; for cluster cells score them once they are done with `peft-wit sweep collect {sweep_name} --tasks ...` (one loaded base for all)"
             );
             if other == Launcher::Slurm {
@@ -240,9 +250,7 @@ fn run_grid(args: GridArgs) -> anyhow::Result<()> {
     let mut base = load_model(cfg.model.as_deref(), cfg.base_dtype, cfg.device)?;
     // Benchmarks are prepared before training so a bad task or missing data stops the sweep
     // before hours of training, not after.
-    let suite = args
-        .bench
-        .prepare(&base, args.task_limit, args.task_batch_size)?;
+    let suite = args.bench.prepare(&base)?;
     let data = prepare_data(&cfg, &base)?;
     if !args.quiet {
         for line in &data.report {
@@ -557,14 +565,11 @@ fn collect_sweep(args: CollectArgs) -> anyhow::Result<()> {
     let metric = args.metric.clone().unwrap_or_else(|| plan.metric.clone());
     let mut result = collect(&registry, &plan, &metric)?;
     let mut benchmarks = Vec::new();
-    if !args.bench.tasks.is_empty() {
+    if !args.bench.tasks.tasks.is_empty() {
         let cfg = &plan.train_config;
         let mut base = load_model(cfg.model.as_deref(), cfg.base_dtype, cfg.device)?;
         plan.check_base(&base)?;
-        if let Some(suite) = args
-            .bench
-            .prepare(&base, args.task_limit, args.task_batch_size)?
-        {
+        if let Some(suite) = args.bench.prepare(&base)? {
             eprintln!("benchmarks: scoring the done cells ...");
             benchmarks = benchmark_cells(&mut base, &registry, &mut result, &suite)?;
         }

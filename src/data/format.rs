@@ -301,16 +301,11 @@ fn parse_row(obj: &Map<String, Value>, format: &Format) -> Result<Example, Strin
                     .as_object()
                     .ok_or_else(|| format!("message {i} is not an object"))?;
                 let role = get_str(m, role_key).map_err(|e| format!("message {i}: {e}"))?;
-                let role = match role {
-                    "system" => Role::System,
-                    "user" | "human" => Role::User,
-                    "assistant" | "gpt" => Role::Assistant,
-                    other => {
-                        return Err(format!(
-                        "message {i}: unknown role `{other}` (expected system, user or assistant)"
-                    ))
-                    }
-                };
+                let role = Role::parse(role).ok_or_else(|| {
+                    format!(
+                        "message {i}: unknown role `{role}` (expected system, user or assistant)"
+                    )
+                })?;
                 let content = get_str(m, content_key).map_err(|e| format!("message {i}: {e}"))?;
                 messages.push(Message::new(role, content));
             }

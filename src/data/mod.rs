@@ -58,6 +58,17 @@ pub enum Role {
 }
 
 impl Role {
+    /// A conversation's role name: `system`, `user` (or ShareGPT's `human`), `assistant` (or
+    /// `gpt`); `None` for any other.
+    pub fn parse(name: &str) -> Option<Role> {
+        match name {
+            "system" => Some(Role::System),
+            "user" | "human" => Some(Role::User),
+            "assistant" | "gpt" => Some(Role::Assistant),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::System => "system",

@@ -1,7 +1,6 @@
 //! Prompt templates: the model's own Jinja chat template rendered as transformers'
 //! `apply_chat_template` does, plus the Alpaca and raw layouts of the WIT paper.
 
-use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use minijinja::value::{Kwargs, Value};
@@ -351,89 +350,7 @@ fn strftime_now(fmt: String) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    strftime(secs, &fmt)
-}
-
-const MONTHS: [&str; 12] = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
-const DAYS: [&str; 7] = [
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-];
-
-/// A small strftime over unix seconds (UTC): the directives chat templates use.
-pub(crate) fn strftime(secs: i64, fmt: &str) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
-    let (h, mi, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
-    let month = MONTHS[(m - 1) as usize];
-    let day = DAYS[weekday];
-    let mut out = String::new();
-    let mut chars = fmt.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        let _ = match chars.next() {
-            Some('Y') => write!(out, "{y}"),
-            Some('y') => write!(out, "{:02}", y.rem_euclid(100)),
-            Some('m') => write!(out, "{m:02}"),
-            Some('d') => write!(out, "{d:02}"),
-            Some('-') => match chars.next() {
-                Some('d') => write!(out, "{d}"),
-                Some('m') => write!(out, "{m}"),
-                Some(o) => write!(out, "%-{o}"),
-                None => write!(out, "%-"),
-            },
-            Some('B') => write!(out, "{month}"),
-            Some('b') => write!(out, "{}", &month[..3]),
-            Some('A') => write!(out, "{day}"),
-            Some('a') => write!(out, "{}", &day[..3]),
-            Some('H') => write!(out, "{h:02}"),
-            Some('M') => write!(out, "{mi:02}"),
-            Some('S') => write!(out, "{s:02}"),
-            Some('j') => write!(out, "{:03}", doy_of(y, m, d)),
-            Some('%') => write!(out, "%"),
-            Some(o) => write!(out, "%{o}"),
-            None => write!(out, "%"),
-        };
-    }
-    out
-}
-
-fn doy_of(y: i64, m: i64, d: i64) -> i64 {
-    const CUM: [i64; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
-    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    CUM[(m - 1) as usize] + d + i64::from(leap && m > 2)
+    crate::fsutil::strftime_utc(secs, &fmt)
 }
 
 /// Python's `json.dumps` layout (`", "` and `": "` separators, or `indent`), non-ASCII kept.
@@ -461,28 +378,29 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
 
 struct PyFormatter;
 
+/// Python's item separator, before every item but the first.
+fn separator<W: ?Sized + std::io::Write>(w: &mut W, first: bool) -> std::io::Result<()> {
+    if first {
+        Ok(())
+    } else {
+        w.write_all(b", ")
+    }
+}
+
 impl serde_json::ser::Formatter for PyFormatter {
     fn begin_array_value<W: ?Sized + std::io::Write>(
         &mut self,
         w: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            w.write_all(b", ")
-        }
+        separator(w, first)
     }
     fn begin_object_key<W: ?Sized + std::io::Write>(
         &mut self,
         w: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            w.write_all(b", ")
-        }
+        separator(w, first)
     }
     fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
         w.write_all(b": ")
@@ -638,15 +556,18 @@ mod tests {
     #[test]
     fn strftime_known_dates() {
         assert_eq!(
-            strftime(0, "%Y-%m-%d %H:%M:%S %A"),
+            crate::fsutil::strftime_utc(0, "%Y-%m-%d %H:%M:%S %A"),
             "1970-01-01 00:00:00 Thursday"
         );
         // 2024-02-29 12:34:56 UTC
         assert_eq!(
-            strftime(1_709_210_096, "%d %B %Y, %a %j"),
+            crate::fsutil::strftime_utc(1_709_210_096, "%d %B %Y, %a %j"),
             "29 February 2024, Thu 060"
         );
-        assert_eq!(strftime(1_709_210_096, "%-d %b"), "29 Feb");
+        assert_eq!(
+            crate::fsutil::strftime_utc(1_709_210_096, "%-d %b"),
+            "29 Feb"
+        );
     }
 
     #[test]

@@ -269,16 +269,9 @@ fn messages(value: &Value, name: &str) -> std::result::Result<Vec<Message>, Stri
             let content = item.get("content").and_then(Value::as_str).ok_or_else(|| {
                 format!("`{name}` message {i}: missing field `content` (a string)")
             })?;
-            let role = match role {
-                "system" => Role::System,
-                "user" | "human" => Role::User,
-                "assistant" | "gpt" => Role::Assistant,
-                other => {
-                    return Err(format!(
-                        "`{name}` message {i}: unknown role `{other}` (system, user, assistant)"
-                    ))
-                }
-            };
+            let role = Role::parse(role).ok_or_else(|| {
+                format!("`{name}` message {i}: unknown role `{role}` (system, user, assistant)")
+            })?;
             Ok(Message::new(role, content))
         })
         .collect()

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
 use super::data::{PairTokens, PreparedPairs};
@@ -22,13 +22,14 @@ use super::loss::{
     micro_objective, pair_logps, DpoMetrics, DpoStats, PairBatch, RefLogps, StepScale,
 };
 use crate::data::{length_grouped_batches, LossWeights};
-use crate::fsutil::{atomic_write, atomic_write_json, LockFile};
+use crate::fsutil::{atomic_write, atomic_write_json};
 use crate::lora::peft::save_peft;
 use crate::lora::LoraAdapter;
 use crate::model::decoder::ForwardContext;
 use crate::model::BaseModel;
 use crate::registry::{AdapterMeta, BaseInfo, DataInfo, DpoInfo, LossInfo, Registry, METRICS_FILE};
 use crate::train::optim::{learning_rate, AdamW, AdamWParams, GradAccumulator, Schedule};
+use crate::train::trainer::{lock_run, progress_bar, STEP_BAR};
 use crate::{Error, Result};
 
 /// Everything that determines a DPO run's result.
@@ -120,13 +121,13 @@ impl DpoConfig {
 
     /// Optimizer steps for `n_train` pairs.
     pub fn total_steps(&self, n_train: usize) -> usize {
-        if let Some(steps) = self.max_steps {
-            return steps;
-        }
-        let batches = n_train.div_ceil(self.batch_size.max(1));
-        (self.epochs * batches)
-            .div_ceil(self.grad_accum.max(1))
-            .max(1)
+        crate::train::optim::optimizer_steps(
+            self.max_steps,
+            self.epochs,
+            n_train,
+            self.batch_size,
+            self.grad_accum,
+        )
     }
 }
 
@@ -278,7 +279,7 @@ pub fn train_dpo(
         });
     }
     let run_dir = registry.run_dir(&name);
-    let _lock = lock_run(&run_dir, &name)?;
+    let _lock = lock_run(&run_dir, &name, "DPO training")?;
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
     }
@@ -293,9 +294,10 @@ pub fn train_dpo(
     let mut visited: Vec<usize> = plan.iter().flatten().copied().collect();
     visited.sort_unstable();
     visited.dedup();
-    let ref_bar = bar(
+    let ref_bar = progress_bar(
         opts.progress,
-        (visited.len() + data.eval.len()) as u64,
+        visited.len() + data.eval.len(),
+        0,
         &format!("{name} reference log-probs"),
         "{prefix} [{bar:28}] {pos}/{len} pairs | {elapsed_precise}",
     );
@@ -343,12 +345,7 @@ pub fn train_dpo(
     if let Some(m) = &eval_before {
         log.write(&eval_line(0, m, 0, 0.0))?;
     }
-    let bar = bar(
-        opts.progress,
-        total as u64,
-        &name,
-        "{prefix} step {pos}/{len} [{bar:28}] {msg} | {elapsed_precise} ETA {eta_precise}",
-    );
+    let bar = progress_bar(opts.progress, total, 0, &name, STEP_BAR);
     let mut tokens_seen = 0u64;
     let mut recent: Vec<DpoStats> = Vec::new();
     let window = 10.min(total).max(1);
@@ -506,34 +503,6 @@ fn micro_batch_plan(data: &PreparedPairs, cfg: &DpoConfig, total: usize) -> Vec<
         epoch += 1;
     }
     plan
-}
-
-/// Only one process may drive a given run (see [`crate::fsutil::lock`]).
-fn lock_run(run_dir: &Path, name: &str) -> Result<LockFile> {
-    if let Some(parent) = run_dir.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
-    let path = run_dir.with_extension("lock");
-    match LockFile::try_acquire(&path, &format!("DPO training {name}"))? {
-        Ok(lock) => Ok(lock),
-        Err(owner) => Err(Error::Locked {
-            path,
-            owner: format!("{owner}: another process is training `{name}` right now"),
-        }),
-    }
-}
-
-fn bar(show: bool, len: u64, prefix: &str, template: &str) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len);
-    let style = ProgressStyle::with_template(template)
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
-    bar.set_style(style);
-    bar.set_prefix(prefix.to_string());
-    bar
 }
 
 type Line = serde_json::Map<String, serde_json::Value>;

@@ -369,10 +369,9 @@ fn combined_meta(req: &CombineRequest<'_>) -> Result<AdapterMeta> {
         }
     };
     let first = metas.first().map(|(m, _)| *m);
-    Ok(AdapterMeta {
-        format_version: 1,
-        name: name.to_string(),
-        base: BaseInfo {
+    Ok(AdapterMeta::untrained(
+        name.to_string(),
+        BaseInfo {
             name: base_name.to_string(),
             fingerprint: fingerprints.first().map(|s| s.to_string()),
             architecture: model.architecture.name().into(),
@@ -382,7 +381,7 @@ fn combined_meta(req: &CombineRequest<'_>) -> Result<AdapterMeta> {
             num_layers: model.num_hidden_layers,
             hidden_size: model.hidden_size,
         },
-        loss: LossInfo {
+        LossInfo {
             prompt_weight: avg(&|m| m.loss.prompt_weight, 0.0),
             response_weight: avg(&|m| m.loss.response_weight, 1.0),
             system_weight: None,
@@ -391,25 +390,10 @@ fn combined_meta(req: &CombineRequest<'_>) -> Result<AdapterMeta> {
             prompt_weight_schedule: None,
             response_weight_schedule: None,
         },
-        data: DataInfo {
-            fingerprint: None,
-            source: recipe,
-            template: first.map(|m| m.data.template.clone()).unwrap_or_default(),
-            train_examples: 0,
-            eval_examples: 0,
-        },
-        lora: adapter.config.clone(),
-        train_config: None,
-        seed: None,
-        metrics: Default::default(),
-        steps: 0,
-        tokens_seen: 0,
-        wall_time_s: 0.0,
-        parent: None,
-        dpo: None,
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    })
+        DataInfo::untrained(
+            recipe,
+            first.map(|m| m.data.template.clone()).unwrap_or_default(),
+        ),
+        adapter.config.clone(),
+    ))
 }

@@ -147,17 +147,7 @@ pub fn write_hf_dir(
             options.dtype
         )));
     }
-    if out.exists()
-        && !options.force
-        && out
-            .read_dir()
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(Error::AlreadyExists {
-            path: out.to_path_buf(),
-        });
-    }
+    super::check_target_free(out, options.force)?;
     let merged = MergedTensors::new(&base.decoder, adapter)?;
     let staged = staging_path(out, "tmp");
     remove_any(&staged)?;

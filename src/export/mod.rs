@@ -55,6 +55,22 @@ pub(crate) fn staging_path(target: &Path, what: &str) -> PathBuf {
     target.with_file_name(format!(".{name}.{what}.{}", std::process::id()))
 }
 
+/// Refuses, before any work, to write over a non-empty `target` without `force` (an empty
+/// directory counts as absent, as in [`publish`]).
+pub(crate) fn check_target_free(target: &Path, force: bool) -> Result<()> {
+    let occupied = target.exists()
+        && target
+            .read_dir()
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true);
+    if occupied && !force {
+        return Err(Error::AlreadyExists {
+            path: target.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
 /// Moves a finished staging folder or file to `target`. An existing target is replaced only
 /// with `force` (an empty directory counts as absent); the old one is moved aside first, so a
 /// crash never leaves neither.

@@ -30,17 +30,7 @@ pub fn export_peft_dir(
         .map(|m| m.base.name.clone())
         .or(original.base_model_name_or_path.clone())
         .unwrap_or_else(|| "unknown".into());
-    if out.exists()
-        && !force
-        && out
-            .read_dir()
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(Error::AlreadyExists {
-            path: out.to_path_buf(),
-        });
-    }
+    super::check_target_free(out, force)?;
     let staged = staging_path(out, "tmp");
     remove_any(&staged)?;
     let write = || -> Result<()> {

@@ -380,9 +380,21 @@ pub fn unix_now() -> u64 {
 
 /// `2026-12-02 14:05:09 UTC`.
 pub fn format_unix(secs: u64) -> String {
-    chrono::DateTime::from_timestamp(secs as i64, 0)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-        .unwrap_or_else(|| secs.to_string())
+    strftime_utc(secs as i64, "%Y-%m-%d %H:%M:%S UTC")
+}
+
+/// Unix seconds formatted in UTC with strftime directives (`%Y`, `%b`, `%-d`, `%j`, ...); a
+/// format chrono cannot read comes back as it is.
+pub fn strftime_utc(secs: i64, fmt: &str) -> String {
+    use std::fmt::Write;
+    let Some(time) = chrono::DateTime::from_timestamp(secs, 0) else {
+        return secs.to_string();
+    };
+    let mut out = String::new();
+    match write!(out, "{}", time.format(fmt)) {
+        Ok(()) => out,
+        Err(_) => fmt.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use crate::{Error, Result};
 
 pub mod lock;
 
-pub use lock::{hostname, LockFile, LockOwner};
+pub use lock::{format_unix, hostname, strftime_utc, LockFile, LockOwner};
 
 /// Atomically replaces `path` with `bytes`.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {

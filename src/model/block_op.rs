@@ -39,14 +39,8 @@ pub(crate) struct BranchSlot {
 
 /// What backward needs from forward (the normed inputs are recomputed: one cheap pass each).
 pub(crate) struct Saved<T> {
-    q: Vec<T>,
-    k: Vec<T>,
-    v: Vec<T>,
-    attn: Vec<T>,
-    x_mid: Vec<T>,
-    gate: Vec<T>,
-    up: Vec<T>,
-    act: Vec<T>,
+    /// The forward's activations (`out` left empty: the backward does not read it).
+    acts: Activations<Vec<T>>,
     /// `(x ⊙ mask)·Aᵀ` per projection (empty where not adapted).
     lows: [Vec<T>; 7],
 }
@@ -292,28 +286,11 @@ impl BlockOp {
             norms: [w_in, w_post],
             lows: Default::default(),
         };
-        let acts = block_plan::forward(&mut steps, &Cow::Borrowed(x))?;
-        let Activations {
-            q,
-            k,
-            v,
-            attn,
-            x_mid,
-            gate,
-            up,
-            act,
-            out,
-        } = acts.map(Cow::into_owned);
+        let mut acts = block_plan::forward(&mut steps, &Cow::Borrowed(x))?.map(Cow::into_owned);
+        let out = std::mem::take(&mut acts.out);
         if self.save {
             let saved = Saved {
-                q,
-                k,
-                v,
-                attn,
-                x_mid,
-                gate,
-                up,
-                act,
+                acts,
                 lows: steps.lows,
             };
             *self.saved.lock().map_err(|_| poisoned())? = Some(T::wrap(saved));
@@ -359,7 +336,7 @@ impl BlockOp {
             let d_act_out = Some((&mut d_act[..], false));
             self.project_back(
                 DOWN,
-                &s.act,
+                &s.acts.act,
                 dy,
                 rows,
                 &s.lows[DOWN],
@@ -372,9 +349,9 @@ impl BlockOp {
             // both outputs whole.
             let (mut dgate, mut dup) =
                 unsafe { (output_buffer(rows * inter), output_buffer(rows * inter)) };
-            silu_mul::backward_into(&s.gate, &s.up, &d_act, &mut dgate, &mut dup);
+            silu_mul::backward_into(&s.acts.gate, &s.acts.up, &d_act, &mut dgate, &mut dup);
             drop(d_act);
-            let h2 = self.norm(&w_post, &s.x_mid);
+            let h2 = self.norm(&w_post, &s.acts.x_mid);
             // SAFETY: [rows, h], overwritten by gate's base product (up's then accumulates).
             let mut dh2 = unsafe { output_buffer(rows * h) };
             let out = Some((&mut dh2[..], false));
@@ -396,22 +373,31 @@ impl BlockOp {
             // SAFETY: x_mid, dh2 and dx_mid are [rows, h] with a norm weight of h:
             // `backward_into` overwrites dx_mid whole before `add_assign_par` reads it.
             let mut dx_mid = unsafe { output_buffer(rows * h) };
-            rms_norm::backward_into(&s.x_mid, &w_post, &dh2, &mut dx_mid, self.eps);
+            rms_norm::backward_into(&s.acts.x_mid, &w_post, &dh2, &mut dx_mid, self.eps);
             add_assign_par(&mut dx_mid, dy);
             drop(dh2);
 
             // Attention: o, then the kernel's backward, then q/k/v into one dh1.
             // SAFETY: the attention output has q's length, [rows, q_width], overwritten by
             // o's base product.
-            let mut dattn = unsafe { output_buffer(s.attn.len()) };
+            let mut dattn = unsafe { output_buffer(s.acts.attn.len()) };
             let out = Some((&mut dattn[..], false));
             self.project_back(
-                O, &s.attn, &dx_mid, rows, &s.lows[O], out, ab, &mut da, &mut db,
+                O,
+                &s.acts.attn,
+                &dx_mid,
+                rows,
+                &s.lows[O],
+                out,
+                ab,
+                &mut da,
+                &mut db,
             )?;
             let dims = self.attn_dims(b_sz, t);
-            let (dq, dk, dv) = self
-                .attention
-                .backward_slices([&dims[0], &dims[1], &dims[2]], [&s.q, &s.k, &s.v, &dattn])?;
+            let (dq, dk, dv) = self.attention.backward_slices(
+                [&dims[0], &dims[1], &dims[2]],
+                [&s.acts.q, &s.acts.k, &s.acts.v, &dattn],
+            )?;
             drop(dattn);
             let h1 = self.norm(&w_in, x);
             // SAFETY: [rows, h], overwritten by q's base product (the first below, without

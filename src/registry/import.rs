@@ -1,7 +1,6 @@
 //! Registering adapters trained elsewhere. They are read by the one PEFT reader
 //! (`lora::peft::read_peft`), without a base model, so everything it refuses is refused here.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::{AdapterMeta, BaseInfo, DataInfo, LossInfo, Registry};
@@ -42,10 +41,9 @@ pub fn import(
         });
     }
     let source = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let meta = AdapterMeta {
-        format_version: 1,
-        name: name.clone(),
-        base: BaseInfo {
+    let meta = AdapterMeta::untrained(
+        name.clone(),
+        BaseInfo {
             name: peft
                 .base_model_name_or_path
                 .clone()
@@ -57,28 +55,13 @@ pub fn import(
             num_layers: adapter.num_layers(),
             hidden_size: hidden_size(&adapter).unwrap_or(0),
         },
-        loss: LossInfo::unknown(),
-        data: DataInfo {
-            fingerprint: None,
-            source: format!("imported from {}", source.display()),
-            template: "unknown".into(),
-            train_examples: 0,
-            eval_examples: 0,
-        },
-        lora: adapter.config.clone(),
-        train_config: None,
-        seed: None,
-        metrics: BTreeMap::new(),
-        steps: 0,
-        tokens_seen: 0,
-        wall_time_s: 0.0,
-        parent: None,
-        dpo: None,
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    };
+        LossInfo::unknown(),
+        DataInfo::untrained(
+            format!("imported from {}", source.display()),
+            "unknown".into(),
+        ),
+        adapter.config.clone(),
+    );
 
     let staged = registry.trash_path(&format!("import-{name}"));
     let result = (|| {

@@ -170,7 +170,49 @@ pub struct DataInfo {
     pub eval_examples: usize,
 }
 
+impl DataInfo {
+    /// For an entry not trained on data here (imported, combined): `source` says where it came
+    /// from.
+    pub fn untrained(source: String, template: String) -> Self {
+        Self {
+            fingerprint: None,
+            source,
+            template,
+            train_examples: 0,
+            eval_examples: 0,
+        }
+    }
+}
+
 impl AdapterMeta {
+    /// The sidecar of an entry that no training run here produced (imported from PEFT, combined
+    /// from others): no training config, seed, metrics or steps; created now.
+    pub fn untrained(
+        name: String,
+        base: BaseInfo,
+        loss: LossInfo,
+        data: DataInfo,
+        lora: crate::lora::LoraConfig,
+    ) -> Self {
+        Self {
+            format_version: 1,
+            name,
+            base,
+            loss,
+            data,
+            lora,
+            train_config: None,
+            seed: None,
+            metrics: Default::default(),
+            steps: 0,
+            tokens_seen: 0,
+            wall_time_s: 0.0,
+            created_unix: crate::fsutil::lock::unix_now(),
+            parent: None,
+            dpo: None,
+        }
+    }
+
     pub fn read(dir: &Path) -> Result<Self> {
         read_json(&dir.join(SIDECAR_FILE))
     }

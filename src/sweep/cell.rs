@@ -158,7 +158,14 @@ pub fn train_cell(
             name: plan.cell(index)?.name.clone(),
             metrics,
         }),
-        Claim::Mine(lock) => train_claimed(base, data, plan, registry, index, opts, lock),
+        Claim::Mine(lock) => {
+            let cell = CellRef {
+                registry,
+                plan,
+                index,
+            };
+            train_claimed(base, data, cell, opts, lock)
+        }
     }
 }
 
@@ -183,7 +190,12 @@ pub fn run_cell(
     };
     let (base, data) = load_for_plan(registry, &plan)?;
     on_loaded(&base, &data);
-    train_claimed(&base, &data, &plan, registry, index, opts, lock)
+    let cell = CellRef {
+        registry,
+        plan: &plan,
+        index,
+    };
+    train_claimed(&base, &data, cell, opts, lock)
 }
 
 /// The plan's base (mmapped) and tokenized data, checked against the plan's fingerprints.
@@ -197,15 +209,26 @@ pub fn load_for_plan(registry: &Registry, plan: &SweepPlan) -> Result<(BaseModel
     Ok((base, data))
 }
 
+/// A cell of a plan in a registry.
+struct CellRef<'a> {
+    registry: &'a Registry,
+    plan: &'a SweepPlan,
+    index: usize,
+}
+
+/// Trains a cell whose lock this process holds (`_lock`, released when the run ends).
 fn train_claimed(
     base: &BaseModel,
     data: &PreparedData,
-    plan: &SweepPlan,
-    registry: &Registry,
-    index: usize,
+    cell: CellRef<'_>,
     opts: &RunOptions,
     _lock: LockFile,
 ) -> Result<CellOutcome> {
+    let CellRef {
+        registry,
+        plan,
+        index,
+    } = cell;
     let cfg = plan.cell_config(index)?;
     let name = plan.cell(index)?.name.clone();
     if data.fingerprint != plan.data_fingerprint {

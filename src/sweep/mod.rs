@@ -386,7 +386,7 @@ impl SweepResult {
                     .collect()
             })
             .collect();
-        crate::plot::heatmap_with_notes(
+        crate::plot::heatmap(
             &format!("{} over the loss-weight grid (best outlined)", self.metric),
             "response weight λr",
             "prompt weight λp",

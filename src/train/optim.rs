@@ -243,6 +243,22 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64
     Ok(norm)
 }
 
+/// Optimizer steps of a run: `max_steps` when given, else `epochs` passes over `n_items` in
+/// micro-batches of `batch_size`, `grad_accum` micro-batches to a step (at least one step).
+pub fn optimizer_steps(
+    max_steps: Option<usize>,
+    epochs: usize,
+    n_items: usize,
+    batch_size: usize,
+    grad_accum: usize,
+) -> usize {
+    if let Some(steps) = max_steps {
+        return steps;
+    }
+    let batches = n_items.div_ceil(batch_size.max(1));
+    (epochs * batches).div_ceil(grad_accum.max(1)).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

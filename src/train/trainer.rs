@@ -122,13 +122,13 @@ pub struct MetricsLine {
 
 /// Number of optimizer steps a config implies for `n_train` examples.
 pub fn total_steps(cfg: &TrainConfig, n_train: usize) -> usize {
-    if let Some(steps) = cfg.max_steps {
-        return steps;
-    }
-    let batches = n_train.div_ceil(cfg.batch_size.max(1));
-    (cfg.epochs * batches)
-        .div_ceil(cfg.grad_accum.max(1))
-        .max(1)
+    super::optim::optimizer_steps(
+        cfg.max_steps,
+        cfg.epochs,
+        n_train,
+        cfg.batch_size,
+        cfg.grad_accum,
+    )
 }
 
 /// The micro-batches of the whole run, as a pure function of (config, step): resuming needs no
@@ -296,7 +296,7 @@ impl<'a> Run<'a> {
             });
         }
         let run_dir = registry.run_dir(&name);
-        let lock = lock_run(&run_dir, &name)?;
+        let lock = lock_run(&run_dir, &name, "training")?;
         let existing = checkpoint::latest(&run_dir)?;
         if existing.is_some() && !opts.resume && !opts.force {
             return Err(Error::InvalidArgument(format!(
@@ -354,7 +354,7 @@ impl<'a> Run<'a> {
             .unwrap_or_else(|| (cfg.warmup_ratio * total as f64).ceil() as usize);
         let order = DataOrder::new(&data.train, cfg.batch_size, cfg.seed);
         let pad = base.pad_id();
-        let bar = progress_bar(opts.progress, total, start_step, &name);
+        let bar = progress_bar(opts.progress, total, start_step, &name, STEP_BAR);
         let started = Instant::now();
         let tracker = open_tracker(cfg, opts, &name, &run_dir, base, data)?;
         let log = MetricsLog::open(&run_dir, tracker)?;
@@ -699,28 +699,38 @@ fn eval_line(step: usize, m: &LossMetrics, tokens_seen: u64, elapsed_s: f64) -> 
     }
 }
 
-fn progress_bar(show: bool, total: usize, start: usize, name: &str) -> ProgressBar {
+/// The progress bar of a run of optimizer steps (training, DPO).
+pub(crate) const STEP_BAR: &str =
+    "{prefix} step {pos}/{len} [{bar:28}] {msg} | {elapsed_precise} ETA {eta_precise}";
+
+/// A progress bar drawn with `template` (hidden unless `show`), starting at `start` of `total`.
+pub(crate) fn progress_bar(
+    show: bool,
+    total: usize,
+    start: usize,
+    prefix: &str,
+    template: &str,
+) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total as u64);
-    let style = ProgressStyle::with_template(
-        "{prefix} step {pos}/{len} [{bar:28}] {msg} | {elapsed_precise} ETA {eta_precise}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
+    let style = ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
     bar.set_style(style);
-    bar.set_prefix(name.to_string());
+    bar.set_prefix(prefix.to_string());
     bar.set_position(start as u64);
     bar
 }
 
 /// Only one process may drive a given run, on any host sharing the registry: the run's lock
-/// file is created exclusively (see [`crate::fsutil::lock`]).
-fn lock_run(run_dir: &Path, name: &str) -> Result<LockFile> {
+/// file is created exclusively (see [`crate::fsutil::lock`]). `what` names the work
+/// ("training", "DPO training").
+pub(crate) fn lock_run(run_dir: &Path, name: &str, what: &str) -> Result<LockFile> {
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     let path = run_dir.with_extension("lock");
-    match LockFile::try_acquire(&path, &format!("training {name}"))? {
+    match LockFile::try_acquire(&path, &format!("{what} {name}"))? {
         Ok(lock) => Ok(lock),
         Err(owner) => Err(Error::Locked {
             path,

@@ -1,6 +1,8 @@
 //! Throughput and memory benchmarks of the training step, forward-only evaluation and
 //! generation, on the same workload the PyTorch + PEFT script in `benches/` runs.
 
+pub mod peak;
+
 use std::time::Instant;
 
 use candle_core::DType;
@@ -11,6 +13,7 @@ use crate::data::Batch;
 use crate::generate::{generate, GenerationConfig};
 use crate::lora::{LoraAdapter, LoraConfig};
 use crate::loss::{position_nll, weighted_nll_sum};
+use crate::model::config::PROJECTIONS;
 use crate::model::decoder::ForwardContext;
 use crate::model::BaseModel;
 use crate::train::optim::{AdamW, AdamWParams};
@@ -43,6 +46,15 @@ pub struct BenchResult {
     /// Peak resident set size of the process so far (VmHWM), in MB.
     pub peak_rss_mb: Option<f64>,
     pub threads: usize,
+    /// The machine's peak on these threads, probed before the steps.
+    pub peak: peak::Peak,
+    /// Useful FLOPs of one training token (see [`peak::train_flops_per_token`]).
+    pub train_flops_per_token: f64,
+    /// The training step's share of the peak of its dtype (bf16 for a bf16 base, f32
+    /// otherwise); `None` where that peak could not be probed.
+    pub train_share_of_peak: Option<f64>,
+    /// The same for forward-only evaluation.
+    pub eval_share_of_peak: Option<f64>,
 }
 
 /// Where a training step's time goes (medians over the timed steps, seconds).
@@ -103,6 +115,7 @@ pub fn run(
         ..Default::default()
     };
     let adapter = LoraAdapter::init(&lora, &decoder.config, 0, DType::F32, decoder.device())?;
+    let machine = peak::probe();
     let mut optimizer = AdamW::new(adapter.named_vars(), AdamWParams::default())?;
     let tokens = (spec.batch_size * spec.seq_len) as f64;
     let mut step_times = Vec::new();
@@ -174,20 +187,36 @@ pub fn run(
     } else {
         None
     };
+    let config = &decoder.config;
+    let adapted: Vec<&str> = PROJECTIONS.to_vec();
+    let train_flops = peak::train_flops_per_token(config, spec.rank, &adapted, spec.seq_len);
+    let eval_flops = peak::eval_flops_per_token(config, spec.rank, &adapted, spec.seq_len);
+    let peak_gflops = if base.base_dtype.name() == "bf16" {
+        machine.bf16_gflops
+    } else {
+        machine.f32_gflops
+    };
+    let train_tokens_per_s = tokens / median(&step_times);
+    let eval_tokens_per_s = median(&eval_rates);
+    let share = |rate: f64, flops: f64| peak_gflops.map(|p| rate * flops / 1e9 / p);
     Ok(BenchResult {
         model: base.name.clone(),
         base_dtype: base.base_dtype.name().into(),
         spec: spec.clone(),
-        train_tokens_per_s: tokens / median(&step_times),
+        train_tokens_per_s,
         train_step_s: step_times,
         train_phase_s: TrainPhases {
             forward: median(&phase_times.iter().map(|p| p[0]).collect::<Vec<_>>()),
             backward: median(&phase_times.iter().map(|p| p[1]).collect::<Vec<_>>()),
             optimizer: median(&phase_times.iter().map(|p| p[2]).collect::<Vec<_>>()),
         },
-        eval_tokens_per_s: median(&eval_rates),
+        eval_tokens_per_s,
         generate_tokens_per_s,
         peak_rss_mb: peak_rss_mb(),
         threads: rayon::current_num_threads(),
+        peak: machine,
+        train_flops_per_token: train_flops,
+        train_share_of_peak: share(train_tokens_per_s, train_flops),
+        eval_share_of_peak: share(eval_tokens_per_s, eval_flops),
     })
 }
