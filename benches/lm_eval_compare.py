@@ -266,29 +266,37 @@ def write_bbh(src, out, data):
     return found
 
 
+def local_config(cfg, dataset_kwargs, at, drop=()):
+    """The harness task config `cfg` rewritten to read local JSON files: the task name gets
+    PREFIX, `dataset_path` becomes "json", `dataset_kwargs` goes in at the key `at` (replacing
+    `dataset_name`, or right after `dataset_path`), and the keys in `drop` are left out."""
+    out_cfg = OrderedDict()
+    for k, v in cfg.items():
+        if k in drop:
+            continue
+        if k == "task":
+            out_cfg["task"] = PREFIX + v
+        elif k == "dataset_path":
+            out_cfg["dataset_path"] = "json"
+        elif k != at:
+            out_cfg[k] = v
+        if k == at:
+            out_cfg["dataset_kwargs"] = dataset_kwargs
+    return dict(out_cfg)
+
+
 def write_gsm8k(src, out, data):
     d = os.path.join(out, "gsm8k")
     os.makedirs(d, exist_ok=True)
     cfg = load_yaml(os.path.join(src, "gsm8k", "gsm8k.yaml"))
     assert cfg.get("dataset_path") == "openai/gsm8k", cfg
-    out_cfg = OrderedDict()
-    for k, v in cfg.items():
-        if k == "tag":
-            continue  # `math_word_problems` would merge with the built-in tag
-        if k == "task":
-            out_cfg["task"] = PREFIX + v
-        elif k == "dataset_path":
-            out_cfg["dataset_path"] = "json"
-        elif k == "dataset_name":
-            out_cfg["dataset_kwargs"] = {
-                "data_files": {
-                    "train": os.path.join(data, "gsm8k", "train.jsonl"),
-                    "test": os.path.join(data, "gsm8k", "test.jsonl"),
-                }
-            }
-        else:
-            out_cfg[k] = v
-    dump_yaml(dict(out_cfg), os.path.join(d, "gsm8k.yaml"))
+    files = {
+        "train": os.path.join(data, "gsm8k", "train.jsonl"),
+        "test": os.path.join(data, "gsm8k", "test.jsonl"),
+    }
+    # `tag: math_word_problems` would merge with the built-in tag
+    out_cfg = local_config(cfg, {"data_files": files}, at="dataset_name", drop=("tag",))
+    dump_yaml(out_cfg, os.path.join(d, "gsm8k.yaml"))
 
 
 def write_ifeval(src, out, data):
@@ -296,18 +304,9 @@ def write_ifeval(src, out, data):
     os.makedirs(d, exist_ok=True)
     cfg = load_yaml(os.path.join(src, "ifeval", "ifeval.yaml"))
     assert cfg.get("dataset_path") == "google/IFEval", cfg
-    out_cfg = OrderedDict()
-    for k, v in cfg.items():
-        if k == "task":
-            out_cfg["task"] = PREFIX + v
-        elif k == "dataset_path":
-            out_cfg["dataset_path"] = "json"
-            out_cfg["dataset_kwargs"] = {
-                "data_files": {"train": os.path.join(data, "ifeval", "input_data.jsonl")}
-            }
-        else:
-            out_cfg[k] = v
-    dump_yaml(dict(out_cfg), os.path.join(d, "ifeval.yaml"))
+    files = {"train": os.path.join(data, "ifeval", "input_data.jsonl")}
+    out_cfg = local_config(cfg, {"data_files": files}, at="dataset_path")
+    dump_yaml(out_cfg, os.path.join(d, "ifeval.yaml"))
     with open(os.path.join(d, "utils.py"), "w", encoding="utf-8") as f:
         f.write(IFEVAL_UTILS)
 

@@ -62,6 +62,23 @@ IFS=',' read -r -a groups <<<"$tasks"
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f\n", b - a }'; }
 
+# run_logged TOOL GROUP DIR SECONDS_FILE: runs the command in the array `cmd` with its command
+# line saved to DIR/command.txt, its output to DIR/stdout.txt and DIR/stderr.txt and its wall
+# time in seconds to DIR/SECONDS_FILE; if it fails, shows the tail of its stderr and stops.
+run_logged() {
+  local tool="$1" group="$2" dir="$3" seconds="$4" t0
+  printf '%q ' "${cmd[@]}" >"$dir/command.txt"; echo >>"$dir/command.txt"
+  echo "== $tool: $group" >&2
+  t0=$(now)
+  "${cmd[@]}" >"$dir/stdout.txt" 2>"$dir/stderr.txt" || {
+    echo "$tool run for $group failed; tail of $dir/stderr.txt:" >&2
+    tail -30 "$dir/stderr.txt" >&2
+    exit 1
+  }
+  elapsed "$t0" "$(now)" >"$dir/$seconds"
+  echo "   $(cat "$dir/$seconds") s" >&2
+}
+
 # ---------------------------------------------------------------- harness half
 if [[ -z "$reuse" ]]; then
   "$PYTHON" -c 'import lm_eval' 2>/dev/null ||
@@ -85,16 +102,7 @@ if [[ -z "$reuse" ]]; then
       --log_samples --output_path "$hdir")
     [[ -n "$limit" ]] && cmd+=(--limit "$limit")
     [[ -n "$max_gen" && "$g" != mmlu ]] && cmd+=(--gen_kwargs "max_gen_toks=$max_gen")
-    printf '%q ' "${cmd[@]}" >"$hdir/command.txt"; echo >>"$hdir/command.txt"
-    echo "== harness: $g" >&2
-    t0=$(now)
-    "${cmd[@]}" >"$hdir/stdout.txt" 2>"$hdir/stderr.txt" || {
-      echo "harness run for $g failed; tail of $hdir/stderr.txt:" >&2
-      tail -30 "$hdir/stderr.txt" >&2
-      exit 1
-    }
-    elapsed "$t0" "$(now)" >"$hdir/harness_seconds.txt"
-    echo "   $(cat "$hdir/harness_seconds.txt") s" >&2
+    run_logged harness "$g" "$hdir" harness_seconds.txt
     if [[ "$g" == gsm8k ]]; then
       n=$(awk 'END { print NR }' "$data/gsm8k/test.jsonl")
       [[ -n "$limit" && "$limit" -lt "$n" ]] && n="$limit"
@@ -134,16 +142,7 @@ if [[ "$skip_peft" == 0 ]]; then
       cmd+=(--output-path "$pdir/harness_layout")
     # shellcheck disable=SC2206
     [[ -n "${PEFT_WIT_ARGS:-}" ]] && cmd+=($PEFT_WIT_ARGS)
-    printf '%q ' "${cmd[@]}" >"$pdir/command.txt"; echo >>"$pdir/command.txt"
-    echo "== peft-wit: $g" >&2
-    t0=$(now)
-    "${cmd[@]}" >"$pdir/stdout.txt" 2>"$pdir/stderr.txt" || {
-      echo "peft-wit run for $g failed; tail of $pdir/stderr.txt:" >&2
-      tail -30 "$pdir/stderr.txt" >&2
-      exit 1
-    }
-    elapsed "$t0" "$(now)" >"$pdir/peft_wit_seconds.txt"
-    echo "   $(cat "$pdir/peft_wit_seconds.txt") s" >&2
+    run_logged peft-wit "$g" "$pdir" peft_wit_seconds.txt
   done
 fi
 

@@ -89,6 +89,21 @@ fn randn(dims: &[usize], scale: f64) -> Result<Tensor> {
     Tensor::randn(0f32, scale as f32, dims, &Device::Cpu)
 }
 
+/// The additive causal mask of `t` positions, `[t, t]` (query, key): 0 where the key is at or
+/// before the query, -∞ after it.
+fn causal_mask(t: usize) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t * t)
+        .map(|k| {
+            if k % t > k / t {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, t), &Device::Cpu)
+}
+
 fn main() -> Result<()> {
     // OPS_TUNE_MALLOC=1 measures with `ops::tune_glibc_malloc()` applied.
     let tuned =
@@ -131,16 +146,7 @@ fn main() -> Result<()> {
         &|x| composed::rope(&x[0], &cos, &sin),
     )?;
 
-    let mask: Vec<f32> = (0..t * t)
-        .map(|k| {
-            if k % t > k / t {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?;
+    let mask = causal_mask(t)?;
     let s = Var::from_tensor(&randn(&[4, 9, t, t], 2.0)?.broadcast_add(&mask)?)?;
     let r = randn(&[4, 9, t, t], 1.0)?;
     row(
@@ -175,16 +181,7 @@ fn main() -> Result<()> {
     )?;
     // The alternative without the fused attention: candle matmuls + the fused softmax.
     let mask = {
-        let causal: Vec<f32> = (0..t * t)
-            .map(|k| {
-                if k % t > k / t {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let causal = Tensor::from_vec(causal, (1, 1, t, t), &Device::Cpu)?;
+        let causal = causal_mask(t)?.reshape((1, 1, t, t))?;
         let pad = kp.to_dtype(DType::F32)?.reshape((4, 1, 1, t))?;
         let pad = ((pad - 1.0)? * 1e30)?; // 0 for real keys, -1e30 for padding
         causal.broadcast_add(&pad)?

@@ -4,19 +4,16 @@
 //!
 //! `cargo run --release --example custom_role_weights [MODEL]`
 
+mod common;
+
 use peft_wit::data::{Batch, LossWeights, TokenKind};
 use peft_wit::loss::{denominator, weighted_nll_sum, Normalization};
 use peft_wit::model::decoder::ForwardContext;
-use peft_wit::model::{resolve_model, BaseDType, BaseModel};
 use peft_wit::train::{prepare_data, TrainConfig};
 
 fn main() -> anyhow::Result<()> {
     let model = std::env::args().nth(1);
-    let base = BaseModel::load(
-        &resolve_model(model.as_deref())?,
-        BaseDType::F32,
-        &candle_core::Device::Cpu,
-    )?;
+    let base = common::load_base(model.as_deref())?;
     let cfg = TrainConfig {
         builtin_examples: 16,
         ..TrainConfig::default()

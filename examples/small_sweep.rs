@@ -3,11 +3,12 @@
 //!
 //! `cargo run --release --example small_sweep [MODEL] [REGISTRY]`
 
+mod common;
+
 use peft_wit::eval::higher_is_better;
-use peft_wit::model::{resolve_model, BaseDType, BaseModel};
 use peft_wit::registry::{AdapterMeta, Registry};
 use peft_wit::sweep::{GridSpec, LocalSweep, SweepPlan};
-use peft_wit::train::{prepare_data, RunOptions, TrainConfig};
+use peft_wit::train::{prepare_data, RunOptions};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -18,19 +19,9 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| {
             std::env::temp_dir().join(format!("peft-wit-sweep-{}", std::process::id()))
         });
-    let base = BaseModel::load(
-        &resolve_model(model.as_deref())?,
-        BaseDType::F32,
-        &candle_core::Device::Cpu,
-    )?;
-    let cfg = TrainConfig {
-        max_steps: Some(10),
-        r: 4,
-        lora_alpha: 8.0,
-        lr: 1e-3,
-        builtin_examples: 80,
-        ..TrainConfig::default()
-    };
+    let base = common::load_base(model.as_deref())?;
+    // 10 steps at rank 4 (α = 8) on 80 examples of the built-in tasks.
+    let cfg = common::short_run(10, 4, 80);
     // Tokenized once; every cell reuses it with its own weights.
     let data = prepare_data(&cfg, &base)?;
     let registry = Registry::open(&registry_dir)?;

@@ -4,8 +4,9 @@
 //! `cargo run --release --example train_and_evaluate [MODEL] [STEPS]` (MODEL: a GGUF file, a
 //! Hugging Face directory or Hub id; default: the model scripts/fetch-model.sh fetches).
 
+mod common;
+
 use peft_wit::eval::evaluate_losses;
-use peft_wit::model::{resolve_model, BaseDType, BaseModel};
 use peft_wit::registry::Registry;
 use peft_wit::train::{prepare_data, train, LossPreset, RunOptions, TrainConfig, TrainOutcome};
 
@@ -13,21 +14,13 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let model = args.next();
     let steps: usize = args.next().map_or(Ok(20), |s| s.parse())?;
-    let base = BaseModel::load(
-        &resolve_model(model.as_deref())?,
-        BaseDType::F32,
-        &candle_core::Device::Cpu,
-    )?;
+    let base = common::load_base(model.as_deref())?;
+    // `steps` steps at rank 8 (α = 16) on 120 examples of the built-in tasks, under the WIT loss.
     let cfg = TrainConfig {
         loss: LossPreset::Wit,
         prompt_weight: 0.2,
         response_weight: 0.8,
-        max_steps: Some(steps),
-        r: 8,
-        lora_alpha: 16.0,
-        lr: 1e-3,
-        builtin_examples: 120,
-        ..TrainConfig::default()
+        ..common::short_run(steps, 8, 120)
     };
     let data = prepare_data(&cfg, &base)?;
     let registry_dir = tempfile_dir("peft-wit-example-registry")?;

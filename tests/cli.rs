@@ -9,12 +9,7 @@ use util::Dir;
 
 /// Trains `name` for a few steps on the tiny model.
 fn train(dir: &Dir, name: &str, extra: &[&str]) {
-    let data = dir.data();
-    dir.cmd_with_model(&["train", "--quiet", "--name", name, "--max-steps", "3"])
-        .args(["--batch-size", "4", "--rank", "4", "--data"])
-        .arg(&data)
-        .args(extra)
-        .all_output();
+    dir.train(name, "3").args(extra).all_output();
 }
 
 #[test]
@@ -109,25 +104,7 @@ fn train_list_show_eval_generate_merge_export() {
 #[test]
 fn sweep_writes_its_report_under_dot_sweeps_and_every_cell_is_an_adapter() {
     let dir = Dir::tiny();
-    let out = dir
-        .cmd_with_model(&[
-            "sweep",
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--rank",
-            "2",
-        ])
-        .args([
-            "--prompt-weights",
-            "0,1",
-            "--response-weights",
-            "1",
-            "--data",
-        ])
-        .arg(dir.data())
-        .all_output();
+    let out = dir.sweep("0,1").all_output();
     assert!(
         out.contains("wit-p0-r1") && out.contains("wit-p1-r1"),
         "{out}"
@@ -297,16 +274,9 @@ fn train_reports_to_tensorboard_and_mlflow() {
     let uri = uri.trim_end_matches('/').to_string();
     let dir = Dir::tiny();
     let experiment = format!("cli-test-{}", std::process::id());
-    dir.cmd_with_model(&["train", "--quiet", "--name", "tracked", "--max-steps", "4"])
-        .args(["--batch-size", "4", "--rank", "4", "--eval-every", "2"])
-        .args([
-            "--report-to",
-            "tensorboard,mlflow",
-            "--mlflow-experiment",
-            &experiment,
-        ])
-        .arg("--data")
-        .arg(dir.data())
+    dir.train("tracked", "4")
+        .args(["--eval-every", "2", "--report-to", "tensorboard,mlflow"])
+        .args(["--mlflow-experiment", &experiment])
         .env("MLFLOW_TRACKING_URI", &uri)
         .all_output();
 
@@ -470,25 +440,7 @@ fn weight_schedules_train_sweep_and_show() {
         show.contains("prompt step:1->0@0.5 (ended at 0) / response 1"),
         "{show}"
     );
-    let out = dir
-        .cmd_with_model(&[
-            "sweep",
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--rank",
-            "2",
-        ])
-        .args([
-            "--prompt-weights",
-            "linear:1->0,0",
-            "--response-weights",
-            "1",
-            "--data",
-        ])
-        .arg(dir.data())
-        .all_output();
+    let out = dir.sweep("linear:1->0,0").all_output();
     assert!(
         out.contains("wit-plin1to0-r1") && out.contains("wit-p0-r1"),
         "{out}"

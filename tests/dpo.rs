@@ -2,14 +2,16 @@
 //! (policy = reference gives exactly ln 2), and the `peft-wit dpo` command end to end on the tiny
 //! model (new registry entry naming its parent, metrics, skipped pairs, errors naming file:line).
 
+mod common;
 #[path = "util.rs"]
 mod util;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
+use common::gradcheck::{check_lora_gradients, sine_adapter};
 use peft_wit::data::{LossWeights, TokenKind, TokenizedExample};
 use peft_wit::dpo::loss::{micro_objective, pair_logps, softplus, StepScale};
 use peft_wit::dpo::{PairBatch, PairTokens, RefLogps};
-use peft_wit::lora::{LoraAdapter, LoraConfig};
+use peft_wit::lora::LoraAdapter;
 use peft_wit::model::decoder::{Decoder, ForwardContext};
 use peft_wit::model::random::{random_decoder, tiny_config};
 
@@ -50,28 +52,9 @@ fn pairs() -> Vec<PairTokens> {
     ]
 }
 
+/// The test adapter of `decoder`: rank 2, deterministic non-zero B scaled by `b_scale`.
 fn adapter(decoder: &Decoder, dtype: DType, b_scale: f64) -> LoraAdapter {
-    let lora = LoraConfig {
-        r: 2,
-        lora_alpha: 4.0,
-        lora_dropout: 0.0,
-        ..Default::default()
-    };
-    let adapter = LoraAdapter::init(&lora, &decoder.config, 3, dtype, decoder.device()).unwrap();
-    // Non-zero, deterministic B so every factor has a gradient.
-    for (k, (key, var)) in adapter.named_vars().into_iter().enumerate() {
-        if key.contains("lora_B") {
-            let values: Vec<f64> = (0..var.elem_count())
-                .map(|i| b_scale * ((i as f64) * 0.73 + k as f64 * 1.1).sin())
-                .collect();
-            let t = Tensor::from_vec(values, var.dims(), decoder.device())
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            var.set(&t).unwrap();
-        }
-    }
-    adapter
+    sine_adapter(&decoder.config, dtype, decoder.device(), b_scale)
 }
 
 fn refs_of(decoder: &Decoder, adapter: &LoraAdapter, batch: &PairBatch) -> Vec<RefLogps> {
@@ -121,41 +104,13 @@ fn gradcheck(sft_weight: f64) {
     let m = obj.stats.mean();
     assert!(m.reward_margin.abs() > 1e-3, "rewards tie: {m:?}");
     let grads = obj.surrogate.backward().unwrap();
-    let eps = 1e-6;
-    let (mut checked, mut worst) = (0, 0f64);
-    for (key, var) in policy.named_vars() {
-        if !(key.contains("layers.0.self_attn") || key.contains("layers.1.mlp")) {
-            continue;
-        }
-        let g: Vec<f64> = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {key}"))
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        for idx in [0, base.len() / 3, base.len() - 1] {
-            let at = |delta: f64| {
-                let mut v = base.clone();
-                v[idx] += delta;
-                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
-                    .unwrap();
-                value_of(&policy)
-            };
-            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
-                .unwrap();
-            let err = (numeric - g[idx]).abs() / (numeric.abs() + g[idx].abs()).max(1e-4);
-            worst = worst.max(err);
-            assert!(
-                err < 1e-5,
-                "{key}[{idx}]: autograd {} vs finite difference {numeric}",
-                g[idx]
-            );
-            checked += 1;
-        }
-    }
+    let (checked, worst) = check_lora_gradients(
+        &policy,
+        &grads,
+        |key| key.contains("layers.0.self_attn") || key.contains("layers.1.mlp"),
+        |len| [0, len / 3, len - 1],
+        value_of,
+    );
     eprintln!("sft {sft_weight}: {checked} entries, worst relative error {worst:.2e}");
     assert!(checked >= 24, "{checked}");
 }
@@ -269,16 +224,15 @@ fn prefs() -> String {
 #[test]
 fn dpo_command_makes_a_child_adapter() {
     let dir = util::Dir::tiny();
-    dir.cmd_with_model(&["train", "--quiet", "--name", "start", "--max-steps", "2"])
-        .args(["--batch-size", "4", "--rank", "4", "--loss", "wit"])
+    dir.train("start", "2")
         .args([
+            "--loss",
+            "wit",
             "--prompt-weight",
             "0.2",
             "--response-weight",
             "0.8",
-            "--data",
         ])
-        .arg(dir.data())
         .all_output();
     let prefs = dir.write("prefs.jsonl", &prefs());
     let out = dir

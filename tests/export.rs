@@ -65,6 +65,28 @@ fn flat(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
+/// Every projection weight of `model`, dense f32, block by block.
+fn projection_weights(model: &BaseModel) -> Vec<Vec<f32>> {
+    model
+        .decoder
+        .blocks
+        .iter()
+        .flat_map(|b| b.projections.iter())
+        .map(|p| flat(&p.weight.to_dense(DType::F32, &Device::Cpu).unwrap()))
+        .collect()
+}
+
+/// The token ids `model`'s tokenizer gives `text` (no special tokens added).
+fn token_ids(model: &BaseModel, text: &str) -> Vec<u32> {
+    model
+        .tokenizer()
+        .unwrap()
+        .encode(text, false)
+        .unwrap()
+        .get_ids()
+        .to_vec()
+}
+
 /// `B·A·scale` of one pair, as a dense f32 tensor.
 fn delta(adapter: &LoraAdapter, layer: usize, p: usize) -> Tensor {
     let pair = adapter.pair(layer, p).unwrap();
@@ -92,21 +114,19 @@ fn read_gguf(path: &Path) -> (gguf_file::Content, std::fs::File) {
     (content, file)
 }
 
-fn md_u32(c: &gguf_file::Content, key: &str) -> u32 {
+/// The metadata value under `key`; panics naming the key when it is missing.
+fn md<'a>(c: &'a gguf_file::Content, key: &str) -> &'a gguf_file::Value {
     c.metadata
         .get(key)
         .unwrap_or_else(|| panic!("missing {key}"))
-        .to_u32()
-        .unwrap()
+}
+
+fn md_u32(c: &gguf_file::Content, key: &str) -> u32 {
+    md(c, key).to_u32().unwrap()
 }
 
 fn md_str(c: &gguf_file::Content, key: &str) -> String {
-    c.metadata
-        .get(key)
-        .unwrap_or_else(|| panic!("missing {key}"))
-        .to_string()
-        .unwrap()
-        .clone()
+    md(c, key).to_string().unwrap().clone()
 }
 
 #[test]
@@ -115,13 +135,7 @@ fn tiny_merged_logits_match_adapter_and_unmerge_is_exact() {
         let (mut model, adapter) = tiny(arch);
         let base = logits(&model, None, &TINY_IDS);
         let adapted = logits(&model, Some(&adapter), &TINY_IDS);
-        let originals: Vec<Vec<f32>> = model
-            .decoder
-            .blocks
-            .iter()
-            .flat_map(|b| b.projections.iter())
-            .map(|p| flat(&p.weight.to_dense(DType::F32, &Device::Cpu).unwrap()))
-            .collect();
+        let originals = projection_weights(&model);
         let unmerge = merge_into(&mut model.decoder, &adapter).unwrap();
         assert_eq!(unmerge.len(), 2 * PROJECTIONS.len());
         let merged = logits(&model, None, &TINY_IDS);
@@ -131,13 +145,7 @@ fn tiny_merged_logits_match_adapter_and_unmerge_is_exact() {
         assert!(d < 1e-3, "{arch}: {d}");
         assert!(moved > 0.1, "{arch}: the adapter should change the logits");
         unmerge.restore(&mut model.decoder);
-        let restored: Vec<Vec<f32>> = model
-            .decoder
-            .blocks
-            .iter()
-            .flat_map(|b| b.projections.iter())
-            .map(|p| flat(&p.weight.to_dense(DType::F32, &Device::Cpu).unwrap()))
-            .collect();
+        let restored = projection_weights(&model);
         assert!(originals == restored, "{arch}: unmerge is not bit-exact");
         assert!(
             logits(&model, None, &TINY_IDS) == base,
@@ -378,17 +386,19 @@ fn tiny_gguf_lora_has_llama_cpp_keys_shapes_and_permutation() {
         8.0
     );
     assert_eq!(content.tensor_infos.len(), 2 * 2 * PROJECTIONS.len());
+    // llama.cpp's name for each HF projection, in `PROJECTIONS` order.
     let names = [
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
+        ("q_proj", "attn_q"),
+        ("k_proj", "attn_k"),
+        ("v_proj", "attn_v"),
+        ("o_proj", "attn_output"),
+        ("gate_proj", "ffn_gate"),
+        ("up_proj", "ffn_up"),
+        ("down_proj", "ffn_down"),
     ];
+    assert_eq!(names.map(|(hf, _)| hf), PROJECTIONS);
     for layer in 0..2 {
-        for (p, gguf) in names.iter().enumerate() {
+        for (p, (_, gguf)) in names.iter().enumerate() {
             let pair = adapter.pair(layer, p).unwrap();
             let a = content
                 .tensor(
@@ -678,21 +688,20 @@ fn truncated_product_svd_on_a_full_size_projection() {
     };
     let exact = full(&b, &a, k);
     let norm: f64 = exact.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let (b8, a8, s) = truncate_product(&b, &a, out, k, inp, 8);
-    let err8: f64 = full(&b8, &a8, 8)
-        .iter()
-        .zip(&exact)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    // The Frobenius error of the rank-`r` truncation, and the singular values it reports.
+    let truncate = |r: usize| -> (f64, Vec<f64>) {
+        let (br, ar, s) = truncate_product(&b, &a, out, k, inp, r);
+        let err = full(&br, &ar, r)
+            .iter()
+            .zip(&exact)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        (err, s)
+    };
+    let (err8, s) = truncate(8);
     assert!(err8 / norm < 1e-12, "rank 8: {err8}");
-    let (b4, a4, _) = truncate_product(&b, &a, out, k, inp, 4);
-    let err4: f64 = full(&b4, &a4, 4)
-        .iter()
-        .zip(&exact)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    let (err4, _) = truncate(4);
     let tail: f64 = s[4..].iter().map(|x| x * x).sum::<f64>().sqrt();
     eprintln!("rank-4 truncation error {err4:.6}, tail singular values {tail:.6}");
     assert!((err4 - tail).abs() / tail < 1e-9);
@@ -990,19 +999,7 @@ fn smollm2_merged_model_and_exports_give_the_same_logits() {
         eprintln!("SmolLM2: merged GGUF f32 re-read vs in-memory merged max |Δlogit| {d:.2e}");
         assert!(d < 1e-4, "{d}");
         let text = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n";
-        assert_eq!(
-            re.tokenizer()
-                .unwrap()
-                .encode(text, false)
-                .unwrap()
-                .get_ids(),
-            model
-                .tokenizer()
-                .unwrap()
-                .encode(text, false)
-                .unwrap()
-                .get_ids()
-        );
+        assert_eq!(token_ids(&re, text), token_ids(&model, text));
         drop(re);
         std::fs::remove_file(&gguf).unwrap();
 
@@ -1049,19 +1046,7 @@ fn smollm2_merged_model_and_exports_give_the_same_logits() {
         assert!(d < 1e-4, "{d}");
         assert_eq!(re.chat_template, model.chat_template);
         assert_eq!(re.eos_token.as_deref(), Some("<|im_end|>"));
-        assert_eq!(
-            re.tokenizer()
-                .unwrap()
-                .encode(text, false)
-                .unwrap()
-                .get_ids(),
-            model
-                .tokenizer()
-                .unwrap()
-                .encode(text, false)
-                .unwrap()
-                .get_ids()
-        );
+        assert_eq!(token_ids(&re, text), token_ids(&model, text));
         // A GGUF written from an HF-dir base builds llama.cpp's gpt2 vocabulary from tokenizer.json.
         let from_hf = tmp.path().join("from-hf.gguf");
         write_merged_gguf(&re, None, &from_hf, GgufQuant::F16, false).unwrap();
@@ -1077,19 +1062,7 @@ fn smollm2_merged_model_and_exports_give_the_same_logits() {
             assert!(a == b, "{key} differs from the original GGUF");
         }
         let back = load_gguf(&from_hf, BaseDType::F32, &Device::Cpu).unwrap();
-        assert_eq!(
-            back.tokenizer()
-                .unwrap()
-                .encode(text, false)
-                .unwrap()
-                .get_ids(),
-            model
-                .tokenizer()
-                .unwrap()
-                .encode(text, false)
-                .unwrap()
-                .get_ids()
-        );
+        assert_eq!(token_ids(&back, text), token_ids(&model, text));
         let d = max_abs_diff(&logits(&back, None, &SMOLLM_IDS), &merged);
         eprintln!("SmolLM2: GGUF f16 written from the merged HF dir vs in-memory merged max |Δlogit| {d:.3}");
         assert!(d < 0.5, "{d}");

@@ -3,10 +3,13 @@
 //! padding masks, SiLU-gated MLP, q/k/v biases, the frozen dense and quantized matmuls, LoRA,
 //! and the weighted loss.
 
+mod common;
+
 use candle_core::quantized::GgmlDType;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
+use common::gradcheck::{check_lora_gradients, sine_adapter};
 use peft_wit::data::Batch;
-use peft_wit::lora::{LoraAdapter, LoraConfig};
+use peft_wit::lora::LoraAdapter;
 use peft_wit::loss::{wit_loss, Normalization};
 use peft_wit::model::decoder::ForwardContext;
 use peft_wit::model::random::{random_decoder, tiny_config};
@@ -36,25 +39,7 @@ fn check(config: peft_wit::model::ModelConfig, quantize: Option<GgmlDType>) {
     let device = Device::Cpu;
     let qkv_bias = config.qkv_bias;
     let decoder = random_decoder(&config, 7, DType::F64, quantize, &device).unwrap();
-    let lora = LoraConfig {
-        r: 2,
-        lora_alpha: 4.0,
-        lora_dropout: 0.0,
-        ..Default::default()
-    };
-    let adapter = LoraAdapter::init(&lora, &config, 3, DType::F64, &device).unwrap();
-    // Non-zero B so every A gets a gradient; deterministic values (candle's CPU RNG can't be
-    // seeded), so every run checks the same point.
-    for (k, (key, var)) in adapter.named_vars().into_iter().enumerate() {
-        if key.contains("lora_B") {
-            let n = var.elem_count();
-            let values: Vec<f64> = (0..n)
-                .map(|i| 0.3 * ((i as f64) * 0.73 + k as f64 * 1.1).sin())
-                .collect();
-            var.set(&Tensor::from_vec(values, var.dims(), &device).unwrap())
-                .unwrap();
-        }
-    }
+    let adapter = sine_adapter(&config, DType::F64, &device, 0.3);
     let batch = batch();
     let loss_of = |adapter: &LoraAdapter| -> f64 {
         let mut ctx = ForwardContext {
@@ -70,48 +55,14 @@ fn check(config: peft_wit::model::ModelConfig, quantize: Option<GgmlDType>) {
     };
     let (loss, _) = wit_loss(&decoder, &batch, Normalization::TokenCount, &mut ctx).unwrap();
     let grads = loss.backward().unwrap();
-    let eps = 1e-6;
-    let mut checked = 0;
-    let mut worst = 0f64;
     // Layer 0 factors see every op of both blocks on their way to the loss.
-    for (key, var) in adapter.named_vars() {
-        if !(key.contains("layers.0.") || key.contains("layers.1.mlp.down_proj")) {
-            continue;
-        }
-        let g: Vec<f64> = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no grad for {key}"))
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        for idx in [0, base.len() / 2, base.len() - 1] {
-            let mut plus = base.clone();
-            plus[idx] += eps;
-            var.set(&Tensor::from_vec(plus, var.dims(), &device).unwrap())
-                .unwrap();
-            let lp = loss_of(&adapter);
-            let mut minus = base.clone();
-            minus[idx] -= eps;
-            var.set(&Tensor::from_vec(minus, var.dims(), &device).unwrap())
-                .unwrap();
-            let lm = loss_of(&adapter);
-            var.set(&Tensor::from_vec(base.clone(), var.dims(), &device).unwrap())
-                .unwrap();
-            let numeric = (lp - lm) / (2.0 * eps);
-            // Relative error, with an absolute floor for near-zero entries where the central
-            // difference's rounding error (~1e-10 at eps 1e-6) dominates.
-            let err = (numeric - g[idx]).abs() / (numeric.abs() + g[idx].abs()).max(1e-4);
-            worst = worst.max(err);
-            assert!(
-                err < 1e-5,
-                "{key}[{idx}]: autograd {} vs finite difference {numeric}",
-                g[idx]
-            );
-            checked += 1;
-        }
-    }
+    let (checked, worst) = check_lora_gradients(
+        &adapter,
+        &grads,
+        |key| key.contains("layers.0.") || key.contains("layers.1.mlp.down_proj"),
+        |len| [0, len / 2, len - 1],
+        loss_of,
+    );
     eprintln!("bias={qkv_bias} quantize={quantize:?}: {checked} entries, worst relative error {worst:.2e}");
     assert!(checked >= 24);
 }

@@ -292,11 +292,7 @@ impl Pool {
     fn adapter(&self, name: &str) -> PathBuf {
         let path = self.dir.registry().join(name);
         if !path.is_dir() {
-            self.dir
-                .cmd_with_model(&["train", "--quiet", "--name", name, "--max-steps", "2"])
-                .args(["--batch-size", "4", "--rank", "4", "--data"])
-                .arg(self.dir.data())
-                .all_output();
+            self.dir.train(name, "2").all_output();
         }
         path
     }

@@ -9,13 +9,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use common::tiny::{tiny_base, tiny_data};
+use common::tiny::{tiny_base, tiny_data, tiny_train_config, TRAINED_ENTRY_FILES};
 use peft_wit::lora::peft::{read_peft, save_peft};
 use peft_wit::lora::{LoraAdapter, LoraConfig, TargetModules};
 use peft_wit::model::config::{module_path, ModelConfig, PROJECTIONS};
 use peft_wit::model::random::tiny_config;
 use peft_wit::registry::{self, AdapterMeta, LossInfo, Presence, Registry};
-use peft_wit::train::{train, LossPreset, PreparedData, RunOptions, TrainConfig, TrainOutcome};
+use peft_wit::train::{train, PreparedData, RunOptions, TrainOutcome};
 use peft_wit::Error;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -111,26 +111,6 @@ fn data() -> PreparedData {
     tiny_data(16, 4)
 }
 
-fn train_config(name: &str, steps: usize) -> TrainConfig {
-    TrainConfig {
-        loss: LossPreset::Wit,
-        prompt_weight: 0.2,
-        response_weight: 0.8,
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        lr: 5e-3,
-        batch_size: 4,
-        grad_accum: 1,
-        max_steps: Some(steps),
-        warmup_steps: Some(1),
-        eval_every: 0,
-        checkpoint_every: 0,
-        name: Some(name.into()),
-        ..TrainConfig::default()
-    }
-}
-
 fn train_into(
     root: &Path,
     name: &str,
@@ -141,7 +121,7 @@ fn train_into(
     train(
         &tiny_base(),
         &data(),
-        &train_config(name, steps),
+        &tiny_train_config(name, steps),
         &reg,
         opts,
     )
@@ -412,14 +392,7 @@ fn list_show_and_rm_a_trained_and_an_imported_entry() {
     );
     assert!(meta.metrics.contains_key("response_loss"));
     let names: Vec<&str> = trained.files.iter().map(|f| f.name.as_str()).collect();
-    for f in [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "peft_wit.json",
-        "metrics.jsonl",
-        "loss.svg",
-        "train_config.toml",
-    ] {
+    for f in TRAINED_ENTRY_FILES {
         assert!(names.contains(&f), "{f} not in {names:?}");
     }
     // A trained adapter can be compared with an imported one of another base: shapes differ.
@@ -641,20 +614,9 @@ fn binary_lists_shows_and_diffs_a_temp_registry() {
     let (ok, out, err) = bin(&root, &["list"]);
     assert!(ok, "{err}");
     let header = out.lines().next().unwrap();
-    for col in [
-        "name",
-        "base",
-        "λp/λr",
-        "norm",
-        "r",
-        "targets",
-        "data",
-        "steps",
-        "resp_loss",
-        "size",
-        "created",
-    ] {
-        assert!(header.contains(col), "{col} not in {header}");
+    let columns: Vec<&str> = header.split_whitespace().collect();
+    for col in "name base λp/λr norm r targets data steps resp_loss size created".split(' ') {
+        assert!(columns.contains(&col), "{col} not in {header}");
     }
     let row = out.lines().find(|l| l.starts_with("wit-tiny")).unwrap();
     assert!(

@@ -7,10 +7,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use peft_wit::data::Batch;
 use peft_wit::generate::{generate, GenerationConfig};
 use peft_wit::lora::peft::load_peft;
-use peft_wit::loss::{wit_loss, Normalization};
 use peft_wit::model::decoder::ForwardContext;
 use peft_wit::model::load::{load_gguf, BaseDType, BaseModel};
 
@@ -154,16 +152,7 @@ fn peft_adapter_logits_loss_and_gradients_match_dense_and_quantized() {
     let adapter_dir = reference_dir()
         .join("smollm2-135m-instruct")
         .join("lora_r4");
-    let batch_ref = &reference["batch"];
-    let rows: Vec<Vec<u32>> = batch_ref["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(u32s)
-        .collect();
-    let (b, t) = (rows.len(), rows[0].len());
-    let prompt_lens = usizes(&batch_ref["prompt_lens"]);
-    let seq_lens = usizes(&batch_ref["seq_lens"]);
+    let inputs = ReferenceBatch::from_json(&reference["batch"]);
     let dev = test_device();
     for (base_dtype, tol) in base_dtypes(&dev) {
         let Some(model) = load(base_dtype, &dev) else {
@@ -188,27 +177,8 @@ fn peft_adapter_logits_loss_and_gradients_match_dense_and_quantized() {
         for case in reference["results"].as_array().unwrap() {
             let lp = case["prompt_weight"].as_f64().unwrap() as f32;
             let lr = case["response_weight"].as_f64().unwrap() as f32;
-            let weights = reference_weights(&prompt_lens, &seq_lens, t, lp, lr);
-            let batch = Batch {
-                ids: rows.concat(),
-                weights,
-                seq_lens: seq_lens.clone(),
-                batch: b,
-                seq_len: t,
-            };
-            let mut ctx = ForwardContext {
-                adapter: Some(&adapter),
-                ..Default::default()
-            };
-            let (loss, count) =
-                wit_loss(&model.decoder, &batch, Normalization::TokenCount, &mut ctx).unwrap();
-            let grads = loss.backward().unwrap();
-            let (global, per_key) = lora_grad_norms(&adapter, &grads);
-            let loss = loss
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64;
+            let (loss, count, global, per_key) =
+                wit_loss_and_grad_norms(&model.decoder, &adapter, &inputs.wit_batch(lp, lr));
             let what = format!("{} ({lp},{lr})", base_dtype.name());
             eprintln!(
                 "{what}: loss {loss:.6} vs {}, grad {global:.6} vs {}",

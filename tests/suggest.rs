@@ -104,19 +104,9 @@ fn a_past_sweep_becomes_evidence_that_moves_the_suggestion() {
     let before = read_json(&before_json)["suggestion"].clone();
     assert!(before["evidence"].as_array().unwrap().is_empty());
 
-    dir.cmd_with_model(&[
-        "sweep",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--rank",
-        "2",
-    ])
-    .args(["--prompt-weights", "0,1", "--response-weights", "1"])
-    .args(["--sweep-name", "tiny-grid", "--quiet", "--data"])
-    .arg(dir.data())
-    .all_output();
+    dir.sweep("0,1")
+        .args(["--sweep-name", "tiny-grid", "--quiet"])
+        .all_output();
 
     let after_json = dir.path().join("after.json");
     let out = dir

@@ -4,11 +4,11 @@
 
 mod common;
 
-use candle_core::Tensor;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
 use common::*;
-use peft_wit::data::Batch;
 use peft_wit::lora::peft::load_peft;
-use peft_wit::loss::{wit_loss, Normalization};
 use peft_wit::model::decoder::ForwardContext;
 use peft_wit::model::load::{load_hf_dir, BaseDType};
 
@@ -16,38 +16,37 @@ const ARCHS: [&str; 3] = ["llama", "qwen2", "mistral"];
 
 struct Fixture {
     reference: serde_json::Value,
-    ids: Vec<u32>,
+    inputs: ReferenceBatch,
     mask: Vec<u8>,
-    batch: usize,
-    seq: usize,
+}
+
+fn tiny_dir(arch: &str) -> PathBuf {
+    reference_dir().join("tiny").join(arch)
 }
 
 fn fixture(arch: &str) -> Fixture {
-    let reference = read_json(
-        reference_dir()
-            .join("tiny")
-            .join(arch)
-            .join("reference.json"),
-    );
-    let rows: Vec<Vec<u32>> = reference["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(u32s)
-        .collect();
+    let reference = read_json(tiny_dir(arch).join("reference.json"));
     let mask: Vec<u8> = reference["attention_mask"]
         .as_array()
         .unwrap()
         .iter()
         .flat_map(|r| u32s(r).into_iter().map(|x| x as u8))
         .collect();
-    let (batch, seq) = (rows.len(), rows[0].len());
     Fixture {
-        ids: rows.concat(),
+        inputs: ReferenceBatch::from_json(&reference),
         mask,
-        batch,
-        seq,
         reference,
+    }
+}
+
+impl Fixture {
+    /// The input ids and the attention mask, `[batch, seq]` tensors on `dev`.
+    fn tensors(&self, dev: &Device) -> (Tensor, Tensor) {
+        let shape = (self.inputs.rows, self.inputs.seq);
+        (
+            Tensor::from_slice(&self.inputs.ids, shape, dev).unwrap(),
+            Tensor::from_slice(&self.mask, shape, dev).unwrap(),
+        )
     }
 }
 
@@ -73,10 +72,8 @@ fn base_logits_match_transformers() {
     let slack = gpu_slack(&dev, false);
     for arch in ARCHS {
         let f = fixture(arch);
-        let dir = reference_dir().join("tiny").join(arch);
-        let model = load_hf_dir(&dir, BaseDType::F32, &dev).unwrap();
-        let ids = Tensor::from_slice(&f.ids, (f.batch, f.seq), &dev).unwrap();
-        let mask = Tensor::from_slice(&f.mask, (f.batch, f.seq), &dev).unwrap();
+        let model = load_hf_dir(&tiny_dir(arch), BaseDType::F32, &dev).unwrap();
+        let (ids, mask) = f.tensors(&dev);
         let logits = model
             .decoder
             .forward(&ids, Some(&mask), &mut ForwardContext::default())
@@ -98,7 +95,7 @@ fn peft_adapter_logits_loss_and_gradients_match() {
     let slack = gpu_slack(&dev, false);
     for arch in ARCHS {
         let f = fixture(arch);
-        let dir = reference_dir().join("tiny").join(arch);
+        let dir = tiny_dir(arch);
         let model = load_hf_dir(&dir, BaseDType::F32, &dev).unwrap();
         let adapter = load_peft(
             &dir.join("lora_r4"),
@@ -107,8 +104,7 @@ fn peft_adapter_logits_loss_and_gradients_match() {
             &dev,
         )
         .unwrap();
-        let ids = Tensor::from_slice(&f.ids, (f.batch, f.seq), &dev).unwrap();
-        let mask = Tensor::from_slice(&f.mask, (f.batch, f.seq), &dev).unwrap();
+        let (ids, mask) = f.tensors(&dev);
         let mut ctx = ForwardContext {
             adapter: Some(&adapter),
             ..Default::default()
@@ -123,30 +119,13 @@ fn peft_adapter_logits_loss_and_gradients_match() {
             "{arch}: adapted logits differ by {d}"
         );
 
-        let prompt_lens = usizes(&f.reference["prompt_lens"]);
-        let seq_lens = usizes(&f.reference["seq_lens"]);
         for case in f.reference["lora_r4"]["wit"].as_array().unwrap() {
             let (lp, lr) = (
                 case["prompt_weight"].as_f64().unwrap() as f32,
                 case["response_weight"].as_f64().unwrap() as f32,
             );
-            let weights = reference_weights(&prompt_lens, &seq_lens, f.seq, lp, lr);
-            let batch = Batch {
-                ids: f.ids.clone(),
-                weights,
-                seq_lens: seq_lens.clone(),
-                batch: f.batch,
-                seq_len: f.seq,
-            };
-            let mut ctx = ForwardContext {
-                adapter: Some(&adapter),
-                ..Default::default()
-            };
-            let (loss, count) =
-                wit_loss(&model.decoder, &batch, Normalization::TokenCount, &mut ctx).unwrap();
-            let grads = loss.backward().unwrap();
-            let (gn, _) = lora_grad_norms(&adapter, &grads);
-            let loss = loss.to_scalar::<f32>().unwrap() as f64;
+            let (loss, count, gn, _) =
+                wit_loss_and_grad_norms(&model.decoder, &adapter, &f.inputs.wit_batch(lp, lr));
             let (el, ec, eg) = (
                 case["loss"].as_f64().unwrap(),
                 case["token_count"].as_u64().unwrap() as usize,
@@ -171,9 +150,8 @@ fn half_precision_bases_stay_close_to_f32() {
     let dev = test_device();
     let slack = gpu_slack(&dev, true) as f32;
     let f = fixture("llama");
-    let dir = reference_dir().join("tiny").join("llama");
-    let ids = Tensor::from_slice(&f.ids, (f.batch, f.seq), &dev).unwrap();
-    let mask = Tensor::from_slice(&f.mask, (f.batch, f.seq), &dev).unwrap();
+    let dir = tiny_dir("llama");
+    let (ids, mask) = f.tensors(&dev);
     let expected = flat(&f.reference["logits_row0"]);
     let scale = expected.iter().fold(0f32, |m, x| m.max(x.abs()));
     for (dtype, tol) in [
@@ -197,7 +175,7 @@ fn cached_generation_equals_full_recompute_with_an_adapter() {
     let dev = test_device();
     use peft_wit::generate::{generate, GenerationConfig};
     for arch in ARCHS {
-        let dir = reference_dir().join("tiny").join(arch);
+        let dir = tiny_dir(arch);
         let model = load_hf_dir(&dir, BaseDType::F32, &dev).unwrap();
         let mut adapter = load_peft(
             &dir.join("lora_r4"),
@@ -258,14 +236,10 @@ fn rescaled(
     peft_wit::lora::peft::save_peft(adapter, tmp.path(), "tiny").unwrap();
     let text = std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap();
     assert!(text.contains("\"use_rslora\": true"));
-    let cfg = load_hf_dir(
-        &reference_dir().join("tiny").join("llama"),
-        BaseDType::F32,
-        dev,
-    )
-    .unwrap()
-    .decoder
-    .config;
+    let cfg = load_hf_dir(&tiny_dir("llama"), BaseDType::F32, dev)
+        .unwrap()
+        .decoder
+        .config;
     let mut cfg = cfg;
     cfg.num_hidden_layers = adapter.num_layers();
     let back = load_peft(tmp.path(), &cfg, candle_core::DType::F32, dev).unwrap();

@@ -54,14 +54,7 @@ fn params_metrics_and_artifacts_reach_the_server() {
     let mut t = Tracker::open(&options(&uri, &experiment, "adapter-a", "3")).expect("open");
     let run_id = t.mlflow_run_id().expect("run created").to_string();
     t.log_params(&[("lr".into(), "0.0002".into()), ("rank".into(), "8".into())]);
-    for step in 1..=5u64 {
-        let s = step as f64;
-        t.log_scalars(
-            step,
-            1.7e9 + s,
-            &[("train/loss", 1.0 / s), ("train/lr", 1e-4 * s)],
-        );
-    }
+    common::log_train_scalars(&mut t);
     t.log_scalars(6, 1.7e9 + 6.0, &[("eval/loss", f64::NAN)]);
 
     let art = common::temp_path("artifacts");

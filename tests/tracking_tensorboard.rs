@@ -50,14 +50,7 @@ fn tensorboard_reads_scalars_params_and_a_resumed_run() {
         ("lr".into(), "0.0002".into()),
         ("target|modules".into(), "q_proj,v_proj".into()),
     ]);
-    for step in 1..=5u64 {
-        let s = step as f64;
-        t.log_scalars(
-            step,
-            1.7e9 + s,
-            &[("train/loss", 1.0 / s), ("train/lr", 1e-4 * s)],
-        );
-    }
+    common::log_train_scalars(&mut t);
     t.log_scalars(2, 1.7e9 + 2.5, &[("train/grad_norm", f64::NAN)]);
     let first_file = t.tensorboard_file().expect("tensorboard on").to_path_buf();
     t.finish(RunStatus::Killed);

@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use common::tiny::{example, tiny_base, tiny_data};
+use common::tiny::{example, tiny_base, tiny_data, tiny_train_config, TRAINED_ENTRY_FILES};
 use peft_wit::data::{Batch, LossWeights, TokenizedExample};
 use peft_wit::loss::{denominator, weighted_nll_sum, wit_loss, Normalization};
 use peft_wit::model::decoder::ForwardContext;
@@ -22,23 +22,12 @@ fn data() -> PreparedData {
     tiny_data(24, 6)
 }
 
+/// The tiny run with dropout and two accumulated micro-batches per step.
 fn config(steps: usize) -> TrainConfig {
     TrainConfig {
-        loss: LossPreset::Wit,
-        prompt_weight: 0.2,
-        response_weight: 0.8,
-        r: 4,
-        lora_alpha: 8.0,
         lora_dropout: 0.1,
-        lr: 5e-3,
-        batch_size: 4,
         grad_accum: 2,
-        max_steps: Some(steps),
-        warmup_steps: Some(1),
-        eval_every: 0,
-        checkpoint_every: 0,
-        name: Some("tiny".into()),
-        ..TrainConfig::default()
+        ..tiny_train_config("tiny", steps)
     }
 }
 
@@ -85,14 +74,7 @@ fn training_lowers_the_loss_and_writes_a_complete_entry() {
         last < first * 0.8,
         "eval loss did not fall enough: {first} -> {last}"
     );
-    for file in [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "peft_wit.json",
-        "metrics.jsonl",
-        "loss.svg",
-        "train_config.toml",
-    ] {
+    for file in TRAINED_ENTRY_FILES {
         assert!(
             tmp.path().join("tiny").join(file).is_file(),
             "{file} missing"

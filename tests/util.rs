@@ -60,6 +60,31 @@ impl Dir {
         cmd
     }
 
+    /// `peft-wit train --quiet --name NAME --max-steps STEPS --batch-size 4 --rank 4` on the tiny
+    /// model and `data.jsonl`; add arguments with `.args`.
+    pub fn train(&self, name: &str, max_steps: &str) -> Cmd {
+        self.cmd_with_model(&["train", "--quiet", "--name", name, "--max-steps", max_steps])
+            .args(["--batch-size", "4", "--rank", "4", "--data"])
+            .arg(self.data())
+    }
+
+    /// `peft-wit sweep` over `prompt_weights` (response weight 1), cells of 2 steps at batch size
+    /// 4 and rank 2, on the tiny model and `data.jsonl`; add arguments with `.args`.
+    pub fn sweep(&self, prompt_weights: &str) -> Cmd {
+        self.cmd_with_model(&[
+            "sweep",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--rank",
+            "2",
+        ])
+        .args(["--prompt-weights", prompt_weights])
+        .args(["--response-weights", "1", "--data"])
+        .arg(self.data())
+    }
+
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.path().join(name);
         if let Some(parent) = path.parent() {

@@ -1,14 +1,19 @@
 //! Shared helpers for the integration tests: reference locations, comparisons, tiny models.
 #![allow(dead_code)]
 
+pub mod gradcheck;
 pub mod tiny;
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use peft_wit::data::Batch;
 use peft_wit::device::DeviceSpec;
 use peft_wit::lora::LoraAdapter;
+use peft_wit::loss::{wit_loss, Normalization};
+use peft_wit::model::decoder::{Decoder, ForwardContext};
 
 /// The device the reference-parity tests run on: `PEFT_WIT_TEST_DEVICE` (`cpu`, `cuda[:N]`,
 /// `metal[:N]`; unset or empty: the CPU). `scripts/device-check.sh` sets it to `cuda` on a GPU
@@ -99,13 +104,17 @@ pub fn rel_err(actual: f64, expected: f64) -> f64 {
     (actual - expected).abs() / expected.abs().max(1e-12)
 }
 
+/// For each LoRA factor by key: the L2 norm of its gradient and the gradient's first (up to) 4
+/// entries.
+pub type FactorGradNorms = HashMap<String, (f64, Vec<f32>)>;
+
 /// Global L2 norm of the gradients of every LoRA factor, and per-key norms.
 pub fn lora_grad_norms(
     adapter: &LoraAdapter,
     grads: &candle_core::backprop::GradStore,
-) -> (f64, std::collections::HashMap<String, (f64, Vec<f32>)>) {
+) -> (f64, FactorGradNorms) {
     let mut total = 0f64;
-    let mut per_key = std::collections::HashMap::new();
+    let mut per_key = HashMap::new();
     for (key, var) in adapter.named_vars() {
         let g: &Tensor = grads
             .get(var.as_tensor())
@@ -144,6 +153,67 @@ pub fn reference_weights(
         .collect()
 }
 
+/// The padded batch of a reference file (`input_ids`, `prompt_lens`, `seq_lens`): `rows` rows of
+/// `seq` ids, row-major.
+pub struct ReferenceBatch {
+    pub ids: Vec<u32>,
+    pub rows: usize,
+    pub seq: usize,
+    pub prompt_lens: Vec<usize>,
+    pub seq_lens: Vec<usize>,
+}
+
+impl ReferenceBatch {
+    pub fn from_json(v: &serde_json::Value) -> Self {
+        let rows: Vec<Vec<u32>> = v["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(u32s)
+            .collect();
+        Self {
+            rows: rows.len(),
+            seq: rows[0].len(),
+            ids: rows.concat(),
+            prompt_lens: usizes(&v["prompt_lens"]),
+            seq_lens: usizes(&v["seq_lens"]),
+        }
+    }
+
+    /// The batch with the WIT weights of [`reference_weights`].
+    pub fn wit_batch(&self, lp: f32, lr: f32) -> Batch {
+        Batch {
+            ids: self.ids.clone(),
+            weights: reference_weights(&self.prompt_lens, &self.seq_lens, self.seq, lp, lr),
+            seq_lens: self.seq_lens.clone(),
+            batch: self.rows,
+            seq_len: self.seq,
+        }
+    }
+}
+
+/// The token-count-normalised WIT loss of `batch` through `decoder` with `adapter`, and its
+/// backward pass: the loss, the token count, and the gradient norms of [`lora_grad_norms`].
+pub fn wit_loss_and_grad_norms(
+    decoder: &Decoder,
+    adapter: &LoraAdapter,
+    batch: &Batch,
+) -> (f64, usize, f64, FactorGradNorms) {
+    let mut ctx = ForwardContext {
+        adapter: Some(adapter),
+        ..Default::default()
+    };
+    let (loss, count) = wit_loss(decoder, batch, Normalization::TokenCount, &mut ctx).unwrap();
+    let grads = loss.backward().unwrap();
+    let (global, per_key) = lora_grad_norms(adapter, &grads);
+    let loss = loss
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    (loss, count, global, per_key)
+}
+
 // Tests that need an outside tool (a Python with tensorboard, a running MLflow server) skip
 // loudly on a developer machine and fail under CI (`.ci/run` provides the tools).
 
@@ -164,6 +234,19 @@ pub fn required_env(var: &str) -> Option<String> {
         "\n*** skipped: set {var} to run this test ***\n"
     );
     None
+}
+
+/// Logs the scalars the tracking tests read back: `train/loss` = 1/s and `train/lr` = 1e-4·s at
+/// steps s = 1..=5, at wall time 1.7e9 + s seconds.
+pub fn log_train_scalars(t: &mut peft_wit::tracking::Tracker) {
+    for step in 1..=5u64 {
+        let s = step as f64;
+        t.log_scalars(
+            step,
+            1.7e9 + s,
+            &[("train/loss", 1.0 / s), ("train/lr", 1e-4 * s)],
+        );
+    }
 }
 
 /// A fresh directory path (not created) under the system temp dir.

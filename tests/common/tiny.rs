@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 use peft_wit::data::{Template, TokenKind, TokenizedExample};
 use peft_wit::model::random::{random_decoder, tiny_config};
 use peft_wit::model::{BaseDType, BaseModel, ModelLocation};
-use peft_wit::train::PreparedData;
+use peft_wit::train::{LossPreset, PreparedData, TrainConfig};
 
 pub fn tiny_base() -> BaseModel {
     let config = tiny_config(false);
@@ -61,5 +61,38 @@ pub fn tiny_data(n_train: usize, n_eval: usize) -> PreparedData {
         template_name: "raw".into(),
         source: "synthetic".into(),
         report: Vec::new(),
+    }
+}
+
+/// The files of a registry entry that a finished training run wrote.
+pub const TRAINED_ENTRY_FILES: [&str; 6] = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "peft_wit.json",
+    "metrics.jsonl",
+    "loss.svg",
+    "train_config.toml",
+];
+
+/// A short WIT run on the tiny model: λp = 0.2, λr = 0.8, rank 4 (α = 8, no dropout), lr 5e-3,
+/// batch size 4 without accumulation, one warm-up step, `steps` steps, no evaluation or
+/// checkpoints during the run, named `name`.
+pub fn tiny_train_config(name: &str, steps: usize) -> TrainConfig {
+    TrainConfig {
+        loss: LossPreset::Wit,
+        prompt_weight: 0.2,
+        response_weight: 0.8,
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        lr: 5e-3,
+        batch_size: 4,
+        grad_accum: 1,
+        max_steps: Some(steps),
+        warmup_steps: Some(1),
+        eval_every: 0,
+        checkpoint_every: 0,
+        name: Some(name.into()),
+        ..TrainConfig::default()
     }
 }

@@ -57,30 +57,22 @@ fn is_sent_end(c: char) -> bool {
     matches!(c, '.' | '?' | '!')
 }
 
-/// `_re_non_word_chars` (nltk 3.10.2+ added the curly and angle quotes).
-fn is_non_word(c: char) -> bool {
+/// The curly and angle quotes ‘ ’ “ ” « », which `_re_non_word_chars` and
+/// `re_boundary_realignment` both include.
+fn is_curly_or_angle_quote(c: char) -> bool {
     matches!(
         c,
-        ')' | '"'
-            | ';'
-            | '}'
-            | ']'
-            | '*'
-            | ':'
-            | '@'
-            | '\''
-            | '('
-            | '{'
-            | '['
-            | '\u{2018}'
-            | '\u{2019}'
-            | '\u{201C}'
-            | '\u{201D}'
-            | '\u{AB}'
-            | '\u{BB}'
-            | '?'
-            | '!'
+        '\u{2018}' | '\u{2019}' | '\u{201C}' | '\u{201D}' | '\u{AB}' | '\u{BB}'
     )
+}
+
+/// `_re_non_word_chars` (nltk 3.10.2+ added the curly and angle quotes).
+fn is_non_word(c: char) -> bool {
+    is_curly_or_angle_quote(c)
+        || matches!(
+            c,
+            ')' | '"' | ';' | '}' | ']' | '*' | ':' | '@' | '\'' | '(' | '{' | '[' | '?' | '!'
+        )
 }
 
 /// Characters `_re_word_start` keeps from starting a word token.
@@ -107,19 +99,7 @@ fn is_not_word_start(c: char) -> bool {
 
 /// Closing characters of `re_boundary_realignment`.
 fn is_realign_closer(c: char) -> bool {
-    matches!(
-        c,
-        '"' | '\''
-            | ')'
-            | ']'
-            | '}'
-            | '\u{2018}'
-            | '\u{2019}'
-            | '\u{201C}'
-            | '\u{201D}'
-            | '\u{AB}'
-            | '\u{BB}'
-    )
+    is_curly_or_angle_quote(c) || matches!(c, '"' | '\'' | ')' | ']' | '}')
 }
 
 /// `\s` of the `regex` module.
