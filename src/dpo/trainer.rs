@@ -10,8 +10,7 @@
 //! step 0 and the reference log-probs would be noisy.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use indicatif::ProgressBar;
@@ -22,7 +21,7 @@ use super::loss::{
     micro_objective, pair_logps, DpoMetrics, DpoStats, PairBatch, RefLogps, StepScale,
 };
 use crate::data::{length_grouped_batches, LossWeights};
-use crate::fsutil::{atomic_write, atomic_write_json};
+use crate::fsutil::{atomic_write, atomic_write_json, JsonLines};
 use crate::lora::peft::save_peft;
 use crate::lora::LoraAdapter;
 use crate::model::decoder::ForwardContext;
@@ -341,9 +340,9 @@ pub fn train_dpo(
     let sft = (cfg.sft_weight > 0.0).then_some(&sft_weights);
     let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
     let pad = base.pad_id();
-    let mut log = MetricsLog::open(&run_dir)?;
+    let mut log = JsonLines::open_append(&run_dir.join(METRICS_FILE))?;
     if let Some(m) = &eval_before {
-        log.write(&eval_line(0, m, 0, 0.0))?;
+        log.append(&eval_line(0, m, 0, 0.0))?;
     }
     let bar = progress_bar(opts.progress, total, 0, &name, STEP_BAR);
     let mut tokens_seen = 0u64;
@@ -418,7 +417,7 @@ pub fn train_dpo(
             if cfg.sft_weight > 0.0 && scale.sft_denominator > 0.0 {
                 line.insert("sft_loss".into(), (sft_sum / scale.sft_denominator).into());
             }
-            log.write(&line)?;
+            log.append(&line)?;
         }
     }
     bar.finish_and_clear();
@@ -440,7 +439,7 @@ pub fn train_dpo(
     };
     let elapsed = started.elapsed().as_secs_f64();
     if let Some(m) = &eval_after {
-        log.write(&eval_line(total, m, tokens_seen, elapsed))?;
+        log.append(&eval_line(total, m, tokens_seen, elapsed))?;
     }
 
     let mut metrics = BTreeMap::new();
@@ -557,32 +556,6 @@ fn insert_metrics(out: &mut BTreeMap<String, f64>, prefix: &str, suffix: &str, m
         ("logp_accuracy", m.logp_accuracy),
     ] {
         out.insert(format!("{prefix}{k}{suffix}"), v);
-    }
-}
-
-/// Appends one JSON object per line to the run's `metrics.jsonl`.
-struct MetricsLog {
-    file: std::fs::File,
-    path: PathBuf,
-}
-
-impl MetricsLog {
-    fn open(run_dir: &Path) -> Result<Self> {
-        let path = run_dir.join(METRICS_FILE);
-        let file = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        Ok(Self { file, path })
-    }
-
-    fn write(&mut self, line: &Line) -> Result<()> {
-        let text = serde_json::to_string(line).map_err(|error| Error::Json {
-            path: self.path.clone(),
-            error,
-        })?;
-        writeln!(self.file, "{text}").map_err(|e| Error::io(&self.path, e))
     }
 }
 

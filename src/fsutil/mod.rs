@@ -36,6 +36,38 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// A JSON Lines file opened for appending (a run's `metrics.jsonl`): one object per line, each
+/// written with a single `write` so a crash loses at most the line being written.
+pub struct JsonLines {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl JsonLines {
+    pub fn open_append(path: &Path) -> Result<Self> {
+        let file = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn append<T: serde::Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
+        let mut text = serde_json::to_string(value).map_err(|error| Error::Json {
+            path: self.path.clone(),
+            error,
+        })?;
+        text.push('\n');
+        self.file
+            .write_all(text.as_bytes())
+            .map_err(|e| Error::io(&self.path, e))
+    }
+}
+
 /// Atomically writes `value` as pretty JSON.
 pub fn atomic_write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value).map_err(|error| Error::Json {

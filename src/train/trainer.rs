@@ -3,7 +3,6 @@
 //! evaluation, checkpoints, resume, and a registry entry at the end.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,7 +20,7 @@ use super::optim::{learning_rate, AdamW, AdamWParams, GradAccumulator};
 use super::prepare::PreparedData;
 use crate::data::{length_grouped_batches, Batch, LossWeights, TokenizedExample};
 use crate::eval::{evaluate_losses, LossMetrics};
-use crate::fsutil::{atomic_write, LockFile};
+use crate::fsutil::{atomic_write, JsonLines, LockFile};
 use crate::lora::peft::save_peft;
 use crate::lora::{LoraAdapter, LoraConfig};
 use crate::loss::{denominator, weighted_nll_sum};
@@ -768,32 +767,20 @@ fn truncate_metrics(run_dir: &Path, step: usize) -> Result<()> {
 /// Appends one JSON line per record to `metrics.jsonl`, and mirrors the same values at the
 /// same steps to the tracker (TensorBoard, MLflow) when the config asks for one.
 struct MetricsLog {
-    file: std::fs::File,
-    path: PathBuf,
+    lines: JsonLines,
     tracker: Tracker,
 }
 
 impl MetricsLog {
     fn open(run_dir: &Path, tracker: Tracker) -> Result<Self> {
-        let path = run_dir.join(METRICS_FILE);
-        let file = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
         Ok(Self {
-            file,
-            path,
+            lines: JsonLines::open_append(&run_dir.join(METRICS_FILE))?,
             tracker,
         })
     }
 
     fn write(&mut self, line: &MetricsLine) -> Result<()> {
-        let text = serde_json::to_string(line).map_err(|error| Error::Json {
-            path: self.path.clone(),
-            error,
-        })?;
-        writeln!(self.file, "{text}").map_err(|e| Error::io(&self.path, e))?;
+        self.lines.append(line)?;
         self.track(line.step, &line.scalars());
         Ok(())
     }
