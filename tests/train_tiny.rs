@@ -566,3 +566,72 @@ fn successive_halving_stops_the_worse_cells_and_finishes_the_best_as_the_grid_do
     let svg = halving.heatmap_svg();
     assert!(svg.contains("stopped at rung 1"));
 }
+
+#[test]
+fn a_shared_initial_evaluation_gives_the_step_zero_metrics_of_a_forward_pass() {
+    use peft_wit::eval::TokenLosses;
+    use peft_wit::lora::LoraAdapter;
+    let (base, data) = (tiny_base(), data());
+    // Prompt tokens weighted, so the shared losses must carry them too.
+    let mut cfg = config(2);
+    cfg.prompt_weight = 0.5;
+    let decoder = &base.decoder;
+    let identity = LoraAdapter::init(
+        &cfg.lora_config().unwrap(),
+        &decoder.config,
+        cfg.seed,
+        DType::F32,
+        decoder.device(),
+    )
+    .unwrap();
+    assert!(identity.is_identity().unwrap());
+    let scored = TokenLosses::compute(
+        decoder,
+        Some(&identity),
+        &data.eval,
+        cfg.batch_size,
+        base.pad_id(),
+        true,
+    )
+    .unwrap();
+    let forward = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let train_in = |dir: &Path, opts: RunOptions| {
+        let registry = Registry::open(dir).unwrap();
+        train(&base, &data, &cfg, &registry, &opts).unwrap();
+    };
+    train_in(forward.path(), RunOptions::default());
+    train_in(
+        shared.path(),
+        RunOptions {
+            initial_eval: Some(Arc::new(scored.clone())),
+            ..Default::default()
+        },
+    );
+    let first = |dir: &Path| metrics(dir, "tiny")[0].clone();
+    assert_eq!(first(forward.path()).step, 0);
+    assert!(first(forward.path()).eval_wit_loss.is_some());
+    // The same numbers to the last bit, and the same run after them.
+    assert_eq!(first(forward.path()), first(shared.path()));
+    assert_eq!(
+        adapter_bytes(forward.path(), "tiny"),
+        adapter_bytes(shared.path(), "tiny")
+    );
+    // Losses scored without the prompt side do not stand in for prompt-weighted metrics.
+    let response_only = TokenLosses::compute(
+        decoder,
+        Some(&identity),
+        &data.eval,
+        cfg.batch_size,
+        base.pad_id(),
+        false,
+    )
+    .unwrap();
+    let weighted = peft_wit::data::LossWeights {
+        prompt: 0.5,
+        response: 1.0,
+        system: None,
+        user: None,
+    };
+    assert!(!response_only.covers(&weighted) && scored.covers(&weighted));
+}

@@ -66,29 +66,86 @@ pub fn loss_metrics(
     batch_size: usize,
     pad_id: u32,
 ) -> Result<LossMetrics> {
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].len()));
-    // One forward pass scores every position either weighting needs.
-    let any = LossWeights {
-        prompt: if has_prompt_weight(weights) { 1.0 } else { 0.0 },
-        response: 1.0,
-        system: None,
-        user: None,
-    };
-    let (mut resp_sum, mut resp_count) = (0f64, 0usize);
-    let (mut wit_sum, mut wit_denom) = (0f64, 0f64);
-    for chunk in order.chunks(batch_size.max(1)) {
-        let rows: Vec<&TokenizedExample> = chunk.iter().map(|&i| &examples[i]).collect();
-        let batch = Batch::new(&rows, &any, pad_id);
-        let mut ctx = ForwardContext {
-            adapter: adapter.map(|a| a as _),
-            ..Default::default()
+    let scored = TokenLosses::compute(
+        decoder,
+        adapter,
+        examples,
+        batch_size,
+        pad_id,
+        has_prompt_weight(weights),
+    )?;
+    Ok(scored.metrics(weights, normalization))
+}
+
+/// The NLL of every scored token of an eval split under one model, in a fixed order, from which
+/// the metrics under any loss weights follow without another forward pass. A sweep's cells all
+/// start as the same untouched base (B = 0), so their step-0 evaluations are one of these,
+/// weighted per cell.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLosses {
+    /// `(kind, nll)` of each scored token, in evaluation order.
+    tokens: Vec<(TokenKind, f32)>,
+    /// Whether prompt-side tokens were scored (needed for weights with a non-zero prompt part).
+    prompt_scored: bool,
+    /// The split's size and the batch size it was evaluated with (batching changes the
+    /// arithmetic's rounding, so a cached evaluation stands in only for the same batching).
+    pub examples: usize,
+    pub batch_size: usize,
+}
+
+impl TokenLosses {
+    /// Scores `examples` (response tokens, and prompt-side ones with `score_prompt`) in
+    /// batches of `batch_size`, longest first.
+    pub fn compute(
+        decoder: &Decoder,
+        adapter: Option<&LoraAdapter>,
+        examples: &[TokenizedExample],
+        batch_size: usize,
+        pad_id: u32,
+        score_prompt: bool,
+    ) -> Result<Self> {
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(examples[i].len()));
+        // One forward pass scores every position either weighting needs.
+        let any = LossWeights {
+            prompt: if score_prompt { 1.0 } else { 0.0 },
+            response: 1.0,
+            system: None,
+            user: None,
         };
-        let nll = position_nll(decoder, &batch, &mut ctx)?;
-        let t = batch.seq_len;
-        for (flat, value) in nll {
-            let (b, pos) = (flat / t, flat % t);
-            let kind = rows[b].kinds[pos];
+        let mut tokens = Vec::new();
+        for chunk in order.chunks(batch_size.max(1)) {
+            let rows: Vec<&TokenizedExample> = chunk.iter().map(|&i| &examples[i]).collect();
+            let batch = Batch::new(&rows, &any, pad_id);
+            let mut ctx = ForwardContext {
+                adapter: adapter.map(|a| a as _),
+                ..Default::default()
+            };
+            let nll = position_nll(decoder, &batch, &mut ctx)?;
+            let t = batch.seq_len;
+            tokens.extend(
+                nll.into_iter()
+                    .map(|(flat, value)| (rows[flat / t].kinds[flat % t], value)),
+            );
+        }
+        Ok(Self {
+            tokens,
+            prompt_scored: score_prompt,
+            examples: examples.len(),
+            batch_size,
+        })
+    }
+
+    /// Whether these losses can give the metrics under `weights`.
+    pub fn covers(&self, weights: &LossWeights) -> bool {
+        self.prompt_scored || !has_prompt_weight(weights)
+    }
+
+    /// The metrics under `weights` (micro-averaged over tokens, as [`loss_metrics`]).
+    pub fn metrics(&self, weights: &LossWeights, normalization: Normalization) -> LossMetrics {
+        let (mut resp_sum, mut resp_count) = (0f64, 0usize);
+        let (mut wit_sum, mut wit_denom) = (0f64, 0f64);
+        for &(kind, value) in &self.tokens {
             let value = value as f64;
             if kind == TokenKind::Response {
                 resp_sum += value;
@@ -103,22 +160,22 @@ pub fn loss_metrics(
                 };
             }
         }
-    }
-    let response_loss = if resp_count > 0 {
-        resp_sum / resp_count as f64
-    } else {
-        f64::NAN
-    };
-    Ok(LossMetrics {
-        response_loss,
-        response_ppl: response_loss.exp(),
-        wit_loss: if wit_denom > 0.0 {
-            wit_sum / wit_denom
+        let response_loss = if resp_count > 0 {
+            resp_sum / resp_count as f64
         } else {
             f64::NAN
-        },
-        response_tokens: resp_count,
-    })
+        };
+        LossMetrics {
+            response_loss,
+            response_ppl: response_loss.exp(),
+            wit_loss: if wit_denom > 0.0 {
+                wit_sum / wit_denom
+            } else {
+                f64::NAN
+            },
+            response_tokens: resp_count,
+        }
+    }
 }
 
 fn has_prompt_weight(w: &LossWeights) -> bool {

@@ -10,5 +10,5 @@ pub mod scoring;
 pub use all::{evaluate_all, EvalResults, EvalRun};
 pub use compare::{evaluate_adapter, AdapterResult, EvalData, EvalSpec};
 pub use generation::{generate_answers, generation_scores, ScoredGeneration};
-pub use metrics::{evaluate_losses, higher_is_better, loss_metrics, LossMetrics};
+pub use metrics::{evaluate_losses, higher_is_better, loss_metrics, LossMetrics, TokenLosses};
 pub use report::EvalReport;

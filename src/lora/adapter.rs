@@ -106,6 +106,20 @@ impl LoraAdapter {
         self.named_vars().into_iter().map(|(_, v)| v).collect()
     }
 
+    /// Whether every B factor is zero, so the adapter leaves the base unchanged (as PEFT's
+    /// initialisation makes it).
+    pub fn is_identity(&self) -> Result<bool> {
+        for row in &self.layers {
+            for pair in row.iter().flatten() {
+                let largest = pair.b.as_tensor().abs()?.max_all()?.to_dtype(DType::F64)?;
+                if largest.to_scalar::<f64>()? != 0.0 {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
     /// Number of trainable parameters.
     pub fn num_parameters(&self) -> usize {
         self.vars().iter().map(|v| v.elem_count()).sum()

@@ -451,6 +451,7 @@ impl LocalSweep<'_> {
         on_cell: &mut dyn FnMut(&PlannedCell, &CellOutcome),
     ) -> Result<SweepResult> {
         let plan = self.plan;
+        let mut opts = None;
         for k in 0..ladder.ends.len() {
             let state = load_state(self.registry, plan, ladder)?;
             let Some(entrants) = state.entrants(k, plan) else {
@@ -461,6 +462,7 @@ impl LocalSweep<'_> {
                     continue;
                 }
                 let step = (k, index);
+                let opts = self.cell_options(&mut opts, plan.cell(index)?)?;
                 match train_rung(
                     self.base,
                     self.data,
@@ -468,7 +470,7 @@ impl LocalSweep<'_> {
                     self.registry,
                     ladder,
                     step,
-                    self.opts,
+                    opts,
                 )? {
                     RungOutcome::Scored { outcome, .. } => on_cell(plan.cell(index)?, &outcome),
                     RungOutcome::Interrupted(outcome) => {

@@ -19,7 +19,7 @@ use super::config::TrainConfig;
 use super::optim::{learning_rate, AdamW, AdamWParams, GradAccumulator};
 use super::prepare::PreparedData;
 use crate::data::{length_grouped_batches, Batch, LossWeights, TokenizedExample};
-use crate::eval::{evaluate_losses, LossMetrics};
+use crate::eval::{evaluate_losses, LossMetrics, TokenLosses};
 use crate::fsutil::{atomic_write, JsonLines, LockFile};
 use crate::lora::peft::save_peft;
 use crate::lora::{LoraAdapter, LoraConfig};
@@ -50,6 +50,11 @@ pub struct RunOptions {
     /// adapter as it is there, keeping its checkpoint: a rung of successive halving. Resuming
     /// later (with `force`, to replace the entry) continues exactly as an unbroken run.
     pub end_at: Option<usize>,
+    /// The per-token losses of the untouched adapter (B = 0, so the bare base) on this run's
+    /// eval split, evaluated with its batch size: a fresh run's step-0 evaluation is computed
+    /// from them instead of another forward pass (a sweep evaluates the base once for all its
+    /// cells). Ignored when they do not fit the run.
+    pub initial_eval: Option<Arc<TokenLosses>>,
 }
 
 impl Default for RunOptions {
@@ -62,6 +67,7 @@ impl Default for RunOptions {
             tracking_tags: Vec::new(),
             default_experiment: None,
             end_at: None,
+            initial_eval: None,
         }
     }
 }
@@ -385,7 +391,7 @@ impl<'a> Run<'a> {
         };
 
         if start_step == 0 {
-            if let Some(m) = run.eval_now()? {
+            if let Some(m) = run.initial_eval()? {
                 run.log
                     .write(&eval_line(0, &m, run.tokens_seen, run.elapsed_before))?;
                 run.bar.println(format!(
@@ -423,6 +429,24 @@ impl<'a> Run<'a> {
 
     /// Held-out loss metrics at the adapter's current values (same data every time; the WIT
     /// loss under the weights of the step just done, or of the first step before training).
+    /// The step-0 evaluation: from [`RunOptions::initial_eval`] when it fits this run (same
+    /// split size and batch size, the weights' tokens scored, the adapter still the identity),
+    /// else a forward pass. Both give the same numbers.
+    fn initial_eval(&self) -> Result<Option<LossMetrics>> {
+        let weights = self.weights_at(0);
+        if let Some(cached) = &self.opts.initial_eval {
+            let fits = !self.data.eval.is_empty()
+                && cached.examples == self.data.eval.len()
+                && cached.batch_size == self.cfg.batch_size
+                && cached.covers(&weights)
+                && self.adapter.is_identity()?;
+            if fits {
+                return Ok(Some(cached.metrics(&weights, self.cfg.normalization)));
+            }
+        }
+        self.eval_now()
+    }
+
     fn eval_now(&self) -> Result<Option<LossMetrics>> {
         evaluate_losses(
             self.base,
