@@ -209,11 +209,7 @@ impl<'a> LocalSweep<'a> {
         'a: 'o,
     {
         let fresh = !self.registry.contains(&cell.name)
-            && !self
-                .registry
-                .run_dir(&cell.name)
-                .join("latest.json")
-                .is_file();
+            && crate::train::checkpoint::latest(&self.registry.run_dir(&cell.name))?.is_none();
         if cached.is_none() && fresh && !self.data.eval.is_empty() {
             let cfg = &self.plan.train_config;
             let decoder = &self.base.decoder;
