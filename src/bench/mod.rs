@@ -191,7 +191,7 @@ pub fn run(
     let adapted: Vec<&str> = PROJECTIONS.to_vec();
     let train_flops = peak::train_flops_per_token(config, spec.rank, &adapted, spec.seq_len);
     let eval_flops = peak::eval_flops_per_token(config, spec.rank, &adapted, spec.seq_len);
-    let peak_gflops = if base.base_dtype.name() == "bf16" {
+    let peak_gflops = if base.base_dtype == crate::model::BaseDType::Bf16 {
         machine.bf16_gflops
     } else {
         machine.f32_gflops

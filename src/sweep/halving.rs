@@ -238,12 +238,15 @@ pub fn train_rung(
     let name = &plan.cell(index)?.name;
     // Trained to this rung's end already (a task that died between the commit and the
     // score, or a rerun): its entry holds the metrics.
-    let done = registry.contains(name)
-        && AdapterMeta::read(&registry.path(name)).is_ok_and(|m| m.steps >= end);
-    let outcome = if done {
+    let done = registry
+        .contains(name)
+        .then(|| AdapterMeta::read(&registry.path(name)).ok())
+        .flatten()
+        .filter(|m| m.steps >= end);
+    let outcome = if let Some(meta) = done {
         CellOutcome::AlreadyDone {
             name: name.clone(),
-            metrics: AdapterMeta::read(&registry.path(name))?.metrics,
+            metrics: meta.metrics,
         }
     } else {
         let opts = RunOptions {
@@ -426,7 +429,8 @@ pub fn run_task(
     on_loaded(index, rung, &base, &data);
     match train_rung(&base, &data, plan, registry, &ladder, (rung, index), opts)? {
         RungOutcome::Scored { outcome, score } => {
-            finish_halving(registry, plan, &ladder)?;
+            let state = load_state(registry, plan, &ladder)?;
+            remove_kept_checkpoints(registry, plan, &ladder, &state)?;
             Ok(TaskOutcome::Scored {
                 index,
                 rung,
@@ -484,22 +488,15 @@ impl LocalSweep<'_> {
     }
 }
 
-/// The sweep's table (stopped cells marked by [`collect`]); once the last rung is complete,
-/// the kept checkpoints of the cells that stopped are removed (their adapters stay).
+/// The sweep's table (stopped cells marked by [`collect`]), after removing the checkpoints
+/// halving kept once the last rung is complete.
 pub fn finish_halving(
     registry: &Registry,
     plan: &SweepPlan,
     ladder: &Ladder,
 ) -> Result<SweepResult> {
     let state = load_state(registry, plan, ladder)?;
-    if state.is_complete(ladder.ends.len() - 1, plan) {
-        for cell in &plan.cells {
-            let run_dir = registry.run_dir(&cell.name);
-            if run_dir.is_dir() && registry.contains(&cell.name) {
-                std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-            }
-        }
-    }
+    remove_kept_checkpoints(registry, plan, ladder, &state)?;
     collect(registry, plan, &plan.metric)
 }
 
@@ -560,10 +557,30 @@ pub fn mark_stopped(result: &mut SweepResult, plan: &SweepPlan, state: &HalvingS
     }
 }
 
-/// The halving progress of a plan, if it has any.
+/// Once the last rung is complete, removes the kept checkpoints of every cell (their adapters
+/// stay); before that, nothing.
+fn remove_kept_checkpoints(
+    registry: &Registry,
+    plan: &SweepPlan,
+    ladder: &Ladder,
+    state: &HalvingState,
+) -> Result<()> {
+    if !state.is_complete(ladder.ends.len() - 1, plan) {
+        return Ok(());
+    }
+    for cell in &plan.cells {
+        let run_dir = registry.run_dir(&cell.name);
+        if run_dir.is_dir() && registry.contains(&cell.name) {
+            std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The halving progress of a halving plan (`None` for a grid plan or an unreadable file).
 pub fn halving_state(registry: &Registry, plan: &SweepPlan) -> Option<HalvingState> {
-    let path = state_path(registry, plan);
-    path.is_file().then(|| read_json(&path).ok()).flatten()
+    let ladder = Ladder::of(plan)?;
+    load_state(registry, plan, &ladder).ok()
 }
 
 #[cfg(test)]
