@@ -19,7 +19,8 @@ use rayon::prelude::*;
 use super::block_plan::{self, Activations, BlockSteps, Norm, DOWN, GATE, K, O, Q, UP, V};
 use super::config::PROJECTIONS;
 use super::decoder::Block;
-use super::linear::{Branch, DropoutMask};
+use super::dropout::DropoutMask;
+use super::linear::Branch;
 use crate::ops::kernel::{
     add_assign_par, contiguous_slice, output_buffer, par_copy, tensor_from_vec, with_cpu_slices,
     Elem,

@@ -14,14 +14,11 @@ use std::sync::OnceLock;
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var};
 
+use super::dropout::DropoutMask;
 use super::frozen::FrozenWeight;
 use crate::ops::gemm::{gemm, View};
-use crate::ops::kernel::{
-    add_assign_par, contiguous_slice, output_buffer, par_copy, tensor_from_vec, with_cpu_slices,
-    Elem,
-};
+use crate::ops::kernel::{contiguous_slice, output_buffer, tensor_from_vec, with_cpu_slices, Elem};
 use crate::Result;
-use rayon::prelude::*;
 
 /// One trainable pair: `A: [r, in]`, `B: [out, r]`, applied as `scale · B·A·x`.
 #[derive(Debug, Clone)]
@@ -82,48 +79,6 @@ pub fn lora_linear(
     };
     Ok(x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
-}
-
-/// An inverted-dropout keep mask over the elements of one input, computed from a seed rather
-/// than stored: element `i` is kept (and scaled by `1/keep`) when a hash of `(seed, i)` falls
-/// below `keep`. Forward and backward regenerate it in parallel, so no mask-sized buffer is
-/// held between them, and the result does not depend on the thread count.
-#[derive(Debug, Clone, Copy)]
-pub struct DropoutMask {
-    pub seed: u64,
-    /// Keep probability `1 − p`, in (0, 1].
-    pub keep: f32,
-}
-
-impl DropoutMask {
-    /// `1/keep` for a kept element, 0 for a dropped one.
-    #[inline]
-    pub fn factor(&self, i: usize) -> f32 {
-        // splitmix64 finaliser of (seed, index): well mixed, no state, trivially parallel.
-        let mut z = self
-            .seed
-            .wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        // 24 uniform bits → [0, 1), exactly representable in f32.
-        let u = (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
-        if u < self.keep {
-            1.0 / self.keep
-        } else {
-            0.0
-        }
-    }
-
-    /// `x[i] *= factor(i)` in parallel.
-    pub(crate) fn apply<T: Elem>(&self, x: &mut [T]) {
-        const CHUNK: usize = 1 << 14;
-        x.par_chunks_mut(CHUNK).enumerate().for_each(|(c, xs)| {
-            for (j, v) in xs.iter_mut().enumerate() {
-                *v *= T::from_f64(self.factor(c * CHUNK + j) as f64);
-            }
-        });
-    }
 }
 
 /// The same function from candle ops (any device and dtype; the reference in tests).
@@ -301,11 +256,7 @@ impl<T: Elem> Branch<'_, T> {
     fn masked<'x>(&self, x: &'x [T]) -> Cow<'x, [T]> {
         match &self.mask {
             None => Cow::Borrowed(x),
-            Some(mask) => {
-                let mut out = par_copy(x);
-                mask.apply(&mut out);
-                Cow::Owned(out)
-            }
+            Some(mask) => Cow::Owned(mask.masked_copy(x)),
         }
     }
 
@@ -386,8 +337,7 @@ impl<T: Elem> Branch<'_, T> {
                     // elements before the mask and the sum read them.
                     let mut dxin = unsafe { output_buffer(rows * k) };
                     gemm(&mut dxin, dlow_v, a_v, T::ONE, false, true)?;
-                    mask.apply(&mut dxin);
-                    add_assign_par(dx, &dxin);
+                    mask.add_masked(dx, &dxin);
                 }
             }
         }
@@ -635,25 +585,5 @@ mod tests {
         let x = Tensor::zeros((3, 31), DType::F32, &Device::Cpu).unwrap();
         let err = lora_linear(&x, &c.weight, None, &c.pair, None).unwrap_err();
         assert!(err.to_string().contains("lora_linear"), "{err}");
-    }
-
-    #[test]
-    fn dropout_mask_keeps_the_right_fraction_deterministically() {
-        let mask = DropoutMask {
-            seed: 42,
-            keep: 0.95,
-        };
-        let n = 200_000;
-        let mut ones = vec![1f32; n];
-        mask.apply(&mut ones);
-        let kept = ones.iter().filter(|v| **v != 0.0).count() as f64 / n as f64;
-        assert!((kept - 0.95).abs() < 0.003, "kept {kept}");
-        assert!(ones
-            .iter()
-            .all(|v| *v == 0.0 || (*v - 1.0 / 0.95).abs() < 1e-6));
-        // The same seed gives the same mask (forward and backward agree); another seed differs.
-        assert!((0..n).all(|i| mask.factor(i) == ones[i]));
-        let other = DropoutMask { seed: 43, ..mask };
-        assert!((0..n).any(|i| other.factor(i) != ones[i]));
     }
 }
