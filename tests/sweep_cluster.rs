@@ -1,8 +1,9 @@
 //! A sweep as a plan whose cells run anywhere: cells run by `sweep run-cell` (from `--launcher
 //! print`, or as a real Slurm job array) give the same table and byte-identical adapters as a
 //! local sweep; a cancelled cell resumes from its checkpoint and ends byte-identical; the same
-//! index run twice at once trains once; the Kubernetes manifest is a valid Indexed Job; bad
-//! input gets a clear error with nothing written half-way.
+//! index run twice at once trains once; cells share the plan's step-0 evaluation; the
+//! Kubernetes manifest is a valid Indexed Job; bad input gets a clear error with nothing
+//! written half-way.
 
 #[path = "util.rs"]
 mod util;
@@ -128,6 +129,56 @@ fn cells_run_one_by_one_from_the_plan_equal_a_local_sweep() {
         .arg(&remote)
         .stdout();
     assert!(status.contains("4 cells: 4 done"), "{status}");
+}
+
+/// The step-0 line of a cell's metrics.jsonl in a registry.
+fn step0_line(registry: &Path, name: &str) -> serde_json::Value {
+    let path = registry.join(name).join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let first = text.lines().next().expect("a step-0 line");
+    let line: serde_json::Value = serde_json::from_str(first).unwrap();
+    assert_eq!(line["step"], 0, "{first}");
+    line
+}
+
+/// The first cell a plan trains writes the untouched base's per-token held-out losses into
+/// the plan folder, and later cells (other processes, other hosts) take their step-0
+/// evaluation from that file instead of a forward pass: a doctored copy (every loss doubled)
+/// shows up doubled in the next cell's step-0 line.
+#[test]
+fn cells_take_their_step_zero_evaluation_from_the_plan() {
+    let dir = Dir::tiny();
+    let local = local_sweep(&dir, 1);
+    let remote = dir.path().join("shared-registry");
+    let lines = dir
+        .cmd_with_model(&["sweep", "--launcher", "print", "--registry"])
+        .arg(&remote)
+        .args(grid_args(&dir, 1))
+        .stdout();
+    let lines: Vec<&str> = lines.lines().collect();
+    let shared = remote.join(".sweeps/grid/step0-eval.json");
+    assert!(!shared.exists(), "planning alone evaluates nothing");
+    run_shell(lines[0], &dir);
+    assert_eq!(step0_line(&remote, CELLS[0]), step0_line(&local, CELLS[0]));
+    let mut stored = common::read_json(shared.clone());
+    let tokens = stored["tokens"].as_array_mut().expect("tokens");
+    assert!(!tokens.is_empty());
+    for token in tokens.iter_mut() {
+        token[1] = serde_json::json!(token[1].as_f64().unwrap() * 2.0);
+    }
+    std::fs::write(&shared, serde_json::to_vec(&stored).unwrap()).unwrap();
+    run_shell(lines[1], &dir);
+    let (doctored, genuine) = (step0_line(&remote, CELLS[1]), step0_line(&local, CELLS[1]));
+    for key in ["eval_response_loss", "eval_wit_loss"] {
+        let (d, g) = (
+            doctored[key].as_f64().unwrap(),
+            genuine[key].as_f64().unwrap(),
+        );
+        assert!(
+            g > 0.0 && (d - 2.0 * g).abs() <= 1e-9 * g,
+            "{key}: {d} vs 2 × {g}"
+        );
+    }
 }
 
 /// Waits until `done` holds, polling; panics with `what` after `limit`.

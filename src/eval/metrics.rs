@@ -81,7 +81,7 @@ pub fn loss_metrics(
 /// the metrics under any loss weights follow without another forward pass. A sweep's cells all
 /// start as the same untouched base (B = 0), so their step-0 evaluations are one of these,
 /// weighted per cell.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenLosses {
     /// `(kind, nll)` of each scored token, in evaluation order.
     tokens: Vec<(TokenKind, f32)>,

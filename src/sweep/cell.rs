@@ -248,9 +248,16 @@ fn train_claimed(
         ("peft_wit.sweep".to_string(), plan.name.clone()),
         ("peft_wit.cell".to_string(), index.to_string()),
     ]);
+    // A cell trained from step 0 takes its step-0 evaluation from the plan's shared one.
+    let initial_eval = match &opts.initial_eval {
+        Some(given) => Some(given.clone()),
+        None if !resume => super::step0::shared_step0(registry, plan, base, data)?,
+        None => None,
+    };
     let cell_opts = RunOptions {
         resume,
         tracking_tags,
+        initial_eval,
         default_experiment: opts
             .default_experiment
             .clone()

@@ -455,7 +455,6 @@ impl LocalSweep<'_> {
         on_cell: &mut dyn FnMut(&PlannedCell, &CellOutcome),
     ) -> Result<SweepResult> {
         let plan = self.plan;
-        let mut opts = None;
         for k in 0..ladder.ends.len() {
             let state = load_state(self.registry, plan, ladder)?;
             let Some(entrants) = state.entrants(k, plan) else {
@@ -466,7 +465,6 @@ impl LocalSweep<'_> {
                     continue;
                 }
                 let step = (k, index);
-                let opts = self.cell_options(&mut opts, plan.cell(index)?)?;
                 match train_rung(
                     self.base,
                     self.data,
@@ -474,7 +472,7 @@ impl LocalSweep<'_> {
                     self.registry,
                     ladder,
                     step,
-                    opts,
+                    self.opts,
                 )? {
                     RungOutcome::Scored { outcome, .. } => on_cell(plan.cell(index)?, &outcome),
                     RungOutcome::Interrupted(outcome) => {

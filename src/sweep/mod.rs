@@ -9,6 +9,7 @@ pub mod halving;
 pub mod launch;
 pub mod plan;
 pub mod status;
+pub mod step0;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -176,16 +177,14 @@ impl LocalSweep<'_> {
         if let Some(ladder) = halving::Ladder::of(self.plan) {
             return self.run_halving(&ladder, &mut on_cell);
         }
-        let mut opts = None;
         for cell in &self.plan.cells {
-            let opts = self.cell_options(&mut opts, cell)?;
             let outcome = train_cell(
                 self.base,
                 self.data,
                 self.plan,
                 self.registry,
                 cell.index,
-                opts,
+                self.opts,
             )?;
             on_cell(cell, &outcome);
             if matches!(outcome, CellOutcome::Interrupted { .. }) {
@@ -193,47 +192,6 @@ impl LocalSweep<'_> {
             }
         }
         collect(self.registry, self.plan, &self.plan.metric)
-    }
-}
-
-impl<'a> LocalSweep<'a> {
-    /// The options a cell trains with: the sweep's, plus — once a cell is about to train from
-    /// scratch — the untouched adapter's per-token losses on the held-out split, evaluated
-    /// once for every cell's step-0 evaluation (cells differ only in their loss weights there).
-    fn cell_options<'o>(
-        &self,
-        cached: &'o mut Option<RunOptions>,
-        cell: &PlannedCell,
-    ) -> Result<&'o RunOptions>
-    where
-        'a: 'o,
-    {
-        let fresh = !self.registry.contains(&cell.name)
-            && crate::train::checkpoint::latest(&self.registry.run_dir(&cell.name))?.is_none();
-        if cached.is_none() && fresh && !self.data.eval.is_empty() {
-            let cfg = &self.plan.train_config;
-            let decoder = &self.base.decoder;
-            let adapter = crate::lora::LoraAdapter::init(
-                &cfg.lora_config()?,
-                &decoder.config,
-                cfg.seed,
-                candle_core::DType::F32,
-                decoder.device(),
-            )?;
-            let scored = crate::eval::TokenLosses::compute(
-                decoder,
-                Some(&adapter),
-                &self.data.eval,
-                cfg.batch_size,
-                self.base.pad_id(),
-                true,
-            )?;
-            *cached = Some(RunOptions {
-                initial_eval: Some(std::sync::Arc::new(scored)),
-                ..self.opts.clone()
-            });
-        }
-        Ok(cached.as_ref().unwrap_or(self.opts))
     }
 }
 
