@@ -87,29 +87,31 @@ fn run_shell(line: &str, dir: &Dir) {
     );
 }
 
+/// The command lines `sweep --launcher print` gives for the grid's cells not yet done.
+fn printed_commands(dir: &Dir, registry: &Path, steps: usize) -> Vec<String> {
+    dir.cmd_with_model(&["sweep", "--launcher", "print", "--registry"])
+        .arg(registry)
+        .args(grid_args(dir, steps))
+        .stdout()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn cells_run_one_by_one_from_the_plan_equal_a_local_sweep() {
     let dir = Dir::tiny();
     let local = local_sweep(&dir, 3);
     let remote = dir.path().join("shared-registry");
-    let lines = dir
-        .cmd_with_model(&["sweep", "--launcher", "print", "--registry"])
-        .arg(&remote)
-        .args(grid_args(&dir, 3))
-        .stdout();
-    let lines: Vec<&str> = lines.lines().collect();
+    let lines = printed_commands(&dir, &remote, 3);
     assert_eq!(lines.len(), 4, "{lines:?}");
     assert!(lines[2].contains("sweep run-cell") && lines[2].contains("--index 2"));
     for line in &lines {
         run_shell(line, &dir);
     }
     // Nothing is left to print once every cell is done.
-    let again = dir
-        .cmd_with_model(&["sweep", "--launcher", "print", "--registry"])
-        .arg(&remote)
-        .args(grid_args(&dir, 3))
-        .stdout();
-    assert!(again.trim().is_empty(), "{again}");
+    let again = printed_commands(&dir, &remote, 3);
+    assert!(again.is_empty(), "{again:?}");
     let table = dir
         .cmd(&["sweep", "collect", "grid", "--registry"])
         .arg(&remote)
@@ -150,15 +152,10 @@ fn cells_take_their_step_zero_evaluation_from_the_plan() {
     let dir = Dir::tiny();
     let local = local_sweep(&dir, 1);
     let remote = dir.path().join("shared-registry");
-    let lines = dir
-        .cmd_with_model(&["sweep", "--launcher", "print", "--registry"])
-        .arg(&remote)
-        .args(grid_args(&dir, 1))
-        .stdout();
-    let lines: Vec<&str> = lines.lines().collect();
+    let lines = printed_commands(&dir, &remote, 1);
     let shared = remote.join(".sweeps/grid/step0-eval.json");
     assert!(!shared.exists(), "planning alone evaluates nothing");
-    run_shell(lines[0], &dir);
+    run_shell(&lines[0], &dir);
     assert_eq!(step0_line(&remote, CELLS[0]), step0_line(&local, CELLS[0]));
     let mut stored = common::read_json(shared.clone());
     let tokens = stored["tokens"].as_array_mut().expect("tokens");
@@ -167,7 +164,7 @@ fn cells_take_their_step_zero_evaluation_from_the_plan() {
         token[1] = serde_json::json!(token[1].as_f64().unwrap() * 2.0);
     }
     std::fs::write(&shared, serde_json::to_vec(&stored).unwrap()).unwrap();
-    run_shell(lines[1], &dir);
+    run_shell(&lines[1], &dir);
     let (doctored, genuine) = (step0_line(&remote, CELLS[1]), step0_line(&local, CELLS[1]));
     for key in ["eval_response_loss", "eval_wit_loss"] {
         let (d, g) = (
