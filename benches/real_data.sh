@@ -33,8 +33,8 @@ python3 - "$out" <<'PY'
 import json, re, sys
 out = sys.argv[1]
 w = json.load(open(f"{out}/w.json"))
-lines = [json.loads(l) for l in open(f"{out}/registry/real-data/metrics.jsonl") if '"step"' in l]
-lines = [l for l in lines if "tokens_seen" in l]
+# Training lines only (an evaluation line has no "loss").
+lines = [l for l in map(json.loads, open(f"{out}/registry/real-data/metrics.jsonl")) if "loss" in l]
 first, last = lines[0], lines[-1]  # the first step is the warm-up, as in the bench
 rate = (last["tokens_seen"] - first["tokens_seen"]) / (last["elapsed_s"] - first["elapsed_s"])
 log = open(f"{out}/train.log").read()

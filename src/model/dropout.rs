@@ -61,54 +61,44 @@ impl DropoutMask {
             .par_chunks_mut(CHUNK)
             .zip(src[..n].par_chunks(CHUNK))
             .enumerate()
-            .for_each(|(c, (dst, src))| {
-                let start = c * CHUNK;
-                match (T::as_f32_mut(dst), T::as_f32(src)) {
-                    (Some(dst), Some(src)) => self.combine_f32::<ADD>(start, dst, src),
-                    _ => {
-                        for (j, (d, s)) in dst.iter_mut().zip(src).enumerate() {
-                            let v = *s * T::from_f64(self.factor(start + j) as f64);
-                            *d = if ADD { *d + v } else { v };
-                        }
-                    }
-                }
-            });
+            .for_each(|(c, (dst, src))| self.combine_chunk::<T, ADD>(c * CHUNK, dst, src));
     }
 
-    /// [`Self::combine`] on one f32 chunk starting at element `start`, vectorised where the
-    /// CPU has AVX-512 DQ (64-bit lane multiplies for the hash).
-    fn combine_f32<const ADD: bool>(&self, start: usize, dst: &mut [f32], src: &[f32]) {
+    /// [`Self::combine`] on one chunk starting at element `start`, vectorised where the CPU
+    /// has AVX-512 DQ (64-bit lane multiplies for the hash).
+    fn combine_chunk<T: Elem, const ADD: bool>(&self, start: usize, dst: &mut [T], src: &[T]) {
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
-            fn avx512<const ADD: bool>(
+            fn avx512<T: Elem, const ADD: bool>(
                 mask: &DropoutMask,
                 start: usize,
-                dst: &mut [f32],
-                src: &[f32],
+                dst: &mut [T],
+                src: &[T],
             ) {
-                combine_f32_imp::<ADD>(mask, start, dst, src)
+                combine_imp::<T, ADD>(mask, start, dst, src)
             }
             if std::arch::is_x86_feature_detected!("avx512dq")
                 && std::arch::is_x86_feature_detected!("avx512vl")
             {
                 // SAFETY: the CPU has avx512f/dq/vl (dq and vl imply f; checked just above).
-                return unsafe { avx512::<ADD>(self, start, dst, src) };
+                return unsafe { avx512::<T, ADD>(self, start, dst, src) };
             }
         }
-        combine_f32_imp::<ADD>(self, start, dst, src)
+        combine_imp::<T, ADD>(self, start, dst, src)
     }
 }
 
 #[inline(always)]
-fn combine_f32_imp<const ADD: bool>(
+fn combine_imp<T: Elem, const ADD: bool>(
     mask: &DropoutMask,
     start: usize,
-    dst: &mut [f32],
-    src: &[f32],
+    dst: &mut [T],
+    src: &[T],
 ) {
     for (j, (d, s)) in dst.iter_mut().zip(src).enumerate() {
-        let v = *s * mask.factor(start + j);
+        // f32 → f64 → T is exact (and folds away for f32).
+        let v = *s * T::from_f64(mask.factor(start + j) as f64);
         *d = if ADD { *d + v } else { v };
     }
 }
@@ -152,7 +142,7 @@ mod tests {
             mask.add_masked(&mut y, &x);
             let summed: Vec<f32> = (0..n).map(|i| i as f32 + expected[i]).collect();
             assert_eq!(y, summed, "add, n = {n}");
-            // The generic path (f64) takes the scalar hash.
+            // f64 (the gradient checks' dtype) gets the same mask.
             let x64: Vec<f64> = x.iter().map(|v| *v as f64).collect();
             let expected64: Vec<f64> = (0..n).map(|i| x64[i] * mask.factor(i) as f64).collect();
             assert_eq!(mask.masked_copy(&x64), expected64, "f64, n = {n}");
