@@ -50,8 +50,8 @@ pub struct BenchResult {
     pub peak: peak::Peak,
     /// Useful FLOPs of one training token (see [`peak::train_flops_per_token`]).
     pub train_flops_per_token: f64,
-    /// The training step's share of the peak of its dtype (bf16 for a bf16 base, f32
-    /// otherwise); `None` where that peak could not be probed.
+    /// The training step's share of the peak of its dtype (bf16 for a bf16 base: AMX tiles
+    /// where present, else AVX-512 BF16; f32 otherwise); `None` where that peak could not be probed.
     pub train_share_of_peak: Option<f64>,
     /// The same for forward-only evaluation.
     pub eval_share_of_peak: Option<f64>,
@@ -192,7 +192,8 @@ pub fn run(
     let train_flops = peak::train_flops_per_token(config, spec.rank, &adapted, spec.seq_len);
     let eval_flops = peak::eval_flops_per_token(config, spec.rank, &adapted, spec.seq_len);
     let peak_gflops = if base.base_dtype == crate::model::BaseDType::Bf16 {
-        machine.bf16_gflops
+        // The instruction set the bf16 weight products run on.
+        machine.amx_bf16_gflops.or(machine.bf16_gflops)
     } else {
         machine.f32_gflops
     };

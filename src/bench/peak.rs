@@ -1,6 +1,7 @@
 //! What the machine can do at most, measured on the threads the benchmark runs on: a short
 //! probe of independent fused multiply-adds (f32 `vfmadd231ps`) and bf16 dot products
-//! (`vdpbf16ps`) on 512-bit registers, and the useful FLOPs of a LoRA training step per token,
+//! (`vdpbf16ps`) on 512-bit registers and, where the CPU has them, on AMX tiles
+//! (`tdpbf16ps`), and the useful FLOPs of a LoRA training step per token,
 //! so `bench train` can print the step's share of the peak beside its tokens/s.
 
 use std::time::Instant;
@@ -8,6 +9,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::model::config::{ModelConfig, PROJECTIONS};
+use crate::ops::wgemm;
 
 /// Peak arithmetic of this machine's benchmark threads, GFLOP/s (a multiply-add counts 2).
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -16,31 +18,40 @@ pub struct Peak {
     pub f32_gflops: Option<f64>,
     /// bf16 dot products into f32 (AVX-512 BF16); `None` where the CPU lacks it.
     pub bf16_gflops: Option<f64>,
+    /// bf16 tile dot products into f32 (AMX-BF16), which bf16-weight products use where they
+    /// exist; `None` where the CPU lacks them or they are turned off (`PEFT_WIT_AMX=0`).
+    pub amx_bf16_gflops: Option<f64>,
     pub threads: usize,
 }
 
 /// Iterations of the probe loop per thread (12 chains × 16 lanes × 2 FLOPs each for f32, twice
 /// that for bf16): about a tenth of a second on a current core.
 const PROBE_ITERS: u64 = 20_000_000;
+/// Rounds of the AMX probe (65,536 FLOPs each): about a tenth of a second as well.
+const AMX_PROBE_ITERS: u64 = 2_000_000;
 
 /// Measures [`Peak`] on every thread of the current rayon pool at once (the best of three).
 pub fn probe() -> Peak {
     let threads = rayon::current_num_threads();
-    let measure = |kernel: fn(u64) -> f32, flops_per_iter: f64| {
+    let measure_iters = |kernel: fn(u64) -> f32, iters: u64, flops_per_iter: f64| {
         (0..3)
             .map(|_| {
                 let started = Instant::now();
-                let sums = rayon::broadcast(|_| kernel(PROBE_ITERS));
+                let sums = rayon::broadcast(|_| kernel(iters));
                 let secs = started.elapsed().as_secs_f64();
                 // Keep the results alive so the loops cannot be optimised away.
                 std::hint::black_box(sums);
-                threads as f64 * PROBE_ITERS as f64 * flops_per_iter / secs / 1e9
+                threads as f64 * iters as f64 * flops_per_iter / secs / 1e9
             })
             .fold(0.0, f64::max)
     };
+    let measure = |kernel, flops_per_iter| measure_iters(kernel, PROBE_ITERS, flops_per_iter);
+    let amx: fn(u64) -> f32 = |iters| wgemm::amx_probe(iters).unwrap_or(0.0);
     Peak {
         f32_gflops: x86::f32_kernel().map(|k| measure(k, 12.0 * 16.0 * 2.0)),
         bf16_gflops: x86::bf16_kernel().map(|k| measure(k, 12.0 * 32.0 * 2.0)),
+        amx_bf16_gflops: wgemm::amx_available()
+            .then(|| measure_iters(amx, AMX_PROBE_ITERS, wgemm::AMX_PROBE_FLOPS)),
         threads,
     }
 }
@@ -202,7 +213,11 @@ mod tests {
             peak.f32_gflops.is_some(),
             std::arch::is_x86_feature_detected!("avx512f")
         );
-        for gflops in [peak.f32_gflops, peak.bf16_gflops].into_iter().flatten() {
+        assert_eq!(peak.amx_bf16_gflops.is_some(), wgemm::amx_available());
+        for gflops in [peak.f32_gflops, peak.bf16_gflops, peak.amx_bf16_gflops]
+            .into_iter()
+            .flatten()
+        {
             assert!(gflops.is_finite() && gflops > 0.1, "{peak:?}");
         }
     }

@@ -60,10 +60,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "peft-wit {} base, batch {}x{}, LoRA r{} on 7 projections, {} threads:",
             result.base_dtype, spec.batch_size, spec.seq_len, spec.rank, result.threads
         );
-        let peak_name = if result.base_dtype == "bf16" {
-            "bf16"
-        } else {
-            "f32"
+        let peak_name = match (result.base_dtype.as_str(), result.peak.amx_bf16_gflops) {
+            ("bf16", Some(_)) => "bf16 AMX",
+            ("bf16", None) => "bf16",
+            _ => "f32",
         };
         let share = |s: Option<f64>| {
             s.map(|s| format!(", {:.0}% of the {peak_name} peak", 100.0 * s))
@@ -96,10 +96,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         let gflops = |g: Option<f64>| g.map_or("n/a".to_string(), |g| format!("{g:.0} GFLOP/s"));
         println!(
-            "  machine peak ({} threads):   f32 FMA {}, bf16 dot {}; the step does {:.3} GFLOP a token",
+            "  machine peak ({} threads):   f32 FMA {}, bf16 dot {}, bf16 AMX tiles {}; the step does {:.3} GFLOP a token",
             result.peak.threads,
             gflops(result.peak.f32_gflops),
             gflops(result.peak.bf16_gflops),
+            gflops(result.peak.amx_bf16_gflops),
             result.train_flops_per_token / 1e9
         );
     }

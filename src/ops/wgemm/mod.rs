@@ -93,10 +93,48 @@ pub(crate) fn matmul_bf16(
         accumulate,
     )? {
         #[cfg(target_arch = "x86_64")]
-        x86::matmul::<x86::Bf16>(c, a, m, k, w, n, layout, accumulate);
+        if m >= AMX_MIN_ROWS && amx::available() {
+            amx::matmul(c, a, m, k, w, n, layout, accumulate);
+        } else {
+            x86::matmul::<x86::Bf16>(c, a, m, k, w, n, layout, accumulate);
+        }
     }
     Ok(())
 }
+
+/// Rows from which a bf16-weight product runs on AMX tiles where the CPU has them (a C block
+/// is 32 rows; below that the AVX-512 kernel wastes less).
+const AMX_MIN_ROWS: usize = 32;
+
+/// True when bf16-weight products with many rows run on AMX tiles (Intel Sapphire Rapids and
+/// later, Linux, not turned off with `PEFT_WIT_AMX=0`).
+pub(crate) fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The AMX peak probe: `iters` rounds of four independent tile dot products (65,536 FLOPs a
+/// round) on the calling thread. `None` where [`amx_available`] is false.
+pub(crate) fn amx_probe(iters: u64) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::probe(iters)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = iters;
+        None
+    }
+}
+
+/// FLOPs of one round of [`amx_probe`].
+pub(crate) const AMX_PROBE_FLOPS: f64 = 4.0 * 16.0 * 16.0 * 32.0 * 2.0;
 
 /// `c[m×n]` (row-major) `= (accumulate ? c : 0) + a[m×k] · op(w)`, all f32, `op(w)` per
 /// [`WeightLayout`]. Parallel over rayon's threads.
@@ -218,6 +256,8 @@ fn to_pairs(dst: &mut [u32], src: &[f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 #[cfg(test)]
@@ -248,6 +288,46 @@ mod tests {
         w64: bf16::to_f64,
         a64: |x| bf16::from_f32(x).to_f64(),
         run: matmul_bf16,
+    };
+
+    /// The bf16 kernel of one instruction set, at every row count.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    fn bf16_on(
+        amx: bool,
+        c: &mut [f32],
+        a: &[f32],
+        m: usize,
+        k: usize,
+        w: &[bf16],
+        n: usize,
+        layout: WeightLayout,
+        accumulate: bool,
+    ) -> Result<()> {
+        let supported = if amx { amx::available() } else { available() };
+        if prepare("bf16_on", "", supported, c, a, m, k, w.len(), n, accumulate)? {
+            if amx {
+                amx::matmul(c, a, m, k, w, n, layout, accumulate);
+            } else {
+                x86::matmul::<x86::Bf16>(c, a, m, k, w, n, layout, accumulate);
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    const BF16_AVX512: Subject<bf16> = Subject {
+        name: "bf16 on AVX-512",
+        run: |c, a, m, k, w, n, l, acc| bf16_on(false, c, a, m, k, w, n, l, acc),
+        ..BF16
+    };
+
+    #[cfg(target_arch = "x86_64")]
+    const BF16_AMX: Subject<bf16> = Subject {
+        name: "bf16 on AMX",
+        available: amx_available,
+        run: |c, a, m, k, w, n, l, acc| bf16_on(true, c, a, m, k, w, n, l, acc),
+        ..BF16
     };
 
     const F32: Subject<f32> = Subject {
@@ -387,6 +467,39 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_gemm_on_each_instruction_set_matches_f64_reference() {
+        for (subject, seed) in [(BF16_AVX512, 17), (BF16_AMX, 27)] {
+            if !subject.skip("bf16_gemm_on_each_instruction_set_matches_f64_reference") {
+                subject.odd_shapes(seed);
+                subject.large_m(seed + 1);
+            }
+        }
+    }
+
+    /// Where the CPU has AMX, CI must exercise it: a machine that reports the tiles in CPUID
+    /// but cannot use them would silently fall back.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[test]
+    fn amx_is_used_where_the_cpu_has_it() {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let listed = cpuinfo.contains(" amx_bf16") && cpuinfo.contains(" amx_tile");
+        let disabled = std::env::var(amx::AMX_ENV).is_ok_and(|v| v.trim() == "0");
+        if listed && available() && !disabled {
+            assert!(
+                amx_available(),
+                "the CPU lists AMX but the tiles are not usable"
+            );
+            let sum = amx_probe(10).expect("AMX probe");
+            // 10 rounds of 32 products of 2⁻⁷ · 2⁻⁷ per element.
+            assert_eq!(sum, 10.0 * 32.0 / 16384.0);
+        } else {
+            eprintln!("no usable AMX here (listed {listed}, disabled {disabled})");
+            assert_eq!(amx_probe(1), None);
+        }
+    }
+
     #[test]
     fn f32_gemm_matches_f64_reference() {
         if !F32.skip("f32_gemm_matches_f64_reference") {
@@ -452,6 +565,7 @@ mod tests {
     /// GFLOP/s on the training shapes: f32 (this kernel), f32 (the `gemm` crate through
     /// `ops::gemm`) and bf16 weights, side by side. Run with
     /// `cargo test --release --lib wgemm_throughput -- --ignored --nocapture`.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     #[ignore]
     fn wgemm_throughput() {
@@ -531,13 +645,17 @@ mod tests {
                 };
                 let av = View::rows(&a, m, k);
                 let f32_crate = bench(&mut |c| gemm(c, av, wv, 1.0, false, true).unwrap());
-                let bf16 = if available() {
-                    bench(&mut |c| matmul_bf16(c, &a, m, k, &wb, n, layout, false).unwrap())
-                } else {
-                    "   n/a".into()
+                let mut bf16_on = |amx: bool| {
+                    if (amx && amx_available()) || (!amx && available()) {
+                        bench(&mut |c| bf16_on(amx, c, &a, m, k, &wb, n, layout, false).unwrap())
+                    } else {
+                        "   n/a".into()
+                    }
                 };
+                let (bf16_avx512, bf16_amx) = (bf16_on(false), bf16_on(true));
                 println!(
-                    "m={m:5} k={k:5} n={n:5} {layout:>10?}: f32 {f32_new}  gemm crate {f32_crate}  bf16 {bf16}"
+                    "m={m:5} k={k:5} n={n:5} {layout:>10?}: f32 {f32_new}  gemm crate {f32_crate}  \
+                     bf16 AVX-512 {bf16_avx512}  bf16 AMX {bf16_amx}"
                 );
             }
         }

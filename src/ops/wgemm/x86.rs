@@ -29,36 +29,11 @@ pub(super) trait Kind {
     fn pack_a(dst: &mut [u32], src: &[f32]);
 
     /// Packs rows `j0 .. j0 + cols` (≤ NR) of a `[n, k]` weight as the columns of a
-    /// `[steps][NR]` panel (missing columns zero): a transposition, 16 steps at a time so
-    /// that the writes stay within 2 KiB.
+    /// `[steps][NR]` panel (missing columns zero): a transposition.
     ///
     /// # Safety
     /// The CPU has avx512f/bw; only called inlined into code compiled for them.
-    #[inline(always)]
-    unsafe fn pack_w_transposed(dst: &mut [u32], w: &[Self::W], k: usize, j0: usize, cols: usize) {
-        const PB: usize = 16;
-        let ks = k.div_ceil(Self::KU);
-        let shift = 32 / Self::KU;
-        for p0 in (0..ks).step_by(PB) {
-            let np = PB.min(ks - p0);
-            let d = &mut dst[p0 * NR..(p0 + np) * NR];
-            for c in 0..cols {
-                let row = &w[(j0 + c) * k..(j0 + c + 1) * k];
-                let seg = &row[Self::KU * p0..(Self::KU * (p0 + np)).min(k)];
-                for (q, s) in seg.chunks(Self::KU).enumerate() {
-                    d[q * NR + c] = s
-                        .iter()
-                        .enumerate()
-                        .fold(0, |v, (u, x)| v | (Self::bits(*x) << (shift * u)));
-                }
-            }
-            if cols < NR {
-                for q in 0..np {
-                    d[q * NR + cols..(q + 1) * NR].fill(0);
-                }
-            }
-        }
-    }
+    unsafe fn pack_w_transposed(dst: &mut [u32], w: &[Self::W], k: usize, j0: usize, cols: usize);
 
     /// `acc += a · b` on one step: `a` (one step of an A row) broadcast against the two
     /// zmm `b` of the W panel.
@@ -91,6 +66,20 @@ impl Kind for Bf16 {
     #[inline(always)]
     fn pack_a(dst: &mut [u32], src: &[f32]) {
         to_pairs(dst, src)
+    }
+
+    /// With k even a step is one aligned u32 of a weight row, so packing is the f32
+    /// transposition on u32 (the scalar default cost 20% of a training step's time on AMX).
+    #[inline(always)]
+    unsafe fn pack_w_transposed(dst: &mut [u32], w: &[bf16], k: usize, j0: usize, cols: usize) {
+        if k.is_multiple_of(2) {
+            assert!(w.len() >= (j0 + cols) * k);
+            // SAFETY: rows j0 .. j0 + cols of k / 2 bf16 pairs lie inside `w` (asserted); the
+            // loads are unaligned; avx512f per the contract.
+            unsafe { transpose_panel(dst, w.as_ptr().cast(), k / 2, j0, cols) }
+        } else {
+            transpose_scalar::<Self>(dst, w, k, j0, cols)
+        }
     }
 
     #[inline(always)]
@@ -134,28 +123,10 @@ impl Kind for F32 {
     /// costs ~7 cycles an element, which showed as 13% of a 1024×576×576 product).
     #[inline(always)]
     unsafe fn pack_w_transposed(dst: &mut [u32], w: &[f32], k: usize, j0: usize, cols: usize) {
-        assert!(cols <= NR && dst.len() >= k * NR && w.len() >= (j0 + cols) * k);
-        for g in 0..NR / 16 {
-            let rows = cols.saturating_sub(16 * g).min(16);
-            for k0 in (0..k).step_by(16) {
-                let kn = 16.min(k - k0);
-                // SAFETY: (intrinsics) avx512f, per the contract. Loads read lanes
-                // k0 .. k0 + kn of rows j0 + 16g + i < j0 + cols; stores write steps
-                // k0 .. k0 + kn < k of the panel (both checked above).
-                unsafe {
-                    let mut r = [_mm512_setzero_ps(); 16];
-                    for (i, r) in r.iter_mut().enumerate().take(rows) {
-                        let src = w.as_ptr().add((j0 + 16 * g + i) * k + k0);
-                        *r = _mm512_maskz_loadu_ps(lanes(kn), src);
-                    }
-                    let r = transpose16(r);
-                    for (q, r) in r.iter().enumerate().take(kn) {
-                        let d = dst.as_mut_ptr().add((k0 + q) * NR + 16 * g);
-                        _mm512_storeu_ps(d.cast(), *r);
-                    }
-                }
-            }
-        }
+        assert!(w.len() >= (j0 + cols) * k);
+        // SAFETY: rows j0 .. j0 + cols of k f32 each lie inside `w` (asserted); avx512f per
+        // the contract.
+        unsafe { transpose_panel(dst, w.as_ptr().cast(), k, j0, cols) }
     }
 
     #[inline(always)]
@@ -175,13 +146,13 @@ impl Kind for F32 {
 thread_local! {
     /// The packed W of the last call made on this thread, and the A block of the last task
     /// run on it: kept to avoid re-faulting pages.
-    static W_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
-    static A_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    pub(super) static W_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    pub(super) static A_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on this thread's buffer in `scratch`, or on a fresh one when it is in use (a
 /// nested call: a rayon worker that steals work while waiting).
-fn with_scratch<R>(
+pub(super) fn with_scratch<R>(
     scratch: &'static std::thread::LocalKey<RefCell<Vec<u32>>>,
     f: impl FnOnce(&mut Vec<u32>) -> R,
 ) -> R {
@@ -193,7 +164,7 @@ fn with_scratch<R>(
 
 /// The caller's C, shared by tasks that write disjoint tiles of it.
 #[derive(Clone, Copy)]
-struct CPtr(*mut f32);
+pub(super) struct CPtr(pub(super) *mut f32);
 // SAFETY: tasks only write disjoint (row range × column range) rectangles of C (see
 // `matmul`), so sharing the pointer between threads creates no data race.
 unsafe impl Send for CPtr {}
@@ -202,7 +173,7 @@ unsafe impl Sync for CPtr {}
 
 impl CPtr {
     /// A method, so that closures capture the whole (Sync) wrapper, not the raw field.
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -335,7 +306,7 @@ fn pack_a<K: Kind>(dst: &mut [u32], src: &[f32], k: usize, k0: usize, len: usize
 
 /// Packs weight columns `j0 .. j0 + NR` (missing ones as zeros) into `[steps][NR]`.
 #[target_feature(enable = "avx512f,avx512bw")]
-fn pack_b<K: Kind>(
+pub(super) fn pack_b<K: Kind>(
     dst: &mut [u32],
     w: &[K::W],
     k: usize,
@@ -367,6 +338,67 @@ fn pack_b<K: Kind>(
                     }
                 }
                 d[cols..].fill(0);
+            }
+        }
+    }
+}
+
+/// [`Kind::pack_w_transposed`] element by element, 16 steps at a time so that the writes
+/// stay within 2 KiB: any k.
+#[inline(always)]
+fn transpose_scalar<K: Kind>(dst: &mut [u32], w: &[K::W], k: usize, j0: usize, cols: usize) {
+    const PB: usize = 16;
+    let ks = k.div_ceil(K::KU);
+    let shift = 32 / K::KU;
+    for p0 in (0..ks).step_by(PB) {
+        let np = PB.min(ks - p0);
+        let d = &mut dst[p0 * NR..(p0 + np) * NR];
+        for c in 0..cols {
+            let row = &w[(j0 + c) * k..(j0 + c + 1) * k];
+            let seg = &row[K::KU * p0..(K::KU * (p0 + np)).min(k)];
+            for (q, s) in seg.chunks(K::KU).enumerate() {
+                d[q * NR + c] = s
+                    .iter()
+                    .enumerate()
+                    .fold(0, |v, (u, x)| v | (K::bits(*x) << (shift * u)));
+            }
+        }
+        if cols < NR {
+            for q in 0..np {
+                d[q * NR + cols..(q + 1) * NR].fill(0);
+            }
+        }
+    }
+}
+
+/// Packs rows `j0 .. j0 + cols` (≤ NR) of a `[rows, ks]` matrix of u32 steps (row stride
+/// `ks`) as the columns of a `[ks][NR]` panel, missing columns zero: 16 × 16 blocks
+/// transposed in registers.
+///
+/// # Safety
+/// The CPU has avx512f; `src + (j0 + c)·ks + p` for c < cols, p < ks is readable (it need not
+/// be aligned).
+#[inline(always)]
+unsafe fn transpose_panel(dst: &mut [u32], src: *const f32, ks: usize, j0: usize, cols: usize) {
+    assert!(cols <= NR && dst.len() >= ks * NR);
+    for g in 0..NR / 16 {
+        let rows = cols.saturating_sub(16 * g).min(16);
+        for k0 in (0..ks).step_by(16) {
+            let kn = 16.min(ks - k0);
+            // SAFETY: (intrinsics) avx512f, per the contract. Loads read lanes k0 .. k0 + kn
+            // of rows j0 + 16g + i < j0 + cols (readable per the contract); stores write steps
+            // k0 .. k0 + kn < ks of the panel (checked above).
+            unsafe {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (i, r) in r.iter_mut().enumerate().take(rows) {
+                    let row = src.add((j0 + 16 * g + i) * ks + k0);
+                    *r = _mm512_maskz_loadu_ps(lanes(kn), row);
+                }
+                let r = transpose16(r);
+                for (q, r) in r.iter().enumerate().take(kn) {
+                    let d = dst.as_mut_ptr().add((k0 + q) * NR + 16 * g);
+                    _mm512_storeu_ps(d.cast(), *r);
+                }
             }
         }
     }
