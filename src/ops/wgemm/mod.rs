@@ -1,5 +1,7 @@
 //! Packed-weight GEMM on AVX-512 for frozen weights: `c = a · op(w)` with f32 activations `a`,
-//! f32 accumulation, and the weight in bf16 (`vdpbf16ps`) or f32 (`vfmadd231ps`).
+//! f32 accumulation, and the weight in bf16 (`vdpbf16ps`) or f32 (`vfmadd231ps`). Where the CPU
+//! has Intel AMX, bf16 products of [`AMX_MIN_ROWS`] rows or more run on its tiles instead
+//! (`amx.rs`, same packing and numerics).
 //!
 //! One framework serves both weight types; a [`Kind`](x86::Kind) supplies only what differs:
 //! how a k *step* is packed (bf16: a u32 pair of consecutive k, as `vdpbf16ps` reads it; f32:
@@ -94,7 +96,7 @@ pub(crate) fn matmul_bf16(
     )? {
         #[cfg(target_arch = "x86_64")]
         if m >= AMX_MIN_ROWS && amx::available() {
-            amx::matmul(c, a, m, k, w, n, layout, accumulate);
+            amx::matmul(c, a, m, k, w, n, layout, accumulate, amx::KC);
         } else {
             x86::matmul::<x86::Bf16>(c, a, m, k, w, n, layout, accumulate);
         }
@@ -307,7 +309,7 @@ mod tests {
         let supported = if amx { amx::available() } else { available() };
         if prepare("bf16_on", "", supported, c, a, m, k, w.len(), n, accumulate)? {
             if amx {
-                amx::matmul(c, a, m, k, w, n, layout, accumulate);
+                amx::matmul(c, a, m, k, w, n, layout, accumulate, amx::KC);
             } else {
                 x86::matmul::<x86::Bf16>(c, a, m, k, w, n, layout, accumulate);
             }
@@ -428,6 +430,53 @@ mod tests {
             for layout in [WeightLayout::Transposed, WeightLayout::Plain] {
                 self.check(&mut rng, 1024, 481, 40, layout, false, Some(f32::NAN));
             }
+        }
+    }
+
+    /// The AMX kernel's k block, A/B measured in interleaved rounds (the machines are noisy):
+    /// `cargo test --release --lib amx_k_block -- --ignored --nocapture`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[ignore]
+    fn amx_k_block_throughput() {
+        if !amx_available() {
+            eprintln!("no AMX here");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(9);
+        let blocks = [64usize, 128, 256, 512];
+        for (m, k, n, layout) in [
+            (1024, 576, 576, WeightLayout::Transposed),
+            (1024, 576, 1536, WeightLayout::Plain),
+            (1024, 1536, 576, WeightLayout::Transposed),
+            (256, 576, 49152, WeightLayout::Transposed),
+        ] {
+            let a = rand_vec(&mut rng, m * k);
+            let w: Vec<bf16> = rand_vec(&mut rng, k * n)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let mut c = vec![0.0f32; m * n];
+            let flops = 2.0 * (m * k * n) as f64;
+            let mut rates = vec![Vec::new(); blocks.len()];
+            for _ in 0..9 {
+                for (b, &kc) in blocks.iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    for _ in 0..5 {
+                        amx::matmul(&mut c, &a, m, k, &w, n, layout, false, kc);
+                    }
+                    rates[b].push(5.0 * flops / t.elapsed().as_secs_f64() / 1e9);
+                }
+            }
+            let line: Vec<String> = blocks
+                .iter()
+                .zip(&mut rates)
+                .map(|(kc, r)| {
+                    r.sort_by(f64::total_cmp);
+                    format!("kc {kc}: {:.0}/{:.0}", r[8], r[4])
+                })
+                .collect();
+            println!("m={m} k={k} n={n} {layout:?}: {}", line.join("  "));
         }
     }
 

@@ -202,41 +202,15 @@ pub(super) fn matmul<K: Kind>(
     // SAFETY: f32 and u32 have the same size and alignment, and every bit pattern is valid
     // for both.
     let a_bits: &[u32] = unsafe { std::slice::from_raw_parts(a.as_ptr().cast(), a.len()) };
-    // Wide products (an lm_head) go in column chunks whose packed W stays in cache, unless
-    // a chunk would be so narrow that re-reading A for each costs more (long k).
-    let chunk_panels = W_CHUNK_BYTES / (4 * NR * ks);
-    let chunk_cols = if chunk_panels >= 4 {
-        chunk_panels * NR
-    } else {
-        n
-    };
+    let chunk_cols = chunk_cols(n, ks);
     with_scratch(&W_SCRATCH, |pb| {
         for jlo in (0..n).step_by(chunk_cols) {
             let col_panels = chunk_cols.min(n - jlo).div_ceil(NR);
-            // Packing writes every element the kernel reads.
-            pb.resize(col_panels * NR * ks, 0);
-            pb.par_chunks_mut(NR * ks).enumerate().for_each(|(j, dst)| {
-                // SAFETY: the CPU has avx512f/bw (checked by the caller).
-                unsafe { pack_b::<K>(dst, w, k, n, jlo + j * NR, layout) }
-            });
-            let pb = &pb[..];
-
-            // Task grid: rows first (each task's A block then stays in its core's L2), columns
-            // only when there are too few row panels to occupy the threads.
-            let target = rayon::current_num_threads().max(1) * TASKS_PER_THREAD;
-            let row_tasks = row_panels.min(target);
-            let col_tasks = col_panels.min(target.div_ceil(row_tasks));
+            let pb = pack_panels::<K>(pb, w, k, n, jlo, col_panels, ks, layout);
+            let grid = TaskGrid::new(row_panels, col_panels);
             let cptr = CPtr(c.as_mut_ptr());
-            (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
-                let (ti, tj) = (t / col_tasks, t % col_tasks);
-                let (i0, i1) = (
-                    ti * row_panels / row_tasks,
-                    (ti + 1) * row_panels / row_tasks,
-                );
-                let (j0, j1) = (
-                    tj * col_panels / col_tasks,
-                    (tj + 1) * col_panels / col_tasks,
-                );
+            (0..grid.len()).into_par_iter().for_each(|t| {
+                let ((i0, i1), (j0, j1)) = grid.task(t);
                 let rows = &a[i0 * MR * k..(i1 * MR).min(m) * k];
                 with_scratch(&A_SCRATCH, |pa| {
                     // Row r of the block at pa[r·KC ..]; rows past m are never read.
@@ -289,6 +263,84 @@ pub(super) fn matmul<K: Kind>(
             });
         }
     });
+}
+
+/// Columns per chunk of a wide product (an lm_head): a chunk's packed W (`ksp` steps a
+/// column) stays in cache, unless a chunk would be so narrow that re-reading A for each costs
+/// more (long k); then all `n` at once.
+pub(super) fn chunk_cols(n: usize, ksp: usize) -> usize {
+    let chunk_panels = W_CHUNK_BYTES / (4 * NR * ksp);
+    if chunk_panels >= 4 {
+        chunk_panels * NR
+    } else {
+        n
+    }
+}
+
+/// Packs `col_panels` panels of W's columns from `jlo` into `pb`, in parallel, each
+/// `[ksp][NR]` with the steps past k (up to `ksp` ≥ ⌈k / KU⌉) zero, and returns them.
+/// Packing writes every element the kernels read.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn pack_panels<'p, K: Kind>(
+    pb: &'p mut Vec<u32>,
+    w: &[K::W],
+    k: usize,
+    n: usize,
+    jlo: usize,
+    col_panels: usize,
+    ksp: usize,
+    layout: WeightLayout,
+) -> &'p [u32] {
+    let ks = k.div_ceil(K::KU);
+    pb.resize(col_panels * NR * ksp, 0);
+    pb.par_chunks_mut(NR * ksp)
+        .enumerate()
+        .for_each(|(j, dst)| {
+            let (steps, pad) = dst.split_at_mut(NR * ks);
+            // SAFETY: the CPU has avx512f/bw (every caller checked it).
+            unsafe { pack_b::<K>(steps, w, k, n, jlo + j * NR, layout) };
+            pad.fill(0);
+        });
+    &pb[..]
+}
+
+/// How a product is cut into parallel tasks: rows first (each task's A block then stays in
+/// its core's L2), columns only when there are too few row units to occupy the threads.
+#[derive(Clone, Copy)]
+pub(super) struct TaskGrid {
+    row_units: usize,
+    col_panels: usize,
+    row_tasks: usize,
+    col_tasks: usize,
+}
+
+impl TaskGrid {
+    pub(super) fn new(row_units: usize, col_panels: usize) -> Self {
+        let target = rayon::current_num_threads().max(1) * TASKS_PER_THREAD;
+        let row_tasks = row_units.min(target);
+        let col_tasks = col_panels.min(target.div_ceil(row_tasks));
+        Self {
+            row_units,
+            col_panels,
+            row_tasks,
+            col_tasks,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.row_tasks * self.col_tasks
+    }
+
+    /// Task `t`'s row units `i0 .. i1` and column panels `j0 .. j1`: tasks never overlap.
+    pub(super) fn task(&self, t: usize) -> ((usize, usize), (usize, usize)) {
+        let (ti, tj) = (t / self.col_tasks, t % self.col_tasks);
+        let split =
+            |i: usize, parts: usize, total: usize| (i * total / parts, (i + 1) * total / parts);
+        (
+            split(ti, self.row_tasks, self.row_units),
+            split(tj, self.col_tasks, self.col_panels),
+        )
+    }
 }
 
 /// Packs columns `k0 .. k0 + len` of the A rows `src` (`[rows × k]` f32) into steps, row
