@@ -18,12 +18,9 @@
 //! Linux only: a process must ask the kernel for the tile state (`arch_prctl`) before using
 //! it. [`available`] does that once; everything here runs only after it said yes.
 
-use super::x86::{
-    chunk_cols, pack_panels, with_scratch, Bf16, CPtr, TaskGrid, A_SCRATCH, W_SCRATCH,
-};
+use super::x86::{for_each_task, Bf16, Task};
 use super::{to_pairs, WeightLayout, NR};
 use half::bf16;
-use rayon::prelude::*;
 use std::arch::asm;
 use std::sync::OnceLock;
 
@@ -138,51 +135,46 @@ pub(super) fn matmul(
     let ksp = ks.next_multiple_of(TS);
     let kc = (ksp / TS).div_ceil(ksp.div_ceil(kc_max.max(TS))) * TS;
     let row_blocks = m.div_ceil(BM);
-    let chunk_cols = chunk_cols(n, ksp);
-    with_scratch(&W_SCRATCH, |pb| {
-        for jlo in (0..n).step_by(chunk_cols) {
-            let col_panels = chunk_cols.min(n - jlo).div_ceil(NR);
-            let pb = pack_panels::<Bf16>(pb, w, k, n, jlo, col_panels, ksp, layout);
-            let grid = TaskGrid::new(row_blocks, col_panels);
-            let cptr = CPtr(c.as_mut_ptr());
-            (0..grid.len()).into_par_iter().for_each(|t| {
-                let ((i0, i1), (j0, j1)) = grid.task(t);
-                with_scratch(&A_SCRATCH, |pa| {
-                    pa.resize((i1 - i0) * BM * kc, 0);
-                    // SAFETY: `available` (the caller's contract).
-                    let _tiles = unsafe { Tiles::configure() };
-                    for p0 in (0..ksp).step_by(kc) {
-                        let steps = kc.min(ksp - p0);
-                        // SAFETY: the CPU has avx512f/bw (`available` checked it).
-                        unsafe { pack_rows(pa, a, m, k, i0 * BM, 2 * p0, kc, steps) };
-                        let load = accumulate || p0 > 0;
-                        for j in j0..j1 {
-                            let cols = NR.min(n - jlo - j * NR);
-                            let b = &pb[j * NR * ksp + p0 * NR..][..steps * NR];
-                            for i in i0..i1 {
-                                let block = &pa[(i - i0) * BM * kc..][..BM * kc];
-                                // SAFETY: tiles configured above; rows i·BM .. +BM (those
-                                // < m), columns jlo + j·NR .. + cols lie inside C (m × n) and
-                                // belong to this task alone (tasks split row and column
-                                // ranges without overlap).
-                                unsafe {
-                                    c_block(CBlock {
-                                        a: block,
-                                        lda: kc,
-                                        b,
-                                        steps,
-                                        c: cptr.get().add(i * BM * n + jlo + j * NR),
-                                        ldc: n,
-                                        rows: BM.min(m - i * BM),
-                                        cols,
-                                        load,
-                                    })
-                                };
-                            }
-                        }
-                    }
-                });
-            });
+    for_each_task::<Bf16>(c, w, k, n, ksp, layout, row_blocks, |task, pa| {
+        let Task {
+            rows: (i0, i1),
+            panels: (j0, j1),
+            jlo,
+            pb,
+            c: cptr,
+        } = task;
+        pa.resize((i1 - i0) * BM * kc, 0);
+        // SAFETY: `available` (the caller's contract).
+        let _tiles = unsafe { Tiles::configure() };
+        for p0 in (0..ksp).step_by(kc) {
+            let steps = kc.min(ksp - p0);
+            // SAFETY: the CPU has avx512f/bw (`available` checked it).
+            unsafe { pack_rows(pa, a, m, k, i0 * BM, 2 * p0, kc, steps) };
+            let load = accumulate || p0 > 0;
+            for j in j0..j1 {
+                let cols = NR.min(n - jlo - j * NR);
+                let b = &pb[j * NR * ksp + p0 * NR..][..steps * NR];
+                for i in i0..i1 {
+                    let block = &pa[(i - i0) * BM * kc..][..BM * kc];
+                    // SAFETY: tiles configured above; rows i·BM .. +BM (those
+                    // < m), columns jlo + j·NR .. + cols lie inside C (m × n) and
+                    // belong to this task alone (tasks split row and column
+                    // ranges without overlap).
+                    unsafe {
+                        c_block(CBlock {
+                            a: block,
+                            lda: kc,
+                            b,
+                            steps,
+                            c: cptr.get().add(i * BM * n + jlo + j * NR),
+                            ldc: n,
+                            rows: BM.min(m - i * BM),
+                            cols,
+                            load,
+                        })
+                    };
+                }
+            }
         }
     });
 }

@@ -67,7 +67,8 @@ pub(crate) fn f32_available() -> bool {
 
 /// `c[m×n]` (row-major f32) `= (accumulate ? c : 0) + a[m×k] · op(w)`, with `a` row-major f32
 /// rounded to bf16 (round-to-nearest-even) on the fly, `op(w)` per [`WeightLayout`], and f32
-/// accumulation. Parallel over rayon's threads (a few large tasks per thread).
+/// accumulation. Parallel over rayon's threads (a few large tasks per thread). Runs on AMX
+/// tiles from [`AMX_MIN_ROWS`] rows where [`amx_available`], else on AVX-512 BF16.
 ///
 /// Errors when a slice length does not match its shape, or when [`available`] is false.
 #[allow(clippy::too_many_arguments)]
@@ -81,11 +82,45 @@ pub(crate) fn matmul_bf16(
     layout: WeightLayout,
     accumulate: bool,
 ) -> Result<()> {
-    let needs = "avx512f + avx512bw + avx512bf16";
+    let isa = if m >= AMX_MIN_ROWS && amx_available() {
+        Bf16Isa::Amx
+    } else {
+        Bf16Isa::Avx512
+    };
+    matmul_bf16_on(isa, c, a, m, k, w, n, layout, accumulate)
+}
+
+/// The instruction set a bf16-weight product runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bf16Isa {
+    /// `vdpbf16ps` (AVX-512 BF16).
+    Avx512,
+    /// `tdpbf16ps` (AMX-BF16 tiles).
+    Amx,
+}
+
+/// [`matmul_bf16`] on the given instruction set, at any row count. Errors where the CPU
+/// lacks it.
+#[allow(clippy::too_many_arguments)]
+fn matmul_bf16_on(
+    isa: Bf16Isa,
+    c: &mut [f32],
+    a: &[f32],
+    m: usize,
+    k: usize,
+    w: &[bf16],
+    n: usize,
+    layout: WeightLayout,
+    accumulate: bool,
+) -> Result<()> {
+    let (needs, supported) = match isa {
+        Bf16Isa::Avx512 => ("avx512f + avx512bw + avx512bf16", available()),
+        Bf16Isa::Amx => ("AMX-BF16 tiles usable by this process", amx_available()),
+    };
     if prepare(
         "matmul_bf16",
         needs,
-        available(),
+        supported,
         c,
         a,
         m,
@@ -95,10 +130,9 @@ pub(crate) fn matmul_bf16(
         accumulate,
     )? {
         #[cfg(target_arch = "x86_64")]
-        if m >= AMX_MIN_ROWS && amx::available() {
-            amx::matmul(c, a, m, k, w, n, layout, accumulate, amx::KC);
-        } else {
-            x86::matmul::<x86::Bf16>(c, a, m, k, w, n, layout, accumulate);
+        match isa {
+            Bf16Isa::Amx => amx::matmul(c, a, m, k, w, n, layout, accumulate, amx::KC),
+            Bf16Isa::Avx512 => x86::matmul::<x86::Bf16>(c, a, m, k, w, n, layout, accumulate),
         }
     }
     Ok(())
@@ -292,43 +326,16 @@ mod tests {
         run: matmul_bf16,
     };
 
-    /// The bf16 kernel of one instruction set, at every row count.
-    #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::too_many_arguments)]
-    fn bf16_on(
-        amx: bool,
-        c: &mut [f32],
-        a: &[f32],
-        m: usize,
-        k: usize,
-        w: &[bf16],
-        n: usize,
-        layout: WeightLayout,
-        accumulate: bool,
-    ) -> Result<()> {
-        let supported = if amx { amx::available() } else { available() };
-        if prepare("bf16_on", "", supported, c, a, m, k, w.len(), n, accumulate)? {
-            if amx {
-                amx::matmul(c, a, m, k, w, n, layout, accumulate, amx::KC);
-            } else {
-                x86::matmul::<x86::Bf16>(c, a, m, k, w, n, layout, accumulate);
-            }
-        }
-        Ok(())
-    }
-
-    #[cfg(target_arch = "x86_64")]
     const BF16_AVX512: Subject<bf16> = Subject {
         name: "bf16 on AVX-512",
-        run: |c, a, m, k, w, n, l, acc| bf16_on(false, c, a, m, k, w, n, l, acc),
+        run: |c, a, m, k, w, n, l, acc| matmul_bf16_on(Bf16Isa::Avx512, c, a, m, k, w, n, l, acc),
         ..BF16
     };
 
-    #[cfg(target_arch = "x86_64")]
     const BF16_AMX: Subject<bf16> = Subject {
         name: "bf16 on AMX",
         available: amx_available,
-        run: |c, a, m, k, w, n, l, acc| bf16_on(true, c, a, m, k, w, n, l, acc),
+        run: |c, a, m, k, w, n, l, acc| matmul_bf16_on(Bf16Isa::Amx, c, a, m, k, w, n, l, acc),
         ..BF16
     };
 
@@ -516,7 +523,6 @@ mod tests {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[test]
     fn bf16_gemm_on_each_instruction_set_matches_f64_reference() {
         for (subject, seed) in [(BF16_AVX512, 17), (BF16_AMX, 27)] {
@@ -694,14 +700,19 @@ mod tests {
                 };
                 let av = View::rows(&a, m, k);
                 let f32_crate = bench(&mut |c| gemm(c, av, wv, 1.0, false, true).unwrap());
-                let mut bf16_on = |amx: bool| {
-                    if (amx && amx_available()) || (!amx && available()) {
-                        bench(&mut |c| bf16_on(amx, c, &a, m, k, &wb, n, layout, false).unwrap())
+                let mut bf16_on = |isa: Bf16Isa| {
+                    if matches!(
+                        (isa, amx_available(), available()),
+                        (Bf16Isa::Amx, true, _) | (Bf16Isa::Avx512, _, true)
+                    ) {
+                        bench(&mut |c| {
+                            matmul_bf16_on(isa, c, &a, m, k, &wb, n, layout, false).unwrap()
+                        })
                     } else {
                         "   n/a".into()
                     }
                 };
-                let (bf16_avx512, bf16_amx) = (bf16_on(false), bf16_on(true));
+                let (bf16_avx512, bf16_amx) = (bf16_on(Bf16Isa::Avx512), bf16_on(Bf16Isa::Amx));
                 println!(
                     "m={m:5} k={k:5} n={n:5} {layout:>10?}: f32 {f32_new}  gemm crate {f32_crate}  \
                      bf16 AVX-512 {bf16_avx512}  bf16 AMX {bf16_amx}"

@@ -146,13 +146,13 @@ impl Kind for F32 {
 thread_local! {
     /// The packed W of the last call made on this thread, and the A block of the last task
     /// run on it: kept to avoid re-faulting pages.
-    pub(super) static W_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
-    pub(super) static A_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static W_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static A_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on this thread's buffer in `scratch`, or on a fresh one when it is in use (a
 /// nested call: a rayon worker that steals work while waiting).
-pub(super) fn with_scratch<R>(
+fn with_scratch<R>(
     scratch: &'static std::thread::LocalKey<RefCell<Vec<u32>>>,
     f: impl FnOnce(&mut Vec<u32>) -> R,
 ) -> R {
@@ -164,7 +164,7 @@ pub(super) fn with_scratch<R>(
 
 /// The caller's C, shared by tasks that write disjoint tiles of it.
 #[derive(Clone, Copy)]
-pub(super) struct CPtr(pub(super) *mut f32);
+pub(super) struct CPtr(*mut f32);
 // SAFETY: tasks only write disjoint (row range × column range) rectangles of C (see
 // `matmul`), so sharing the pointer between threads creates no data race.
 unsafe impl Send for CPtr {}
@@ -202,63 +202,109 @@ pub(super) fn matmul<K: Kind>(
     // SAFETY: f32 and u32 have the same size and alignment, and every bit pattern is valid
     // for both.
     let a_bits: &[u32] = unsafe { std::slice::from_raw_parts(a.as_ptr().cast(), a.len()) };
-    let chunk_cols = chunk_cols(n, ks);
+    for_each_task::<K>(c, w, k, n, ks, layout, row_panels, |task, pa| {
+        let Task {
+            rows: (i0, i1),
+            panels: (j0, j1),
+            jlo,
+            pb,
+            c: cptr,
+        } = task;
+        let rows = &a[i0 * MR * k..(i1 * MR).min(m) * k];
+        // Row r of the block at pa[r·KC ..]; rows past m are never read.
+        if K::PACK_A {
+            pa.resize((i1 - i0) * MR * K::KC, 0);
+        }
+        for p0 in (0..ks).step_by(kc) {
+            let steps = kc.min(ks - p0);
+            let k0 = K::KU * p0;
+            if K::PACK_A {
+                // SAFETY: the CPU has avx512f/bw (checked by the caller).
+                unsafe { pack_a::<K>(pa, rows, k, k0, (K::KU * steps).min(k - k0)) };
+            }
+            let load = accumulate || p0 > 0;
+            for j in j0..j1 {
+                let cols = NR.min(n - jlo - j * NR);
+                let b = &pb[j * NR * ks + p0 * NR..][..steps * NR];
+                for i in i0..i1 {
+                    let rows = MR.min(m - i * MR);
+                    let (a, lda) = if K::PACK_A {
+                        (&pa[(i - i0) * MR * K::KC..][..MR * K::KC], K::KC)
+                    } else {
+                        (
+                            &a_bits[i * MR * k + k0..(i * MR + rows - 1) * k + k0 + steps],
+                            k,
+                        )
+                    };
+                    // SAFETY: the CPU has K's features (checked by the caller);
+                    // the tile rows i·MR .. +rows, columns j·NR .. +cols lie
+                    // inside C (m × n, row-major) and belong to this task only
+                    // (tasks split row and column panel ranges without overlap).
+                    unsafe {
+                        K::tile(Tile {
+                            rows,
+                            a,
+                            lda,
+                            b,
+                            steps,
+                            c: cptr.get().add(i * MR * n + jlo + j * NR),
+                            ldc: n,
+                            cols,
+                            load,
+                        })
+                    };
+                }
+            }
+        }
+    });
+}
+
+/// One parallel task of a product, as [`for_each_task`] hands it out: row units `i0 .. i1`
+/// (`rows`) and column panels `j0 .. j1` (`panels`) of the column chunk that starts at `jlo`,
+/// whose packed panels are `pb`, and the caller's C.
+pub(super) struct Task<'p> {
+    pub(super) rows: (usize, usize),
+    pub(super) panels: (usize, usize),
+    pub(super) jlo: usize,
+    pub(super) pb: &'p [u32],
+    pub(super) c: CPtr,
+}
+
+/// The frame both kernels share: W packed chunk by chunk ([`chunk_cols`], [`pack_panels`]
+/// with `ksp` steps a column) into this thread's scratch, then `task` run in parallel on each
+/// chunk's [`TaskGrid`] over `row_units`, with the running thread's A scratch.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn for_each_task<K: Kind>(
+    c: &mut [f32],
+    w: &[K::W],
+    k: usize,
+    n: usize,
+    ksp: usize,
+    layout: WeightLayout,
+    row_units: usize,
+    task: impl Fn(Task<'_>, &mut Vec<u32>) + Sync,
+) {
+    let chunk_cols = chunk_cols(n, ksp);
+    let cptr = CPtr(c.as_mut_ptr());
     with_scratch(&W_SCRATCH, |pb| {
         for jlo in (0..n).step_by(chunk_cols) {
             let col_panels = chunk_cols.min(n - jlo).div_ceil(NR);
-            let pb = pack_panels::<K>(pb, w, k, n, jlo, col_panels, ks, layout);
-            let grid = TaskGrid::new(row_panels, col_panels);
-            let cptr = CPtr(c.as_mut_ptr());
+            let pb = pack_panels::<K>(pb, w, k, n, jlo, col_panels, ksp, layout);
+            let grid = TaskGrid::new(row_units, col_panels);
             (0..grid.len()).into_par_iter().for_each(|t| {
-                let ((i0, i1), (j0, j1)) = grid.task(t);
-                let rows = &a[i0 * MR * k..(i1 * MR).min(m) * k];
+                let (rows, panels) = grid.task(t);
+                let c = cptr;
                 with_scratch(&A_SCRATCH, |pa| {
-                    // Row r of the block at pa[r·KC ..]; rows past m are never read.
-                    if K::PACK_A {
-                        pa.resize((i1 - i0) * MR * K::KC, 0);
-                    }
-                    for p0 in (0..ks).step_by(kc) {
-                        let steps = kc.min(ks - p0);
-                        let k0 = K::KU * p0;
-                        if K::PACK_A {
-                            // SAFETY: the CPU has avx512f/bw (checked by the caller).
-                            unsafe { pack_a::<K>(pa, rows, k, k0, (K::KU * steps).min(k - k0)) };
-                        }
-                        let load = accumulate || p0 > 0;
-                        for j in j0..j1 {
-                            let cols = NR.min(n - jlo - j * NR);
-                            let b = &pb[j * NR * ks + p0 * NR..][..steps * NR];
-                            for i in i0..i1 {
-                                let rows = MR.min(m - i * MR);
-                                let (a, lda) = if K::PACK_A {
-                                    (&pa[(i - i0) * MR * K::KC..][..MR * K::KC], K::KC)
-                                } else {
-                                    (
-                                        &a_bits
-                                            [i * MR * k + k0..(i * MR + rows - 1) * k + k0 + steps],
-                                        k,
-                                    )
-                                };
-                                // SAFETY: the CPU has K's features (checked by the caller);
-                                // the tile rows i·MR .. +rows, columns j·NR .. +cols lie
-                                // inside C (m × n, row-major) and belong to this task only
-                                // (tasks split row and column panel ranges without overlap).
-                                unsafe {
-                                    K::tile(Tile {
-                                        rows,
-                                        a,
-                                        lda,
-                                        b,
-                                        steps,
-                                        c: cptr.get().add(i * MR * n + jlo + j * NR),
-                                        ldc: n,
-                                        cols,
-                                        load,
-                                    })
-                                };
-                            }
-                        }
-                    }
+                    task(
+                        Task {
+                            rows,
+                            panels,
+                            jlo,
+                            pb,
+                            c,
+                        },
+                        pa,
+                    )
                 });
             });
         }
@@ -268,7 +314,7 @@ pub(super) fn matmul<K: Kind>(
 /// Columns per chunk of a wide product (an lm_head): a chunk's packed W (`ksp` steps a
 /// column) stays in cache, unless a chunk would be so narrow that re-reading A for each costs
 /// more (long k); then all `n` at once.
-pub(super) fn chunk_cols(n: usize, ksp: usize) -> usize {
+fn chunk_cols(n: usize, ksp: usize) -> usize {
     let chunk_panels = W_CHUNK_BYTES / (4 * NR * ksp);
     if chunk_panels >= 4 {
         chunk_panels * NR
@@ -281,7 +327,7 @@ pub(super) fn chunk_cols(n: usize, ksp: usize) -> usize {
 /// `[ksp][NR]` with the steps past k (up to `ksp` ≥ ⌈k / KU⌉) zero, and returns them.
 /// Packing writes every element the kernels read.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn pack_panels<'p, K: Kind>(
+fn pack_panels<'p, K: Kind>(
     pb: &'p mut Vec<u32>,
     w: &[K::W],
     k: usize,
@@ -307,7 +353,7 @@ pub(super) fn pack_panels<'p, K: Kind>(
 /// How a product is cut into parallel tasks: rows first (each task's A block then stays in
 /// its core's L2), columns only when there are too few row units to occupy the threads.
 #[derive(Clone, Copy)]
-pub(super) struct TaskGrid {
+struct TaskGrid {
     row_units: usize,
     col_panels: usize,
     row_tasks: usize,
@@ -315,7 +361,7 @@ pub(super) struct TaskGrid {
 }
 
 impl TaskGrid {
-    pub(super) fn new(row_units: usize, col_panels: usize) -> Self {
+    fn new(row_units: usize, col_panels: usize) -> Self {
         let target = rayon::current_num_threads().max(1) * TASKS_PER_THREAD;
         let row_tasks = row_units.min(target);
         let col_tasks = col_panels.min(target.div_ceil(row_tasks));
@@ -327,12 +373,12 @@ impl TaskGrid {
         }
     }
 
-    pub(super) fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.row_tasks * self.col_tasks
     }
 
     /// Task `t`'s row units `i0 .. i1` and column panels `j0 .. j1`: tasks never overlap.
-    pub(super) fn task(&self, t: usize) -> ((usize, usize), (usize, usize)) {
+    fn task(&self, t: usize) -> ((usize, usize), (usize, usize)) {
         let (ti, tj) = (t / self.col_tasks, t % self.col_tasks);
         let split =
             |i: usize, parts: usize, total: usize| (i * total / parts, (i + 1) * total / parts);
@@ -358,7 +404,7 @@ fn pack_a<K: Kind>(dst: &mut [u32], src: &[f32], k: usize, k0: usize, len: usize
 
 /// Packs weight columns `j0 .. j0 + NR` (missing ones as zeros) into `[steps][NR]`.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(super) fn pack_b<K: Kind>(
+fn pack_b<K: Kind>(
     dst: &mut [u32],
     w: &[K::W],
     k: usize,
