@@ -4,6 +4,10 @@ mod cli;
 
 use clap::Parser;
 
+/// The system allocator, asking for 2 MiB pages on large blocks (enabled in `main`).
+#[global_allocator]
+static ALLOC: peft_wit::ops::HugePageAlloc = peft_wit::ops::HugePageAlloc::new();
+
 /// Runs the command on a rayon worker thread rather than on `main`: every parallel region
 /// (thousands per training step) then starts by work-stealing from a thread that takes part in
 /// it, instead of injecting a job into the pool and putting `main` to sleep until it is done.
@@ -21,9 +25,13 @@ fn run_on_worker(args: cli::Cli) -> anyhow::Result<()> {
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     // Reuse large tensor buffers instead of faulting in fresh zeroed pages for every op
-    // (PEFT_WIT_MALLOC_TUNING=0 keeps glibc's defaults, which return memory more eagerly).
+    // (PEFT_WIT_MALLOC_TUNING=0 keeps glibc's defaults, which return memory more eagerly), and
+    // back large blocks with 2 MiB pages (PEFT_WIT_HUGE_PAGES=0: 4 KiB pages).
     if std::env::var("PEFT_WIT_MALLOC_TUNING").as_deref() != Ok("0") {
         peft_wit::ops::tune_glibc_malloc();
+    }
+    if std::env::var("PEFT_WIT_HUGE_PAGES").as_deref() != Ok("0") {
+        ALLOC.enable();
     }
     peft_wit::ops::limit_candle_spinning();
     match run_on_worker(args) {

@@ -50,6 +50,10 @@ pub struct BenchResult {
     pub peak: peak::Peak,
     /// Useful FLOPs of one training token (see [`peak::train_flops_per_token`]).
     pub train_flops_per_token: f64,
+    /// Useful FLOPs of one evaluation token (see [`peak::eval_flops_per_token`]): with the
+    /// base frozen (no weight gradients) a training token costs only ~2.1× as much, which
+    /// bounds how much faster evaluation can be at the same efficiency.
+    pub eval_flops_per_token: f64,
     /// The training step's share of the peak of its dtype (bf16 for a bf16 base: AMX tiles
     /// where present, else AVX-512 BF16; f32 otherwise); `None` where that peak could not be probed.
     pub train_share_of_peak: Option<f64>,
@@ -217,6 +221,7 @@ pub fn run(
         threads: rayon::current_num_threads(),
         peak: machine,
         train_flops_per_token: train_flops,
+        eval_flops_per_token: eval_flops,
         train_share_of_peak: share(train_tokens_per_s, train_flops),
         eval_share_of_peak: share(eval_tokens_per_s, eval_flops),
     })

@@ -81,9 +81,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             phases.forward, phases.backward, phases.optimizer
         );
         println!(
-            "  forward-only eval:          {:.1} tokens/s ({:.1}x training){}",
+            "  forward-only eval:          {:.1} tokens/s ({:.1}x training, which costs {:.2}x its FLOPs){}",
             result.eval_tokens_per_s,
             result.eval_tokens_per_s / result.train_tokens_per_s,
+            result.train_flops_per_token / result.eval_flops_per_token,
             share(result.eval_share_of_peak)
         );
         match result.generate_tokens_per_s {
