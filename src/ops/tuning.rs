@@ -132,24 +132,21 @@ unsafe impl GlobalAlloc for HugePageAlloc {
     }
 }
 
-/// `MADV_HUGEPAGE` on the whole 2 MiB pages inside `[ptr, ptr + len)`. Returns whether the
-/// kernel accepted it (false off Linux, or for a range without a whole huge page).
-fn advise_huge_pages(ptr: *mut u8, len: usize) -> bool {
+/// `MADV_HUGEPAGE` on the whole 2 MiB pages inside `[ptr, ptr + len)`, if any. Refusals
+/// (no transparent huge pages in this kernel) are ignored: the block works the same.
+fn advise_huge_pages(ptr: *mut u8, len: usize) {
     let start = (ptr as usize).next_multiple_of(HUGE_PAGE);
     let end = (ptr as usize).saturating_add(len) / HUGE_PAGE * HUGE_PAGE;
-    if end <= start {
-        return false;
-    }
     #[cfg(target_os = "linux")]
-    {
+    if end > start {
         // SAFETY: the range lies inside one live block (start ≥ ptr, end ≤ ptr + len);
         // MADV_HUGEPAGE changes how its pages are backed, never their contents or validity.
-        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) == 0 }
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
     }
     #[cfg(not(target_os = "linux"))]
-    {
-        false
-    }
+    let _ = (start, end);
 }
 
 #[cfg(all(test, target_os = "linux"))]
