@@ -44,6 +44,8 @@ fn main() -> anyhow::Result<()> {
         plan: &plan,
         registry: &registry,
         opts: &RunOptions::default(),
+        // Two cells at once, each on its share of the threads.
+        lanes: 2,
     }
     .run(|cell, _| eprintln!("cell {} ({}) finished", cell.index, cell.name))?;
 

@@ -18,6 +18,7 @@ pub mod eval;
 pub mod export;
 pub mod fsutil;
 pub mod generate;
+pub mod lanes;
 pub mod lora;
 pub mod loss;
 pub mod model;

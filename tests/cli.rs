@@ -104,7 +104,10 @@ fn train_list_show_eval_generate_merge_export() {
 #[test]
 fn sweep_writes_its_report_under_dot_sweeps_and_every_cell_is_an_adapter() {
     let dir = Dir::tiny();
-    let out = dir.sweep("0,1").all_output();
+    let err = dir.sweep("0,1").args(["--max-parallel", "0"]).fails_with(2);
+    assert!(err.contains("--max-parallel"), "{err}");
+    // Both cells at once, side by side in this process.
+    let out = dir.sweep("0,1").args(["--max-parallel", "2"]).all_output();
     assert!(
         out.contains("wit-p0-r1") && out.contains("wit-p1-r1"),
         "{out}"

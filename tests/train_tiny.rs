@@ -92,10 +92,20 @@ fn same_config_and_seed_give_a_byte_identical_adapter() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let cfg = config(6);
     run(a.path(), &cfg, &RunOptions::default()).unwrap();
-    run(b.path(), &cfg, &RunOptions::default()).unwrap();
+    // The step's two micro-batches side by side, each on its share of the threads: the same
+    // dropout draws and the same sums, so the same bytes.
+    let side_by_side = RunOptions {
+        lanes: 2,
+        ..RunOptions::default()
+    };
+    run(b.path(), &cfg, &side_by_side).unwrap();
     assert_eq!(
         adapter_bytes(a.path(), "tiny"),
         adapter_bytes(b.path(), "tiny")
+    );
+    assert_eq!(
+        train_losses(a.path(), "tiny"),
+        train_losses(b.path(), "tiny")
     );
     let mut other = cfg.clone();
     other.seed += 1;
@@ -261,18 +271,19 @@ fn a_stopped_sweep_resumes_and_skips_finished_cells() {
         ..RunOptions::default()
     };
     let mut trained = 0;
-    let mut sweep = |opts: &RunOptions| {
+    let mut sweep = |opts: &RunOptions, lanes: usize| {
         LocalSweep {
             base: &base,
             data: &data,
             plan: &plan,
             registry: &registry,
             opts,
+            lanes,
         }
         .run(|_, outcome| trained += matches!(outcome, CellOutcome::Trained { .. }) as usize)
         .unwrap()
     };
-    let first = sweep(&stopping);
+    let first = sweep(&stopping, 1);
     assert!(first.interrupted);
     assert_eq!(first.cells[0].status, "invalid (all weights 0)");
     assert!(
@@ -283,14 +294,16 @@ fn a_stopped_sweep_resumes_and_skips_finished_cells() {
         first.cells[1]
     );
     assert_eq!(first.cells[2].status, "pending");
-    let second = sweep(&RunOptions::default());
+    // Two cells side by side: the interrupted one resumes while the pending one trains.
+    let second = sweep(&RunOptions::default(), 2);
     assert!(!second.interrupted);
     let statuses: Vec<&str> = second.cells.iter().map(|c| c.status.as_str()).collect();
     assert_eq!(
         statuses,
         ["invalid (all weights 0)", "done", "done", "done"]
     );
-    // The resumed cell equals an uninterrupted training of the same cell.
+    // The resumed cell (trained beside another, on one thread) equals an uninterrupted
+    // training of the same cell (alone, on all of them), byte for byte.
     let fresh = tempfile::tempdir().unwrap();
     let mut one = cfg.clone();
     one.prompt_weight = 0.5;
@@ -303,7 +316,7 @@ fn a_stopped_sweep_resumes_and_skips_finished_cells() {
     );
     // Planned again with the same settings: the same plan; every cell already done.
     assert!(!plan.write_or_match(&registry, &data).unwrap());
-    let third = sweep(&RunOptions::default());
+    let third = sweep(&RunOptions::default(), 1);
     assert_eq!(trained, 3);
     assert!(third.cells[1..].iter().all(|c| c.status == "done"));
     assert!(third.best.is_some());
@@ -481,7 +494,7 @@ fn successive_halving_stops_the_worse_cells_and_finishes_the_best_as_the_grid_do
         strategy,
     };
     // The tokens each run trained on, summed over the sweep.
-    let sweep = |dir: &Path, strategy| {
+    let sweep = |dir: &Path, strategy, lanes| {
         let registry = Registry::open(dir).unwrap();
         let plan = SweepPlan::new(&spec(strategy), &cfg, &base, &data).unwrap();
         plan.write_or_match(&registry, &data).unwrap();
@@ -492,6 +505,7 @@ fn successive_halving_stops_the_worse_cells_and_finishes_the_best_as_the_grid_do
             plan: &plan,
             registry: &registry,
             opts: &RunOptions::default(),
+            lanes,
         }
         .run(|_, outcome| {
             if let CellOutcome::Trained { tokens_trained, .. } = outcome {
@@ -502,10 +516,13 @@ fn successive_halving_stops_the_worse_cells_and_finishes_the_best_as_the_grid_do
         (result, trained)
     };
     let grid_dir = tempfile::tempdir().unwrap();
-    let (grid, grid_trained) = sweep(grid_dir.path(), Strategy::Grid);
+    let (grid, grid_trained) = sweep(grid_dir.path(), Strategy::Grid, 1);
     let halving_dir = tempfile::tempdir().unwrap();
-    let (halving, halving_trained) =
-        sweep(halving_dir.path(), Strategy::Halving { rungs: 2, eta: 2 });
+    let (halving, halving_trained) = sweep(
+        halving_dir.path(),
+        Strategy::Halving { rungs: 2, eta: 2 },
+        2,
+    );
     assert!(!halving.interrupted, "{halving:?}");
     // Rung 1 ends at step 2: all four cells; the better two go on to step 4.
     let stopped: Vec<&str> = halving
@@ -533,7 +550,8 @@ fn successive_halving_stops_the_worse_cells_and_finishes_the_best_as_the_grid_do
             // No leftover run folder once the sweep is over.
             assert!(!halving_dir.path().join(".runs").join(&cell.name).exists());
         } else {
-            // A finalist is the grid's cell, byte for byte: same schedule, data order, steps.
+            // A finalist is the grid's cell, byte for byte: same schedule, data order, steps
+            // (and the halving ran its cells two at a time, the grid one after another).
             assert_eq!(meta.steps, 4);
             assert_eq!(
                 adapter_bytes(halving_dir.path(), &cell.name),

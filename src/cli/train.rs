@@ -217,6 +217,11 @@ pub struct Args {
     /// Overwrite an existing adapter (or discard an interrupted run) of the same name.
     #[arg(long)]
     force: bool,
+    /// Run up to K micro-batches of a step (--grad-accum) at once, the threads split between
+    /// them; the result is the same. On 2 cores, `--batch-size 2 --grad-accum 2 --lanes 2`
+    /// trains a batch of 4 faster than `--batch-size 4` (dropout draws differ between those two).
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    lanes: usize,
     #[arg(long)]
     quiet: bool,
 }
@@ -248,6 +253,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop: stop_on_ctrl_c(),
         resume: args.resume,
         force: args.force,
+        lanes: args.lanes,
         ..Default::default()
     };
     match train(&base, &data, &cfg, &registry, &opts)? {

@@ -22,6 +22,7 @@ use super::plan::{plan_dir, PlannedCell, SweepPlan};
 use super::{collect, LocalSweep, SweepResult};
 use crate::eval::higher_is_better;
 use crate::fsutil::{atomic_write_json, read_json, LockFile};
+use crate::lanes::Next;
 use crate::model::BaseModel;
 use crate::registry::{AdapterMeta, Registry};
 use crate::train::{PreparedData, RunOptions};
@@ -455,31 +456,47 @@ impl LocalSweep<'_> {
         on_cell: &mut dyn FnMut(&PlannedCell, &CellOutcome),
     ) -> Result<SweepResult> {
         let plan = self.plan;
+        let opts = self.lane_opts();
         for k in 0..ladder.ends.len() {
             let state = load_state(self.registry, plan, ladder)?;
             let Some(entrants) = state.entrants(k, plan) else {
                 return Err(incomplete(plan, &state, k - 1));
             };
-            for index in entrants {
-                if state.rungs[k].scores.contains_key(&index) {
-                    continue;
-                }
-                let step = (k, index);
-                match train_rung(
-                    self.base,
-                    self.data,
-                    plan,
-                    self.registry,
-                    ladder,
-                    step,
-                    self.opts,
-                )? {
-                    RungOutcome::Scored { outcome, .. } => on_cell(plan.cell(index)?, &outcome),
-                    RungOutcome::Interrupted(outcome) => {
-                        on_cell(plan.cell(index)?, &outcome);
-                        return collect(self.registry, plan, &plan.metric);
-                    }
-                }
+            let todo: Vec<usize> = entrants
+                .into_iter()
+                .filter(|index| !state.rungs[k].scores.contains_key(index))
+                .collect();
+            let mut interrupted = false;
+            self.run_cells(
+                &todo,
+                |index| {
+                    let outcome = train_rung(
+                        self.base,
+                        self.data,
+                        plan,
+                        self.registry,
+                        ladder,
+                        (k, index),
+                        &opts,
+                    )?;
+                    Ok((index, outcome))
+                },
+                |(index, outcome)| {
+                    Ok(match outcome {
+                        RungOutcome::Scored { outcome, .. } => {
+                            on_cell(plan.cell(index)?, &outcome);
+                            Next::Continue
+                        }
+                        RungOutcome::Interrupted(outcome) => {
+                            on_cell(plan.cell(index)?, &outcome);
+                            interrupted = true;
+                            Next::Stop
+                        }
+                    })
+                },
+            )?;
+            if interrupted {
+                return collect(self.registry, plan, &plan.metric);
             }
         }
         finish_halving(self.registry, plan, ladder)

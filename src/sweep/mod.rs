@@ -1,8 +1,9 @@
 //! A sweep over the (λp, λr) grid: one adapter per cell in the registry, finished cells skipped
 //! (so a stopped sweep resumes), and a heatmap of the chosen metric with the best cell marked,
 //! like the WIT paper's Figure 2. A sweep is first a plan in the registry ([`plan`]); its cells
-//! run here one after another ([`LocalSweep`]) or on a cluster ([`launch`]), each claimed and
-//! trained by [`cell`], and [`status`] reads where they stand from the registry alone.
+//! run here ([`LocalSweep`]: one after another, or side by side in [`crate::lanes`]) or on a cluster
+//! ([`launch`]), each claimed and trained by [`cell`], and [`status`] reads where they stand
+//! from the registry alone.
 
 pub mod cell;
 pub mod halving;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::higher_is_better;
 use crate::fsutil::{atomic_write, atomic_write_json};
+use crate::lanes::{Lanes, Next};
 use crate::model::BaseModel;
 use crate::registry::Registry;
 use crate::train::{PreparedData, RunOptions, WeightSchedule};
@@ -160,38 +162,77 @@ pub fn cell_name(prefix: &str, p: AxisValue, r: AxisValue) -> String {
     format!("{prefix}wit-p{}-r{}", p.name_part(), r.name_part())
 }
 
-/// A sweep run here: the plan's cells trained one after another on one loaded base.
+/// A sweep run here on one loaded base: the plan's cells one after another, or `lanes` of
+/// them side by side, the threads split between them ([`crate::lanes`]).
 pub struct LocalSweep<'a> {
     pub base: &'a BaseModel,
     pub data: &'a PreparedData,
     pub plan: &'a SweepPlan,
     pub registry: &'a Registry,
     pub opts: &'a RunOptions,
+    /// Cells at once (0 or 1: one after another).
+    pub lanes: usize,
 }
 
 impl LocalSweep<'_> {
     /// Trains every cell not yet done (each claimed as `run-cell` would claim it, so a local
-    /// sweep and cluster cells can share a plan), stopping after an interrupted cell; then the
-    /// table of all cells, as `sweep collect` gives it.
+    /// sweep and cluster cells can share a plan), starting no more after an interrupted cell;
+    /// then the table of all cells, as `sweep collect` gives it.
     pub fn run(&self, mut on_cell: impl FnMut(&PlannedCell, &CellOutcome)) -> Result<SweepResult> {
         if let Some(ladder) = halving::Ladder::of(self.plan) {
             return self.run_halving(&ladder, &mut on_cell);
         }
-        for cell in &self.plan.cells {
-            let outcome = train_cell(
-                self.base,
-                self.data,
-                self.plan,
-                self.registry,
-                cell.index,
-                self.opts,
-            )?;
-            on_cell(cell, &outcome);
-            if matches!(outcome, CellOutcome::Interrupted { .. }) {
-                break;
-            }
-        }
+        let indices: Vec<usize> = self.plan.cells.iter().map(|c| c.index).collect();
+        let opts = self.lane_opts();
+        self.run_cells(
+            &indices,
+            |index| {
+                let outcome =
+                    train_cell(self.base, self.data, self.plan, self.registry, index, &opts)?;
+                Ok((index, outcome))
+            },
+            |(index, outcome)| {
+                on_cell(self.plan.cell(index)?, &outcome);
+                Ok(match outcome {
+                    CellOutcome::Interrupted { .. } => Next::Stop,
+                    _ => Next::Continue,
+                })
+            },
+        )?;
         collect(self.registry, self.plan, &self.plan.metric)
+    }
+
+    /// `job` on each of `indices` in this sweep's lanes, `done` with each result. Before
+    /// several lanes start, the plan's shared step-0 evaluation is computed once (on all the
+    /// threads) where a cell will need it, instead of by the first cell of every lane.
+    fn run_cells<R: Send>(
+        &self,
+        indices: &[usize],
+        job: impl Fn(usize) -> Result<R> + Sync,
+        mut done: impl FnMut(R) -> Result<Next>,
+    ) -> Result<()> {
+        let fresh = |&i: &usize| {
+            self.plan
+                .cell(i)
+                .is_ok_and(|c| !self.registry.contains(&c.name))
+        };
+        if self.lanes > 1 && indices.iter().filter(|i| fresh(i)).count() > 1 {
+            step0::shared_step0(self.registry, self.plan, self.base, self.data)?;
+        }
+        Lanes::new(self.lanes)?.run(indices, |_, &i| job(i), |_, r| done(r))
+    }
+
+    /// The cells' run options: with several lanes, their progress bars join one group so
+    /// that they draw one below the other.
+    fn lane_opts(&self) -> RunOptions {
+        let group =
+            self.opts.progress_group.clone().or_else(|| {
+                (self.lanes > 1 && self.opts.progress).then(indicatif::MultiProgress::new)
+            });
+        RunOptions {
+            progress_group: group,
+            ..self.opts.clone()
+        }
     }
 }
 

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::DType;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -21,6 +22,7 @@ use super::prepare::PreparedData;
 use crate::data::{length_grouped_batches, Batch, LossWeights, TokenizedExample};
 use crate::eval::{evaluate_losses, LossMetrics, TokenLosses};
 use crate::fsutil::{atomic_write, JsonLines, LockFile};
+use crate::lanes::{Lanes, Next};
 use crate::lora::peft::save_peft;
 use crate::lora::{LoraAdapter, LoraConfig};
 use crate::loss::{denominator, weighted_nll_sum};
@@ -38,6 +40,12 @@ pub const LOSS_PLOT_FILE: &str = "loss.svg";
 pub struct RunOptions {
     /// Show an indicatif progress bar on stderr.
     pub progress: bool,
+    /// Draw that bar in this group, below the others in it (cells trained side by side).
+    pub progress_group: Option<MultiProgress>,
+    /// Micro-batches of an accumulated step (`grad_accum` ≥ 2) run at once, each on its share
+    /// of the threads ([`crate::lanes`]); 0 or 1: one after another. The result is the same:
+    /// each micro-batch keeps its dropout draws and the gradients add in their order.
+    pub lanes: usize,
     /// Set (e.g. by Ctrl-C) to checkpoint and stop after the current step.
     pub stop: Arc<AtomicBool>,
     pub resume: bool,
@@ -61,6 +69,8 @@ impl Default for RunOptions {
     fn default() -> Self {
         Self {
             progress: false,
+            progress_group: None,
+            lanes: 1,
             stop: Arc::new(AtomicBool::new(false)),
             resume: false,
             force: false,
@@ -277,6 +287,8 @@ struct Run<'a> {
     started: Instant,
     /// Exponentially smoothed train loss, for the progress bar only.
     smoothed: Option<f64>,
+    /// Where a step's micro-batches run.
+    lanes: Lanes,
     _lock: LockFile,
 }
 
@@ -359,7 +371,10 @@ impl<'a> Run<'a> {
             .unwrap_or_else(|| (cfg.warmup_ratio * total as f64).ceil() as usize);
         let order = DataOrder::new(&data.train, cfg.batch_size, cfg.seed);
         let pad = base.pad_id();
-        let bar = progress_bar(opts.progress, total, start_step, &name, STEP_BAR);
+        let mut bar = progress_bar(opts.progress, total, start_step, &name, STEP_BAR);
+        if let (true, Some(group)) = (opts.progress, &opts.progress_group) {
+            bar = group.add(bar);
+        }
         let started = Instant::now();
         let tracker = open_tracker(cfg, opts, &name, &run_dir, base, data)?;
         let log = MetricsLog::open(&run_dir, tracker)?;
@@ -387,6 +402,7 @@ impl<'a> Run<'a> {
             elapsed_before,
             started,
             smoothed: None,
+            lanes: Lanes::new(opts.lanes.min(cfg.grad_accum))?,
             _lock: lock,
         };
 
@@ -489,22 +505,37 @@ impl<'a> Run<'a> {
         let mut grads = GradAccumulator::new(self.optimizer.vars());
         let mut loss_value = 0f64;
         let mut step_tokens = 0u64;
-        for (k, batch) in micro.iter().enumerate() {
+        let (base, adapter, p) = (self.base, &self.adapter, self.lora.lora_dropout);
+        let micro_step = |k: usize, batch: &Batch| -> Result<(f64, GradStore, u64)> {
             let mut dropout = Dropout {
-                p: self.lora.lora_dropout,
+                p,
                 rng: dropout_rng(cfg.seed, step, k),
             };
             let mut ctx = ForwardContext {
-                adapter: Some(&self.adapter),
+                adapter: Some(adapter),
                 dropout: Some(&mut dropout),
                 ..Default::default()
             };
-            let (sum, _) = weighted_nll_sum(&self.base.decoder, batch, &mut ctx)?;
+            let (sum, _) = weighted_nll_sum(&base.decoder, batch, &mut ctx)?;
             let loss = (sum / denom)?;
-            loss_value += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            grads.add(&loss.backward()?)?;
-            step_tokens += batch.seq_lens.iter().sum::<usize>() as u64;
-        }
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let tokens = batch.seq_lens.iter().sum::<usize>() as u64;
+            Ok((value, loss.backward()?, tokens))
+        };
+        // Summed in micro-batch order whatever order the lanes finish in, so that the sums
+        // are those of one lane; a finished micro-batch waits only for the ones before it.
+        let mut waiting = BTreeMap::new();
+        let mut next = 0;
+        self.lanes.run(&micro, micro_step, |k, part| {
+            waiting.insert(k, part);
+            while let Some((value, micro_grads, tokens)) = waiting.remove(&next) {
+                loss_value += value;
+                grads.add(&micro_grads)?;
+                step_tokens += tokens;
+                next += 1;
+            }
+            Ok(Next::Continue)
+        })?;
         if !loss_value.is_finite() {
             return Err(Error::NonFiniteLoss {
                 step: step + 1,
@@ -752,7 +783,11 @@ pub(crate) fn progress_bar(
 /// ("training", "DPO training").
 pub(crate) fn lock_run(run_dir: &Path, name: &str, what: &str) -> Result<LockFile> {
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-    let path = run_dir.with_extension("lock");
+    // Appended, not `with_extension`: that would replace the `.8` of `wit-p0.2-r0.8` and give
+    // `wit-p0.2-r0.6` the same lock.
+    let mut path = run_dir.as_os_str().to_owned();
+    path.push(".lock");
+    let path = PathBuf::from(path);
     match LockFile::try_acquire(&path, &format!("{what} {name}"))? {
         Ok(lock) => Ok(lock),
         Err(owner) => Err(Error::Locked {
@@ -919,4 +954,28 @@ pub fn loss_plot(name: &str, metrics_jsonl: &[u8]) -> String {
             ("eval response loss".to_string(), eval),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_whose_names_differ_after_the_last_dot_have_their_own_locks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let runs = tmp.path().join(".runs");
+        let a = lock_run(&runs.join("wit-p0.2-r0.8"), "wit-p0.2-r0.8", "training").unwrap();
+        let b = lock_run(&runs.join("wit-p0.2-r0.6"), "wit-p0.2-r0.6", "training").unwrap();
+        assert!(runs.join("wit-p0.2-r0.8.lock").is_file());
+        assert!(runs.join("wit-p0.2-r0.6.lock").is_file());
+        // The same run twice is still refused.
+        let err = lock_run(&runs.join("wit-p0.2-r0.8"), "wit-p0.2-r0.8", "training")
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("another process is training"),
+            "{err}"
+        );
+        drop((a, b));
+    }
 }
