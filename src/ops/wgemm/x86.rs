@@ -35,6 +35,25 @@ pub(super) trait Kind {
     /// The CPU has avx512f/bw; only called inlined into code compiled for them.
     unsafe fn pack_w_transposed(dst: &mut [u32], w: &[Self::W], k: usize, j0: usize, cols: usize);
 
+    /// Packs columns `j0 .. j0 + cols` (≤ NR) of a `[k, n]` weight into a `[steps][NR]` panel
+    /// (missing columns zero): step p interleaves rows `KU·p ..` of those columns.
+    ///
+    /// # Safety
+    /// The CPU has avx512f/bw; only called inlined into code compiled for them.
+    #[inline(always)]
+    unsafe fn pack_w_plain(
+        dst: &mut [u32],
+        w: &[Self::W],
+        k: usize,
+        n: usize,
+        j0: usize,
+        cols: usize,
+    ) where
+        Self: Sized,
+    {
+        interleave_scalar::<Self>(dst, w, k, n, j0, cols)
+    }
+
     /// `acc += a · b` on one step: `a` (one step of an A row) broadcast against the two
     /// zmm `b` of the W panel.
     ///
@@ -79,6 +98,53 @@ impl Kind for Bf16 {
             unsafe { transpose_panel(dst, w.as_ptr().cast(), k / 2, j0, cols) }
         } else {
             transpose_scalar::<Self>(dst, w, k, j0, cols)
+        }
+    }
+
+    /// Two rows' 32 columns interleaved in registers, each step written once (the scalar
+    /// default writes every step twice, a read-modify-write: ~2% of a bf16 training step).
+    #[inline(always)]
+    unsafe fn pack_w_plain(
+        dst: &mut [u32],
+        w: &[bf16],
+        k: usize,
+        n: usize,
+        j0: usize,
+        cols: usize,
+    ) {
+        let steps = k.div_ceil(2);
+        assert!(cols <= NR && j0 + cols <= n && w.len() >= k * n && dst.len() >= steps * NR);
+        // Word 2i of a half is column i of the even row, word 2i + 1 column i of the odd row
+        // (index bit 5 picks the second source).
+        let (lo, hi): ([i16; 32], [i16; 32]) = (
+            std::array::from_fn(|t| (t / 2 + 32 * (t % 2)) as i16),
+            std::array::from_fn(|t| (16 + t / 2 + 32 * (t % 2)) as i16),
+        );
+        let mask: __mmask32 = if cols == 32 { !0 } else { (1u32 << cols) - 1 };
+        // SAFETY: avx512f/bw (the contract). Loads read columns j0 .. j0 + cols (masked) of
+        // rows < k, inside `w` (asserted); stores write steps·NR u32 of `dst` (asserted).
+        unsafe {
+            let (lo, hi) = (
+                _mm512_loadu_si512(lo.as_ptr().cast()),
+                _mm512_loadu_si512(hi.as_ptr().cast()),
+            );
+            let row = |r: usize| _mm512_maskz_loadu_epi16(mask, w.as_ptr().add(r * n + j0).cast());
+            for p in 0..steps {
+                // The rows are n apart: the hardware prefetchers do not follow them across
+                // pages, so fetch 8 steps ahead (prefetches never fault).
+                let ahead = w.as_ptr().wrapping_add((2 * p + 16) * n + j0).cast::<i8>();
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(2 * n));
+                let even = row(2 * p);
+                let odd = if 2 * p + 1 < k {
+                    row(2 * p + 1)
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let d = dst.as_mut_ptr().add(p * NR);
+                _mm512_storeu_si512(d.cast(), _mm512_permutex2var_epi16(even, lo, odd));
+                _mm512_storeu_si512(d.add(16).cast(), _mm512_permutex2var_epi16(even, hi, odd));
+            }
         }
     }
 
@@ -417,27 +483,38 @@ fn pack_b<K: Kind>(
         // Column j of op(w) is row j of w: a step is KU adjacent elements of that row.
         // SAFETY: this function is compiled for avx512f/bw.
         WeightLayout::Transposed => unsafe { K::pack_w_transposed(dst, w, k, j0, cols) },
-        WeightLayout::Plain => {
-            // Interleave rows KU·p .. KU·p + KU of w.
-            let shift = 32 / K::KU;
-            for p in 0..k.div_ceil(K::KU) {
-                let d = &mut dst[p * NR..(p + 1) * NR];
-                for u in 0..K::KU.min(k - K::KU * p) {
-                    let row = (K::KU * p + u) * n + j0;
-                    let src = &w[row..row + cols];
-                    if u == 0 {
-                        for (d, x) in d.iter_mut().zip(src) {
-                            *d = K::bits(*x);
-                        }
-                    } else {
-                        for (d, x) in d.iter_mut().zip(src) {
-                            *d |= K::bits(*x) << (shift * u);
-                        }
-                    }
+        // SAFETY: this function is compiled for avx512f/bw.
+        WeightLayout::Plain => unsafe { K::pack_w_plain(dst, w, k, n, j0, cols) },
+    }
+}
+
+/// [`Kind::pack_w_plain`] element by element: any kind.
+#[inline(always)]
+fn interleave_scalar<K: Kind>(
+    dst: &mut [u32],
+    w: &[K::W],
+    k: usize,
+    n: usize,
+    j0: usize,
+    cols: usize,
+) {
+    let shift = 32 / K::KU;
+    for p in 0..k.div_ceil(K::KU) {
+        let d = &mut dst[p * NR..(p + 1) * NR];
+        for u in 0..K::KU.min(k - K::KU * p) {
+            let row = (K::KU * p + u) * n + j0;
+            let src = &w[row..row + cols];
+            if u == 0 {
+                for (d, x) in d.iter_mut().zip(src) {
+                    *d = K::bits(*x);
                 }
-                d[cols..].fill(0);
+            } else {
+                for (d, x) in d.iter_mut().zip(src) {
+                    *d |= K::bits(*x) << (shift * u);
+                }
             }
         }
+        d[cols..].fill(0);
     }
 }
 
