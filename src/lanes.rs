@@ -112,23 +112,6 @@ impl Lanes {
             first_error.map_or(Ok(()), Err)
         })
     }
-
-    /// `job` on every item, the results in the items' order; the first error if any failed.
-    pub fn map<T, R, J>(&self, items: &[T], job: J) -> Result<Vec<R>>
-    where
-        T: Sync,
-        R: Send,
-        J: Fn(usize, &T) -> Result<R> + Sync,
-    {
-        let mut results: Vec<Option<R>> =
-            std::iter::repeat_with(|| None).take(items.len()).collect();
-        self.run(items, job, |i, r| {
-            results[i] = Some(r);
-            Ok(Next::Continue)
-        })?;
-        // Without an error every item ran and reported.
-        Ok(results.into_iter().flatten().collect())
-    }
 }
 
 #[cfg(test)]
@@ -168,14 +151,6 @@ mod tests {
         assert_eq!(seen, (0..9).collect());
         done_order.sort_unstable();
         assert_eq!(done_order, (0..9).collect::<Vec<_>>());
-        // `map` keeps the items' order whatever order they finish in.
-        let doubled = lanes
-            .map(&items, |i, &item| {
-                std::thread::sleep(Duration::from_millis((9 - i as u64) * 3));
-                Ok(item * 2)
-            })
-            .unwrap();
-        assert_eq!(doubled, items.iter().map(|x| x * 2).collect::<Vec<_>>());
     }
 
     #[test]
@@ -184,18 +159,22 @@ mod tests {
         let started = AtomicUsize::new(0);
         Lanes::new(2)
             .unwrap()
-            .map(&[0, 1], |_, _| {
-                started.fetch_add(1, Ordering::SeqCst);
-                let deadline = std::time::Instant::now() + Duration::from_secs(20);
-                while started.load(Ordering::SeqCst) < 2 {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "the lanes ran in turn"
-                    );
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Ok(())
-            })
+            .run(
+                &[0, 1],
+                |_, _| {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                    while started.load(Ordering::SeqCst) < 2 {
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "the lanes ran in turn"
+                        );
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Ok(())
+                },
+                |_, ()| Ok(Next::Continue),
+            )
             .unwrap();
         assert_eq!(started.load(Ordering::SeqCst), 2);
     }
@@ -255,11 +234,5 @@ mod tests {
             ran - 1,
             "every item but the failed one reports"
         );
-        // `map` returns the error too.
-        let err = Lanes::new(2)
-            .unwrap()
-            .map(&[0, 1, 2], |_, &i| if i == 1 { broke() } else { Ok(i) })
-            .unwrap_err();
-        assert!(err.to_string().contains("item 0 broke"));
     }
 }
