@@ -470,7 +470,7 @@ impl LocalSweep<'_> {
             self.run_cells(
                 &todo,
                 |index| {
-                    let outcome = train_rung(
+                    train_rung(
                         self.base,
                         self.data,
                         plan,
@@ -478,10 +478,9 @@ impl LocalSweep<'_> {
                         ladder,
                         (k, index),
                         &opts,
-                    )?;
-                    Ok((index, outcome))
+                    )
                 },
-                |(index, outcome)| {
+                |index, outcome| {
                     Ok(match outcome {
                         RungOutcome::Scored { outcome, .. } => {
                             on_cell(plan.cell(index)?, &outcome);

@@ -186,12 +186,8 @@ impl LocalSweep<'_> {
         let opts = self.lane_opts();
         self.run_cells(
             &indices,
-            |index| {
-                let outcome =
-                    train_cell(self.base, self.data, self.plan, self.registry, index, &opts)?;
-                Ok((index, outcome))
-            },
-            |(index, outcome)| {
+            |index| train_cell(self.base, self.data, self.plan, self.registry, index, &opts),
+            |index, outcome| {
                 on_cell(self.plan.cell(index)?, &outcome);
                 Ok(match outcome {
                     CellOutcome::Interrupted { .. } => Next::Stop,
@@ -202,14 +198,15 @@ impl LocalSweep<'_> {
         collect(self.registry, self.plan, &self.plan.metric)
     }
 
-    /// `job` on each of `indices` in this sweep's lanes, `done` with each result. Before
+    /// `job` on each of `indices` in this sweep's lanes, `done` with each cell index and its
+    /// result. Before
     /// several lanes start, the plan's shared step-0 evaluation is computed once (on all the
     /// threads) where a cell will need it, instead of by the first cell of every lane.
     fn run_cells<R: Send>(
         &self,
         indices: &[usize],
         job: impl Fn(usize) -> Result<R> + Sync,
-        mut done: impl FnMut(R) -> Result<Next>,
+        mut done: impl FnMut(usize, R) -> Result<Next>,
     ) -> Result<()> {
         let fresh = |&i: &usize| {
             self.plan
@@ -219,7 +216,7 @@ impl LocalSweep<'_> {
         if self.lanes > 1 && indices.iter().filter(|i| fresh(i)).count() > 1 {
             step0::shared_step0(self.registry, self.plan, self.base, self.data)?;
         }
-        Lanes::new(self.lanes)?.run(indices, |_, &i| job(i), |_, r| done(r))
+        Lanes::new(self.lanes)?.run(indices, |_, &i| job(i), |pos, r| done(indices[pos], r))
     }
 
     /// The cells' run options: with several lanes, their progress bars join one group so
