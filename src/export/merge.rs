@@ -129,10 +129,10 @@ pub fn merge_into(decoder: &mut Decoder, adapter: &LoraAdapter) -> Result<Unmerg
             let name = format!("{}.weight", module_path(layer, PROJECTIONS[p]));
             let w = merged_weight(&proj.weight, Some(pair), &name, &device)?;
             let w = match &proj.weight {
-                FrozenWeight::Dense(t) => w.to_dtype(t.dtype())?,
+                FrozenWeight::Dense(t, _) => w.to_dtype(t.dtype())?,
                 FrozenWeight::Quantized(_) => w,
             };
-            merged.push((layer, p, FrozenWeight::Dense(w)));
+            merged.push((layer, p, FrozenWeight::dense(w)));
         }
     }
     let mut originals = Vec::with_capacity(merged.len());

@@ -274,7 +274,7 @@ impl Decoder {
     /// activation dtype, or bf16 (multiplied as stored, or converted once inside the op).
     fn dense_lm_head(&self, dtype: DType) -> Option<&Tensor> {
         match &self.lm_head {
-            FrozenWeight::Dense(w) if w.dtype() == dtype || w.dtype() == DType::BF16 => Some(w),
+            FrozenWeight::Dense(w, _) if w.dtype() == dtype || w.dtype() == DType::BF16 => Some(w),
             _ => None,
         }
     }

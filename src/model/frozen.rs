@@ -18,22 +18,29 @@ use candle_core::{
 
 use crate::ops::gemm::{bf16_supported, weight_product, with_weight_data};
 use crate::ops::kernel::{contiguous_slice, Elem};
+use crate::ops::PackCache;
 use crate::Result;
 
 /// A frozen `[out, in]` weight. Never a `Var`: no gradient, no optimizer state.
 #[derive(Debug, Clone)]
 pub enum FrozenWeight {
-    /// A dense tensor in its storage dtype (f32, f16 or bf16).
-    Dense(Tensor),
+    /// A dense tensor in its storage dtype (f32, f16 or bf16), and the CPU kernels' packed
+    /// copies of it, made on first use (make one with [`FrozenWeight::dense`]).
+    Dense(Tensor, PackCache),
     /// GGUF blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, ...), dequantized on the fly.
     Quantized(Arc<QTensor>),
 }
 
 impl FrozenWeight {
+    /// A dense weight with an empty pack cache.
+    pub fn dense(weight: Tensor) -> Self {
+        Self::Dense(weight, PackCache::default())
+    }
+
     /// `(out_features, in_features)`.
     pub fn dims(&self) -> Result<(usize, usize)> {
         let dims = match self {
-            Self::Dense(t) => t.dims2()?,
+            Self::Dense(t, _) => t.dims2()?,
             Self::Quantized(q) => q.shape().dims2()?,
         };
         Ok(dims)
@@ -42,7 +49,7 @@ impl FrozenWeight {
     /// Whether the weight lives in CPU memory.
     pub fn is_cpu(&self) -> bool {
         match self {
-            Self::Dense(t) => t.device().is_cpu(),
+            Self::Dense(t, _) => t.device().is_cpu(),
             Self::Quantized(q) => q.device().is_cpu(),
         }
     }
@@ -54,7 +61,7 @@ impl FrozenWeight {
     /// The weight as a dense tensor of `dtype` (a copy for quantized or other-dtype weights).
     pub fn to_dense(&self, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let dense = match self {
-            Self::Dense(t) => t.clone(),
+            Self::Dense(t, _) => t.clone(),
             Self::Quantized(q) if device.is_cpu() => match dequantize_cpu(q) {
                 Some(dense) => dense?,
                 None => q.dequantize(device)?,
@@ -79,13 +86,18 @@ impl FrozenWeight {
         let (out, inp) = self
             .dims()
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let dense = match self {
-            Self::Dense(t) if t.dtype() == T::DTYPE => t.clone(),
-            Self::Dense(t) if t.dtype() == DType::BF16 && bf16_supported::<T>() => t.clone(),
-            w => w.to_dense(T::DTYPE, &Device::Cpu)?,
+        let (dense, cache) = match self {
+            Self::Dense(t, cache)
+                if t.dtype() == T::DTYPE || (t.dtype() == DType::BF16 && bf16_supported::<T>()) =>
+            {
+                // A strided view is copied for every product: no stable data to keep panels of.
+                (t.clone(), t.is_contiguous().then_some(cache))
+            }
+            // A scratch copy lives for this product only: nothing to keep.
+            w => (w.to_dense(T::DTYPE, &Device::Cpu)?, None),
         };
         with_weight_data::<T, _>(&dense, |w| {
-            weight_product(c, a, m, w, out, inp, transposed, accumulate)
+            weight_product(c, a, m, w, cache, out, inp, transposed, accumulate)
         })
     }
 

@@ -430,7 +430,7 @@ mod tests {
         let weight = if quantized {
             FrozenWeight::Quantized(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()))
         } else {
-            FrozenWeight::Dense(w.to_dtype(dtype).unwrap())
+            FrozenWeight::dense(w.to_dtype(dtype).unwrap())
         };
         let mask = dropout.then_some(DropoutMask { seed: 9, keep: 0.6 });
         Case {
@@ -504,13 +504,13 @@ mod tests {
         // where the CPU has it, which also rounds x to bf16), against the same weight values
         // in f32 through the composed path.
         let mut c = case(DType::F32, true, true, false);
-        let FrozenWeight::Dense(w) = &c.weight else {
+        let FrozenWeight::Dense(w, _) = &c.weight else {
             unreachable!("dense case")
         };
         let w16 = w.to_dtype(DType::BF16).unwrap();
-        c.weight = FrozenWeight::Dense(w16.to_dtype(DType::F32).unwrap());
+        c.weight = FrozenWeight::dense(w16.to_dtype(DType::F32).unwrap());
         let (yc, gc) = run(&c, composed);
-        c.weight = FrozenWeight::Dense(w16);
+        c.weight = FrozenWeight::dense(w16);
         let (yf, gf) = run(&c, lora_linear);
         assert!(max_rel_diff(&yf, &yc) < 1e-2, "output");
         for (name, (f, r)) in ["x", "A", "B"].iter().zip(gf.iter().zip(&gc)) {

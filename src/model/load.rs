@@ -268,7 +268,7 @@ impl TensorSource {
         device: &Device,
     ) -> Result<FrozenWeight> {
         if base_dtype != BaseDType::Quantized {
-            return Ok(FrozenWeight::Dense(self.dense(
+            return Ok(FrozenWeight::dense(self.dense(
                 hf,
                 config,
                 base_dtype.dense_dtype(),
@@ -280,7 +280,7 @@ impl TensorSource {
                 if q.dtype() == GgmlDType::F32 || q.dtype() == GgmlDType::F16 =>
             {
                 // Float tensors in a GGUF gain nothing from the quantized path.
-                return Ok(FrozenWeight::Dense(self.dense(
+                return Ok(FrozenWeight::dense(self.dense(
                     hf,
                     config,
                     DType::F32,
@@ -408,7 +408,7 @@ fn build_decoder(
         source.frozen("lm_head.weight", &config, base_dtype, device)?
     } else {
         // Tied: the same storage as the embedding, no second copy.
-        FrozenWeight::Dense(embed.clone())
+        FrozenWeight::dense(embed.clone())
     };
     Decoder::new(config, embed, blocks, norm, lm_head, DType::F32, device)
 }

@@ -72,7 +72,7 @@ pub fn random_decoder(
             let w = uniform(&mut rng, (out, inp), 1.5 / (inp as f32).sqrt(), device)?;
             let weight = match quantize {
                 Some(q) => FrozenWeight::Quantized(Arc::new(QTensor::quantize(&w, q)?)),
-                None => FrozenWeight::Dense(w.to_dtype(dtype)?),
+                None => FrozenWeight::dense(w.to_dtype(dtype)?),
             };
             let bias = if config.qkv_bias && ["q_proj", "k_proj", "v_proj"].contains(&proj) {
                 Some(
@@ -92,7 +92,7 @@ pub fn random_decoder(
         });
     }
     let norm = norm_weight(&mut rng)?;
-    let lm_head = FrozenWeight::Dense(
+    let lm_head = FrozenWeight::dense(
         uniform(&mut rng, (config.vocab_size, h), 1.0, device)?.to_dtype(dtype)?,
     );
     Decoder::new(config.clone(), embed, blocks, norm, lm_head, dtype, device)

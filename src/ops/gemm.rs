@@ -5,7 +5,7 @@
 //! touch, so the kernels themselves stay free of `unsafe`.
 
 use super::kernel::{with_cpu_slices, Elem};
-use super::wgemm::{self, WeightLayout};
+use super::wgemm::{self, PackCache, WeightLayout};
 use candle_core::{bail, Result};
 use half::bf16;
 
@@ -181,13 +181,15 @@ pub(crate) fn bf16_supported<T: Elem>() -> bool {
 }
 
 /// `c (+)= a · Wᵀ` (`transposed`, `a: [m, in]`, `c: [m, out]`) or `a · W` (`a: [m, out]`,
-/// `c: [m, in]`) for a weight `W: [out, in]`, in parallel.
+/// `c: [m, in]`) for a weight `W: [out, in]`, in parallel. `cache` is the weight's own: the
+/// packed kernels keep its panels there between products.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn weight_product<T: Elem>(
     c: &mut [T],
     a: &[T],
     m: usize,
     w: WeightData<'_, T>,
+    cache: Option<&PackCache>,
     out: usize,
     inp: usize,
     transposed: bool,
@@ -228,7 +230,8 @@ pub(crate) fn weight_product<T: Elem>(
                     c.len()
                 );
             }
-            wgemm::matmul_bf16(&mut c[..c_len], &a[..m * k], m, k, w, n, layout, accumulate)
+            let (c, a) = (&mut c[..c_len], &a[..m * k]);
+            wgemm::matmul_bf16(c, a, m, k, w, n, layout, accumulate, cache)
         }
     }
 }

@@ -24,6 +24,7 @@ pub(crate) mod wgemm;
 pub(crate) use attention::AttentionOp;
 use candle_core::{DType, Result, Tensor};
 pub use tuning::{limit_candle_spinning, tune_glibc_malloc, HugePageAlloc};
+pub use wgemm::{pack_cache_budget, PackCache};
 
 /// True when every tensor is on the CPU and in the same float dtype the fused kernels support.
 pub(crate) fn fused(ts: &[&Tensor]) -> bool {

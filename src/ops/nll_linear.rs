@@ -126,7 +126,8 @@ impl NllLinearOp {
             let m = ROWS.min(n - r0);
             let lg = &mut logits[..m * v];
             // logits = h_blk · Wᵀ
-            weight_product(lg, &h[r0 * hd..(r0 + m) * hd], m, w, v, hd, true, false)?;
+            let h_blk = &h[r0 * hd..(r0 + m) * hd];
+            weight_product(lg, h_blk, m, w, None, v, hd, true, false)?;
             let (t, wt) = (&self.targets[r0..r0 + m], &self.weights[r0..r0 + m]);
             let per = super::kernel::rows_per_task(m, v);
             total += lg
@@ -137,7 +138,7 @@ impl NllLinearOp {
             if need_grad {
                 // dh_blk = (w ⊙ (softmax − onehot)) · W
                 let dh = &mut dh[r0 * hd..(r0 + m) * hd];
-                weight_product(dh, lg, m, w, v, hd, false, false)?;
+                weight_product(dh, lg, m, w, None, v, hd, false, false)?;
             }
         }
         if need_grad {
@@ -173,7 +174,8 @@ pub(crate) fn row_nll<T: Elem>(
     for r0 in (0..n).step_by(ROWS) {
         let m = ROWS.min(n - r0);
         let lg = &mut logits[..m * v];
-        weight_product(lg, &h[r0 * hd..(r0 + m) * hd], m, w, v, hd, true, false)?;
+        let h_blk = &h[r0 * hd..(r0 + m) * hd];
+        weight_product(lg, h_blk, m, w, None, v, hd, true, false)?;
         lg.par_chunks_mut(v)
             .zip(targets[r0..r0 + m].par_iter())
             .zip(out[r0..r0 + m].par_iter_mut())

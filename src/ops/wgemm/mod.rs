@@ -24,7 +24,9 @@
 //! denormal inputs and outputs to zero (|x| < 1.2e-38). f32: an ordinary f32 GEMM (fused
 //! multiply-adds, k in order within each element).
 
-// Wired into the LoRA linear by a separate change; until then only the tests call it.
+use std::any::TypeId;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{bail, Result};
 use half::bf16;
@@ -68,7 +70,9 @@ pub(crate) fn f32_available() -> bool {
 /// `c[m×n]` (row-major f32) `= (accumulate ? c : 0) + a[m×k] · op(w)`, with `a` row-major f32
 /// rounded to bf16 (round-to-nearest-even) on the fly, `op(w)` per [`WeightLayout`], and f32
 /// accumulation. Parallel over rayon's threads (a few large tasks per thread). Runs on AMX
-/// tiles from [`AMX_MIN_ROWS`] rows where [`amx_available`], else on AVX-512 BF16.
+/// tiles from [`AMX_MIN_ROWS`] rows where [`amx_available`], else on AVX-512 BF16. With a
+/// `cache` (the weight's own), products of fewer than [`CACHED_MAX_ROWS`] rows pack W once
+/// and reuse its panels.
 ///
 /// Errors when a slice length does not match its shape, or when [`available`] is false.
 #[allow(clippy::too_many_arguments)]
@@ -81,13 +85,18 @@ pub(crate) fn matmul_bf16(
     n: usize,
     layout: WeightLayout,
     accumulate: bool,
+    cache: Option<&PackCache>,
 ) -> Result<()> {
     let isa = if m >= AMX_MIN_ROWS && amx_available() {
         Bf16Isa::Amx
     } else {
         Bf16Isa::Avx512
     };
-    matmul_bf16_on(isa, c, a, m, k, w, n, layout, accumulate)
+    // Few rows (a decode step): packing W is nearly the whole product, so its panels are kept.
+    // Many rows: packing is a few percent, and freshly packed panels are still in cache when
+    // the kernel reads them; kept panels measured no faster there, and cost memory.
+    let cache = cache.filter(|_| m < CACHED_MAX_ROWS);
+    matmul_bf16_on(isa, c, a, m, k, w, n, layout, accumulate, cache)
 }
 
 /// The instruction set a bf16-weight product runs on.
@@ -99,8 +108,8 @@ enum Bf16Isa {
     Amx,
 }
 
-/// [`matmul_bf16`] on the given instruction set, at any row count. Errors where the CPU
-/// lacks it.
+/// [`matmul_bf16`] on the given instruction set, at any row count, with the weight's panels
+/// from `cache` on AVX-512 (AMX packs per call). Errors where the CPU lacks it.
 #[allow(clippy::too_many_arguments)]
 fn matmul_bf16_on(
     isa: Bf16Isa,
@@ -112,6 +121,7 @@ fn matmul_bf16_on(
     n: usize,
     layout: WeightLayout,
     accumulate: bool,
+    cache: Option<&PackCache>,
 ) -> Result<()> {
     let (needs, supported) = match isa {
         Bf16Isa::Avx512 => ("avx512f + avx512bw + avx512bf16", available()),
@@ -132,11 +142,16 @@ fn matmul_bf16_on(
         #[cfg(target_arch = "x86_64")]
         match isa {
             Bf16Isa::Amx => amx::matmul(c, a, m, k, w, n, layout, accumulate, amx::KC),
-            Bf16Isa::Avx512 => x86::matmul::<x86::Bf16>(c, a, m, k, w, n, layout, accumulate),
+            Bf16Isa::Avx512 => {
+                x86::matmul::<x86::Bf16>(c, a, m, k, w, n, layout, accumulate, cache)
+            }
         }
     }
     Ok(())
 }
+
+/// Rows below which a bf16-weight product keeps its weight's packed panels (decode steps).
+const CACHED_MAX_ROWS: usize = 32;
 
 /// Rows from which a bf16-weight product runs on AMX tiles where the CPU has them (a C block
 /// is 32 rows; below that the AVX-512 kernel wastes less).
@@ -202,7 +217,7 @@ pub(crate) fn matmul_f32(
         accumulate,
     )? {
         #[cfg(target_arch = "x86_64")]
-        x86::matmul::<x86::F32>(c, a, m, k, w, n, layout, accumulate);
+        x86::matmul::<x86::F32>(c, a, m, k, w, n, layout, accumulate, None);
     }
     Ok(())
 }
@@ -247,6 +262,148 @@ fn prepare(
         return Ok(false);
     }
     Ok(true)
+}
+
+/// The packed panels of one frozen weight, kept from its first product to its last. A decode
+/// step multiplies every weight by a row or a few, and packing the whole weight for them was
+/// most of the step (generation on a bf16 base ran at half its speed). [`matmul_bf16`] uses
+/// it for products of fewer than [`CACHED_MAX_ROWS`] rows only.
+///
+/// Clones share the panels. The cache belongs to one weight: a weight that replaces it (a
+/// merged adapter) comes with a fresh one, and each entry also keys on the weight's address,
+/// shape and layout. All caches together hold at most [`pack_cache_budget`] bytes; products
+/// past it pack per call as before.
+#[derive(Clone, Default)]
+pub struct PackCache(Arc<Mutex<Vec<(PanelKey, PanelSlot)>>>);
+
+/// One layout's panels: packed by the first product that needs them (`None` when the budget
+/// had no room), waited for by any other that comes meanwhile.
+type PanelSlot = Arc<OnceLock<Option<Arc<Panels>>>>;
+
+impl std::fmt::Debug for PackCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let entries = self.0.lock().map(|e| e.len()).unwrap_or(0);
+        write!(f, "PackCache({entries} layouts)")
+    }
+}
+
+/// What a set of packed panels was packed from and for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PanelKey {
+    kind: TypeId,
+    weight: usize,
+    k: usize,
+    n: usize,
+    steps: usize,
+    layout: WeightLayout,
+}
+
+/// Packed panels held by a [`PackCache`], counted against the budget while they live.
+pub(crate) struct Panels(Vec<u32>);
+
+impl std::ops::Deref for Panels {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.0
+    }
+}
+
+impl Drop for Panels {
+    fn drop(&mut self) {
+        CACHED_BYTES.fetch_sub(4 * self.0.len(), Ordering::Relaxed);
+    }
+}
+
+/// Bytes held by all [`PackCache`]s.
+static CACHED_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// The most bytes all [`PackCache`]s hold together: `PEFT_WIT_PACK_CACHE_MB` (0 turns caching
+/// off), else a quarter of the machine's memory (2 GiB where it cannot be read). For bf16
+/// weights both layouts together take twice the weight's own size.
+pub fn pack_cache_budget() -> usize {
+    static BUDGET: OnceLock<usize> = OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        if let Some(mb) = std::env::var("PEFT_WIT_PACK_CACHE_MB")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            return mb.saturating_mul(1 << 20);
+        }
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|info| {
+                let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+                let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kib.saturating_mul(1024) / 4)
+            })
+            .unwrap_or(2 << 30)
+    })
+}
+
+impl PanelKey {
+    /// The key of `w` packed as `K` for `layout` with `steps` steps a column.
+    fn new<K: 'static, W>(w: &[W], k: usize, n: usize, steps: usize, layout: WeightLayout) -> Self {
+        Self {
+            kind: TypeId::of::<K>(),
+            weight: w.as_ptr() as usize,
+            k,
+            n,
+            steps,
+            layout,
+        }
+    }
+}
+
+impl PackCache {
+    /// The panels under `key`: `len` u32 written by `pack` on first use, shared after.
+    /// `None` when the budget has no room.
+    fn panels(
+        &self,
+        key: PanelKey,
+        len: usize,
+        pack: impl FnOnce(&mut Vec<u32>),
+    ) -> Option<Arc<Panels>> {
+        let slot = {
+            let mut entries = self
+                .0
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match entries.iter().find(|(k, _)| *k == key) {
+                Some((_, slot)) => slot.clone(),
+                None => {
+                    let slot = Arc::new(OnceLock::new());
+                    entries.push((key, slot.clone()));
+                    slot
+                }
+            }
+        };
+        // Packing runs outside the lock; a second product of the same layout (another lane)
+        // waits for the first instead of packing it twice.
+        slot.get_or_init(|| {
+            let bytes = 4 * len;
+            let budget = pack_cache_budget();
+            CACHED_BYTES
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                    held.checked_add(bytes).filter(|&total| total <= budget)
+                })
+                .ok()?;
+            let mut panels = Vec::new();
+            pack(&mut panels);
+            debug_assert_eq!(panels.len(), len);
+            Some(Arc::new(Panels(panels)))
+        })
+        .clone()
+    }
+
+    /// Layouts packed so far (tests).
+    #[cfg(test)]
+    fn packed(&self) -> usize {
+        let entries = self.0.lock().unwrap();
+        entries
+            .iter()
+            .filter(|(_, s)| matches!(s.get(), Some(Some(_))))
+            .count()
+    }
 }
 
 /// Rows of a micro-tile (24 zmm accumulators with `NR` = 32).
@@ -323,19 +480,23 @@ mod tests {
         weight: bf16::from_f32,
         w64: bf16::to_f64,
         a64: |x| bf16::from_f32(x).to_f64(),
-        run: matmul_bf16,
+        run: |c, a, m, k, w, n, l, acc| matmul_bf16(c, a, m, k, w, n, l, acc, None),
     };
 
     const BF16_AVX512: Subject<bf16> = Subject {
         name: "bf16 on AVX-512",
-        run: |c, a, m, k, w, n, l, acc| matmul_bf16_on(Bf16Isa::Avx512, c, a, m, k, w, n, l, acc),
+        run: |c, a, m, k, w, n, l, acc| {
+            matmul_bf16_on(Bf16Isa::Avx512, c, a, m, k, w, n, l, acc, None)
+        },
         ..BF16
     };
 
     const BF16_AMX: Subject<bf16> = Subject {
         name: "bf16 on AMX",
         available: amx_available,
-        run: |c, a, m, k, w, n, l, acc| matmul_bf16_on(Bf16Isa::Amx, c, a, m, k, w, n, l, acc),
+        run: |c, a, m, k, w, n, l, acc| {
+            matmul_bf16_on(Bf16Isa::Amx, c, a, m, k, w, n, l, acc, None)
+        },
         ..BF16
     };
 
@@ -576,16 +737,88 @@ mod tests {
         }
     }
 
+    /// A weight's cache packs each layout once, on first use, and later products of few rows
+    /// read the same panels, with results bit for bit those of products that pack per call;
+    /// another weight through the same cache gets panels of its own; products of many rows
+    /// leave the cache alone.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn cached_panels_are_packed_once_and_change_no_bit() {
+        if !available() {
+            eprintln!("skipping cached_panels_are_packed_once_and_change_no_bit: no AVX-512 BF16");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(11);
+        let (k, n) = (95, 70);
+        let w: Vec<bf16> = rand_vec(&mut rng, k * n)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let w2: Vec<bf16> = rand_vec(&mut rng, k * n)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let cache = PackCache::default();
+        let product = |w: &[bf16], m: usize, layout, cache: Option<&PackCache>| {
+            let a = rand_vec(&mut StdRng::seed_from_u64(m as u64), m * k);
+            let mut c = vec![0.0f32; m * n];
+            matmul_bf16(&mut c, &a, m, k, w, n, layout, false, cache).unwrap();
+            c
+        };
+        for layout in [WeightLayout::Transposed, WeightLayout::Plain] {
+            for m in [1, 5, CACHED_MAX_ROWS - 1] {
+                let fresh = product(&w, m, layout, None);
+                assert_eq!(
+                    product(&w, m, layout, Some(&cache)),
+                    fresh,
+                    "{layout:?} m={m}"
+                );
+                assert_eq!(
+                    product(&w, m, layout, Some(&cache)),
+                    fresh,
+                    "{layout:?} again"
+                );
+            }
+        }
+        assert_eq!(cache.packed(), 2, "one entry per layout");
+        let layout = WeightLayout::Plain;
+        let fresh = product(&w2, 3, layout, None);
+        assert_eq!(
+            product(&w2, 3, layout, Some(&cache)),
+            fresh,
+            "another weight"
+        );
+        assert_eq!(cache.packed(), 3);
+        // Wide enough for several column chunks: each reads its own slice of the panels.
+        let wide = 32 * 700 + 5;
+        assert!(x86::chunk_cols(wide, k.div_ceil(2)) < wide);
+        let ww: Vec<bf16> = rand_vec(&mut rng, k * wide)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let a = rand_vec(&mut rng, 3 * k);
+        let (mut c, mut fresh) = (vec![0.0f32; 3 * wide], vec![0.0f32; 3 * wide]);
+        let layout = WeightLayout::Transposed;
+        matmul_bf16(&mut c, &a, 3, k, &ww, wide, layout, false, Some(&cache)).unwrap();
+        matmul_bf16(&mut c, &a, 3, k, &ww, wide, layout, false, Some(&cache)).unwrap();
+        matmul_bf16(&mut fresh, &a, 3, k, &ww, wide, layout, false, None).unwrap();
+        assert_eq!(c, fresh, "a product in column chunks");
+        assert_eq!(cache.packed(), 4);
+        let many = PackCache::default();
+        product(&w, CACHED_MAX_ROWS, WeightLayout::Transposed, Some(&many));
+        assert_eq!(many.packed(), 0, "many rows pack per call");
+    }
+
     #[test]
     fn wgemm_rejects_bad_shapes() {
         let (a, mut c) = (vec![0.0f32; 6], vec![0.0f32; 4]);
         let layout = WeightLayout::Plain;
         let wb = vec![bf16::ZERO; 6];
-        assert!(matmul_bf16(&mut c, &a, 2, 3, &wb, 3, layout, false).is_err()); // c too short
-        assert!(matmul_bf16(&mut c, &a[..5], 2, 3, &wb, 2, layout, false).is_err());
-        assert!(matmul_bf16(&mut c, &a, 2, 3, &wb[..5], 2, layout, false).is_err());
+        assert!(matmul_bf16(&mut c, &a, 2, 3, &wb, 3, layout, false, None).is_err()); // c too short
+        assert!(matmul_bf16(&mut c, &a[..5], 2, 3, &wb, 2, layout, false, None).is_err());
+        assert!(matmul_bf16(&mut c, &a, 2, 3, &wb[..5], 2, layout, false, None).is_err());
         assert_eq!(
-            matmul_bf16(&mut c, &a, 2, 3, &wb, 2, layout, false).is_ok(),
+            matmul_bf16(&mut c, &a, 2, 3, &wb, 2, layout, false, None).is_ok(),
             available()
         );
         let wf = vec![0.0f32; 6];
@@ -603,9 +836,9 @@ mod tests {
         let layout = WeightLayout::Transposed;
         if !BF16.skip("wgemm_k_zero") {
             let mut c = vec![2.0f32; 6];
-            matmul_bf16(&mut c, &[], 2, 0, &[], 3, layout, true).unwrap();
+            matmul_bf16(&mut c, &[], 2, 0, &[], 3, layout, true, None).unwrap();
             assert_eq!(c, vec![2.0; 6]);
-            matmul_bf16(&mut c, &[], 2, 0, &[], 3, layout, false).unwrap();
+            matmul_bf16(&mut c, &[], 2, 0, &[], 3, layout, false, None).unwrap();
             assert_eq!(c, vec![0.0; 6]);
         }
         if !F32.skip("wgemm_k_zero") {
@@ -706,7 +939,7 @@ mod tests {
                         (Bf16Isa::Amx, true, _) | (Bf16Isa::Avx512, _, true)
                     ) {
                         bench(&mut |c| {
-                            matmul_bf16_on(isa, c, &a, m, k, &wb, n, layout, false).unwrap()
+                            matmul_bf16_on(isa, c, &a, m, k, &wb, n, layout, false, None).unwrap()
                         })
                     } else {
                         "   n/a".into()

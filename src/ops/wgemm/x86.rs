@@ -2,7 +2,7 @@
 //! packing, the 12 × 32 micro-kernel and the task split. Compiled only on x86_64; every
 //! `#[target_feature]` function is reached only after the CPUID checks in the parent module.
 
-use super::{to_pairs, WeightLayout, MR, NR, TASKS_PER_THREAD, W_CHUNK_BYTES};
+use super::{to_pairs, PackCache, PanelKey, WeightLayout, MR, NR, TASKS_PER_THREAD, W_CHUNK_BYTES};
 use half::bf16;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
@@ -10,7 +10,7 @@ use std::cell::RefCell;
 
 /// What differs between weight element types. A packed k *step* is one u32 for both: a
 /// bf16 pair or the bits of one f32.
-pub(super) trait Kind {
+pub(super) trait Kind: 'static {
     /// The weight element.
     type W: Copy + Sync;
     /// k values per step.
@@ -261,6 +261,7 @@ pub(super) fn matmul<K: Kind>(
     n: usize,
     layout: WeightLayout,
     accumulate: bool,
+    cache: Option<&PackCache>,
 ) {
     let ks = k.div_ceil(K::KU);
     let row_panels = m.div_ceil(MR);
@@ -268,7 +269,7 @@ pub(super) fn matmul<K: Kind>(
     // SAFETY: f32 and u32 have the same size and alignment, and every bit pattern is valid
     // for both.
     let a_bits: &[u32] = unsafe { std::slice::from_raw_parts(a.as_ptr().cast(), a.len()) };
-    for_each_task::<K>(c, w, k, n, ks, layout, row_panels, |task, pa| {
+    for_each_task::<K>(c, w, k, n, ks, layout, cache, row_panels, |task, pa| {
         let Task {
             rows: (i0, i1),
             panels: (j0, j1),
@@ -337,8 +338,9 @@ pub(super) struct Task<'p> {
 }
 
 /// The frame both kernels share: W packed chunk by chunk ([`chunk_cols`], [`pack_panels`]
-/// with `ksp` steps a column) into this thread's scratch, then `task` run in parallel on each
-/// chunk's [`TaskGrid`] over `row_units`, with the running thread's A scratch.
+/// with `ksp` steps a column) into this thread's scratch, or taken from the weight's `cache`
+/// (packed whole on first use), then `task` run in parallel on each chunk's [`TaskGrid`] over
+/// `row_units`, with the running thread's A scratch.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn for_each_task<K: Kind>(
     c: &mut [f32],
@@ -347,15 +349,27 @@ pub(super) fn for_each_task<K: Kind>(
     n: usize,
     ksp: usize,
     layout: WeightLayout,
+    cache: Option<&PackCache>,
     row_units: usize,
     task: impl Fn(Task<'_>, &mut Vec<u32>) + Sync,
 ) {
     let chunk_cols = chunk_cols(n, ksp);
     let cptr = CPtr(c.as_mut_ptr());
-    with_scratch(&W_SCRATCH, |pb| {
+    let all_panels = n.div_ceil(NR);
+    let cached = cache.and_then(|cache| {
+        let key = PanelKey::new::<K, K::W>(w, k, n, ksp, layout);
+        cache.panels(key, all_panels * NR * ksp, |pb| {
+            pack_panels::<K>(pb, w, k, n, 0, all_panels, ksp, layout);
+        })
+    });
+    with_scratch(&W_SCRATCH, |scratch| {
         for jlo in (0..n).step_by(chunk_cols) {
             let col_panels = chunk_cols.min(n - jlo).div_ceil(NR);
-            let pb = pack_panels::<K>(pb, w, k, n, jlo, col_panels, ksp, layout);
+            // Chunks start on a panel boundary (`chunk_cols` is a multiple of NR, or n).
+            let pb: &[u32] = match &cached {
+                Some(panels) => &panels[jlo / NR * NR * ksp..][..col_panels * NR * ksp],
+                None => pack_panels::<K>(scratch, w, k, n, jlo, col_panels, ksp, layout),
+            };
             let grid = TaskGrid::new(row_units, col_panels);
             (0..grid.len()).into_par_iter().for_each(|t| {
                 let (rows, panels) = grid.task(t);
@@ -380,7 +394,7 @@ pub(super) fn for_each_task<K: Kind>(
 /// Columns per chunk of a wide product (an lm_head): a chunk's packed W (`ksp` steps a
 /// column) stays in cache, unless a chunk would be so narrow that re-reading A for each costs
 /// more (long k); then all `n` at once.
-fn chunk_cols(n: usize, ksp: usize) -> usize {
+pub(super) fn chunk_cols(n: usize, ksp: usize) -> usize {
     let chunk_panels = W_CHUNK_BYTES / (4 * NR * ksp);
     if chunk_panels >= 4 {
         chunk_panels * NR
