@@ -43,6 +43,37 @@ fn train_list_show_eval_generate_merge_export() {
     for name in ["base", "std", "wit"] {
         assert!(eval.contains(name), "eval table lacks {name}:\n{eval}");
     }
+    // Two models at once (side paths on one base, one thread each) give the numbers of one
+    // after another with side paths, in the same order; 0 at once is a usage error.
+    let eval_json = |extra: &[&str], file: &str| {
+        let path = dir.path().join(file);
+        dir.cmd_with_model(&["eval", "--base", "--adapters", "std,wit", "--generate", "0"])
+            .args(extra)
+            .arg("--data")
+            .arg(dir.data())
+            .arg("--json")
+            .arg(&path)
+            .all_output();
+        let mut report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let rows = report["adapters"].as_array_mut().unwrap();
+        for row in rows.iter_mut() {
+            row.as_object_mut().unwrap().remove("seconds");
+        }
+        report["adapters"].clone()
+    };
+    let side_by_side = eval_json(&["--max-parallel", "2"], "lanes.json");
+    let names: Vec<&str> = side_by_side
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["base", "std", "wit"]);
+    assert_eq!(side_by_side, eval_json(&["--unmerged"], "one-by-one.json"));
+    dir.cmd_with_model(&["eval", "--base", "--max-parallel", "0", "--data"])
+        .arg(dir.data())
+        .fails_with(2);
 
     let generated = dir
         .cmd_with_model(&["generate", "--adapter", "wit", "--prompt", "Say red blue."])

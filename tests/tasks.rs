@@ -452,6 +452,44 @@ fn sweep_scores_every_cell_on_benchmarks_with_one_heatmap_each() {
         std::fs::metadata(&scores).unwrap().modified().unwrap(),
         written
     );
+    // Scored again two cells at once (side paths on the shared base, one thread each) by
+    // `sweep collect`: the same scores.
+    let mmlu = |sweep: &serde_json::Value| -> Vec<(String, f64)> {
+        sweep["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let name = c["name"].as_str().unwrap().to_string();
+                (name, c["metrics"]["mmlu"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    let before = mmlu(&sweep_json);
+    for (name, _) in &before {
+        std::fs::remove_file(registry.join(name).join(peft_wit::sweep::BENCHMARK_FILE)).unwrap();
+    }
+    let collect = std::process::Command::new(env!("CARGO_BIN_EXE_peft-wit"))
+        .args(["sweep", "collect", "grid", "--max-parallel", "2"])
+        .args([
+            "--tasks",
+            "mmlu_anatomy,mmlu_astronomy",
+            "--task-limit",
+            "2",
+        ])
+        .arg("--task-data")
+        .arg(dir.path())
+        .arg("--registry")
+        .arg(&registry)
+        .output()
+        .unwrap();
+    assert!(
+        collect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&collect.stderr)
+    );
+    assert!(scores.is_file(), "scores stored again");
+    assert_eq!(mmlu(&common::read_json(report.join("sweep.json"))), before);
 }
 
 #[test]

@@ -59,6 +59,11 @@ pub struct Args {
     /// Apply adapters as a low-rank side path instead of merging them into a dense base.
     #[arg(long)]
     unmerged: bool,
+    /// Evaluate K models at once, each on its share of the threads, adapters as side paths
+    /// (as --unmerged) on the one loaded base; each holds its own activations.
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_parallel: usize,
     /// Accept adapters whose sidecar names another base fingerprint.
     #[arg(long)]
     allow_other_base: bool,
@@ -138,6 +143,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         suite: suite.as_ref(),
         side_path: args.unmerged,
         allow_other_base: args.allow_other_base,
+        lanes: args.max_parallel,
     };
     let EvalResults {
         adapters: results,

@@ -77,8 +77,8 @@ struct GridArgs {
     launcher: Launcher,
     /// At most K cells at once. With local: K cells side by side in this process, the threads
     /// split between them (default 1; on 2 cores, 2 cells of one thread each train about 1.5×
-    /// the tokens/s of one cell on both; each cell holds its own activations). With slurm /
-    /// k8s: at most K tasks at once.
+    /// the tokens/s of one cell on both; each cell holds its own activations), and --tasks
+    /// scores K cells at once. With slurm / k8s: at most K tasks at once.
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_parallel: Option<usize>,
     /// With slurm: sbatch options passed through, e.g. "--partition=gpu --gres=gpu:1
@@ -173,6 +173,11 @@ struct CollectArgs {
     /// Also score the done cells on benchmarks (the base loaded once; scores kept per cell).
     #[command(flatten)]
     bench: SweepTaskArgs,
+    /// With --tasks: score K cells at once, each on its share of the threads, adapters as
+    /// side paths on the one loaded base.
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_parallel: usize,
 }
 
 /// Benchmarks for a sweep's cells.
@@ -361,13 +366,14 @@ fn run_grid(args: GridArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let started = std::time::Instant::now();
+    let lanes = args.max_parallel.unwrap_or(1);
     let local = LocalSweep {
         base: &base,
         data: &data,
         plan: &plan,
         registry: &registry,
         opts: &opts,
-        lanes: args.max_parallel.unwrap_or(1),
+        lanes,
     };
     let mut result = local.run(|cell, outcome| {
         if let CellOutcome::Interrupted { step, .. } = outcome {
@@ -381,7 +387,7 @@ fn run_grid(args: GridArgs) -> anyhow::Result<()> {
     let benchmarks = match &suite {
         Some(suite) if !result.interrupted => {
             eprintln!("benchmarks: scoring the finished cells ...");
-            benchmark_cells(&mut base, &registry, &mut result, suite)?
+            benchmark_cells(&mut base, &registry, &mut result, suite, lanes)?
         }
         _ => Vec::new(),
     };
@@ -575,7 +581,8 @@ fn collect_sweep(args: CollectArgs) -> anyhow::Result<()> {
         plan.check_base(&base)?;
         if let Some(suite) = args.bench.prepare(&base)? {
             eprintln!("benchmarks: scoring the done cells ...");
-            benchmarks = benchmark_cells(&mut base, &registry, &mut result, &suite)?;
+            benchmarks =
+                benchmark_cells(&mut base, &registry, &mut result, &suite, args.max_parallel)?;
         }
     }
     let report_dir = args

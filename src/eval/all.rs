@@ -1,10 +1,13 @@
-//! Several models evaluated one after another on one loaded base (`peft-wit eval`): the bare
-//! base and each adapter, on an evaluation data set, benchmark tasks, or both.
+//! Several models evaluated on one loaded base (`peft-wit eval`), one after another or side by
+//! side: the bare base and each adapter, on an evaluation data set, benchmark tasks, or both.
 
 use std::time::Instant;
 
+use indicatif::MultiProgress;
+
 use super::compare::{evaluate_adapter, AdapterResult, EvalData, EvalSpec};
 use crate::export::with_adapter;
+use crate::lanes::{Lanes, Next};
 use crate::lora::LoraAdapter;
 use crate::model::BaseModel;
 use crate::registry::{load_for_base, Registry};
@@ -27,6 +30,9 @@ pub struct EvalRun<'a> {
     pub side_path: bool,
     /// Accept adapters whose sidecar names another base fingerprint.
     pub allow_other_base: bool,
+    /// Models evaluated at once, each on its share of the threads ([`Lanes`]), adapters then
+    /// applied as side paths on the one shared base; 1 evaluates them one after another.
+    pub lanes: usize,
 }
 
 /// Every model's results, in the order evaluated.
@@ -40,12 +46,13 @@ pub struct EvalResults {
 /// Evaluates the base (if asked) and then each adapter in turn on `base`. Each adapter is
 /// loaded only when its turn comes, merged into the dense base for its evaluation (exact, and
 /// as fast as the base) and taken out again bit-exactly, or applied as a side path on a
-/// quantized base or when `run.side_path` asks for it. `on_start` hears each model's name
-/// (`base` for the base) just before its evaluation starts.
+/// quantized base or when `run.side_path` asks for it. With `run.lanes` > 1, that many models
+/// are evaluated at once, adapters as side paths. `on_start` hears each model's name (`base`
+/// for the base) just before its evaluation starts. Results come in the order asked.
 pub fn evaluate_all(
     base: &mut BaseModel,
     run: &EvalRun<'_>,
-    mut on_start: impl FnMut(&str),
+    on_start: impl Fn(&str) + Sync,
 ) -> Result<EvalResults> {
     let mut results = EvalResults {
         adapters: Vec::new(),
@@ -55,23 +62,73 @@ pub fn evaluate_all(
         results.adapters.push(r);
         results.suites.extend(s);
     };
+    let models = usize::from(run.include_base) + run.adapters.len();
+    if run.lanes > 1 && models > 1 {
+        side_by_side(base, run, &on_start)?
+            .into_iter()
+            .for_each(&mut push);
+        return Ok(results);
+    }
     if run.include_base {
         on_start("base");
-        push(evaluate_one(base, "base", None, run)?);
+        push(evaluate_one(base, "base", None, run, None)?);
     }
     for name in run.adapters {
-        let dir = run.registry.resolve(name)?;
-        let adapter =
-            load_for_base(&dir, base, run.allow_other_base).map_err(|e| Error::LoadAdapter {
-                path: dir.clone(),
-                source: Box::new(e),
-            })?;
+        let adapter = load_adapter(base, run, name)?;
         on_start(name);
         push(with_adapter(base, &adapter, run.side_path, |b, a| {
-            evaluate_one(b, name, a, run)
+            evaluate_one(b, name, a, run, None)
         })?);
     }
     Ok(results)
+}
+
+/// The models of `run`, `run.lanes` at a time on the shared `base` (adapters as side paths,
+/// each loaded by its lane when its turn comes), their progress bars one below the other;
+/// results in the order asked.
+fn side_by_side(
+    base: &BaseModel,
+    run: &EvalRun<'_>,
+    on_start: &(dyn Fn(&str) + Sync),
+) -> Result<Vec<(AdapterResult, Option<SuiteResult>)>> {
+    let names: Vec<Option<&String>> = run
+        .include_base
+        .then_some(None)
+        .into_iter()
+        .chain(run.adapters.iter().map(Some))
+        .collect();
+    let bars = MultiProgress::new();
+    let mut slots: Vec<Option<(AdapterResult, Option<SuiteResult>)>> =
+        names.iter().map(|_| None).collect();
+    Lanes::new(run.lanes)?.run(
+        &names,
+        |_, name| match name {
+            None => {
+                bars.suspend(|| on_start("base"));
+                evaluate_one(base, "base", None, run, Some(&bars))
+            }
+            Some(name) => {
+                let adapter = load_adapter(base, run, name)?;
+                bars.suspend(|| on_start(name));
+                evaluate_one(base, name, Some(&adapter), run, Some(&bars))
+            }
+        },
+        |i, result| {
+            slots[i] = Some(result);
+            Ok(Next::Continue)
+        },
+    )?;
+    // `run` returned Ok: every item finished and was handed back.
+    Ok(slots.into_iter().flatten().collect())
+}
+
+/// Resolves and loads the adapter `name` for `base`.
+fn load_adapter(base: &BaseModel, run: &EvalRun<'_>, name: &str) -> Result<LoraAdapter> {
+    let dir = run.registry.resolve(name)?;
+    load_for_base(&dir, base, run.allow_other_base).map_err(|e| Error::LoadAdapter {
+        path: dir.clone(),
+        source: Box::new(e),
+    })
 }
 
 /// One model: the data metrics and the benchmark scores under the same weights (the scores
@@ -81,6 +138,7 @@ fn evaluate_one(
     name: &str,
     adapter: Option<&LoraAdapter>,
     run: &EvalRun<'_>,
+    bars: Option<&MultiProgress>,
 ) -> Result<(AdapterResult, Option<SuiteResult>)> {
     let started = Instant::now();
     let mut result = match run.data {
@@ -95,7 +153,7 @@ fn evaluate_one(
     };
     let scores = match run.suite {
         Some(suite) => {
-            let scores = suite.evaluate(base, adapter, name)?;
+            let scores = suite.evaluate_with(base, adapter, name, bars)?;
             for (label, score, _) in scores.columns() {
                 result.metrics.insert(label, score);
             }

@@ -244,55 +244,88 @@ struct StoredScores {
 }
 
 /// Scores every finished cell on the benchmark `suite` with the base loaded once (each adapter
-/// merged into a dense base, or as a side path on a quantized one), stores the scores beside the
-/// adapter, and adds them to the cells' metrics under the suite's column names (`mmlu`,
+/// merged into a dense base, or as a side path on a quantized one; with `lanes` > 1 that many
+/// cells at once, as side paths on the shared base), stores the scores beside the adapter, and
+/// adds them to the cells' metrics under the suite's column names (`mmlu`,
 /// `gsm8k:strict-match`, ...). Returns the column names.
 pub fn benchmark_cells(
     base: &mut BaseModel,
     registry: &Registry,
     result: &mut SweepResult,
     suite: &crate::tasks::Suite,
+    lanes: usize,
 ) -> Result<Vec<String>> {
     let settings = suite.settings();
-    let mut columns: Vec<String> = Vec::new();
-    for cell in &mut result.cells {
-        if !registry.contains(&cell.name) || cell.metrics.is_empty() {
-            continue;
-        }
-        let dir = registry.path(&cell.name);
-        let stored_path = dir.join(BENCHMARK_FILE);
-        let stored: Option<StoredScores> = std::fs::read_to_string(&stored_path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .filter(|s: &StoredScores| s.settings == settings);
-        let scores = match stored {
-            Some(s) => s.scores,
-            None => {
-                let adapter = crate::registry::load_for_base(&dir, base, false)?;
-                let scored = crate::export::with_adapter(base, &adapter, false, |b, a| {
-                    suite.evaluate(b, a, &cell.name)
-                })?;
-                let scores: BTreeMap<String, f64> = scored
-                    .columns()
-                    .into_iter()
-                    .map(|(l, s, _)| (l, s))
-                    .collect();
-                atomic_write_json(
-                    &stored_path,
-                    &StoredScores {
-                        settings: settings.clone(),
-                        scores: scores.clone(),
-                    },
-                )?;
-                scores
-            }
+    let finished = |cell: &SweepCell| registry.contains(&cell.name) && !cell.metrics.is_empty();
+    // Scores stored with the same settings stand; the other finished cells are scored.
+    let mut scores: Vec<Option<BTreeMap<String, f64>>> = result
+        .cells
+        .iter()
+        .map(|cell| {
+            let path = registry.path(&cell.name).join(BENCHMARK_FILE);
+            let stored = finished(cell).then(|| std::fs::read_to_string(path).ok())??;
+            serde_json::from_str::<StoredScores>(&stored)
+                .ok()
+                .filter(|s| s.settings == settings)
+                .map(|s| s.scores)
+        })
+        .collect();
+    let todo: Vec<usize> = (0..result.cells.len())
+        .filter(|&i| finished(&result.cells[i]) && scores[i].is_none())
+        .collect();
+    let score = |base: &BaseModel,
+                 adapter: Option<&crate::lora::LoraAdapter>,
+                 name: &str,
+                 bars: Option<&indicatif::MultiProgress>| {
+        let scored = suite.evaluate_with(base, adapter, name, bars)?;
+        let scores: BTreeMap<String, f64> = scored
+            .columns()
+            .into_iter()
+            .map(|(l, s, _)| (l, s))
+            .collect();
+        let stored = StoredScores {
+            settings: settings.clone(),
+            scores,
         };
-        for label in scores.keys() {
+        atomic_write_json(&registry.path(name).join(BENCHMARK_FILE), &stored)?;
+        Ok::<_, Error>(stored.scores)
+    };
+    if lanes > 1 && todo.len() > 1 {
+        let bars = indicatif::MultiProgress::new();
+        let cells = &result.cells;
+        let shared: &BaseModel = base;
+        Lanes::new(lanes)?.run(
+            &todo,
+            |_, &i| {
+                let name = &cells[i].name;
+                let adapter = crate::registry::load_for_base(&registry.path(name), shared, false)?;
+                score(shared, Some(&adapter), name, Some(&bars))
+            },
+            |k, cell_scores| {
+                scores[todo[k]] = Some(cell_scores);
+                Ok(Next::Continue)
+            },
+        )?;
+    } else {
+        for &i in &todo {
+            let name = &result.cells[i].name;
+            let adapter = crate::registry::load_for_base(&registry.path(name), base, false)?;
+            let cell_scores =
+                crate::export::with_adapter(base, &adapter, false, |b, a| score(b, a, name, None))?;
+            scores[i] = Some(cell_scores);
+        }
+    }
+    let mut columns: Vec<String> = Vec::new();
+    for (cell, cell_scores) in result.cells.iter_mut().zip(scores) {
+        let Some(cell_scores) = cell_scores else {
+            continue;
+        };
+        for label in cell_scores.keys() {
             if !columns.contains(label) {
                 columns.push(label.clone());
             }
         }
-        cell.metrics.extend(scores);
+        cell.metrics.extend(cell_scores);
     }
     Ok(columns)
 }

@@ -20,7 +20,7 @@ pub mod source;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 pub use config::{TaskCatalog, TaskConfig};
 pub use results::SuiteResult;
@@ -125,6 +125,18 @@ impl Suite {
         adapter: Option<&LoraAdapter>,
         name: &str,
     ) -> Result<SuiteResult> {
+        self.evaluate_with(base, adapter, name, None)
+    }
+
+    /// [`Suite::evaluate`], its progress bar drawn in `bars` (below other models' bars) when
+    /// given.
+    pub fn evaluate_with(
+        &self,
+        base: &BaseModel,
+        adapter: Option<&LoraAdapter>,
+        name: &str,
+        bars: Option<&MultiProgress>,
+    ) -> Result<SuiteResult> {
         let started = Instant::now();
         let tokenizer = base.tokenizer()?;
         let bos_id = base
@@ -142,7 +154,10 @@ impl Suite {
                 .progress_chars("=> "),
             );
             bar.set_prefix(name.to_string());
-            bar
+            match bars {
+                Some(bars) => bars.add(bar),
+                None => bar,
+            }
         } else {
             ProgressBar::hidden()
         };
