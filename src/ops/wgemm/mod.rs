@@ -10,7 +10,8 @@
 //! one step. Everything else is shared:
 //! - W is packed into column panels of `NR` = 32 columns laid out `[steps][NR]` (two zmm per
 //!   step), once per call, in parallel, into the calling thread's scratch (reused across calls:
-//!   no page faults). A bf16 odd k is padded with a zero; the last panel's missing columns are
+//!   no page faults), or, for products of few rows (decode steps), once per weight into its
+//!   [`PackCache`]. A bf16 odd k is padded with a zero; the last panel's missing columns are
 //!   zero. Very wide products (an lm_head) are done in column chunks of ≤ 4 MiB of packed W.
 //! - The micro-kernel keeps a 12 × 32 f32 tile of C in 24 zmm accumulators and broadcasts one
 //!   step of each of `MR` = 12 A rows, which sit a constant stride apart (packed: `KC`; f32 in
@@ -266,8 +267,9 @@ fn prepare(
 
 /// The packed panels of one frozen weight, kept from its first product to its last. A decode
 /// step multiplies every weight by a row or a few, and packing the whole weight for them was
-/// most of the step (generation on a bf16 base ran at half its speed). [`matmul_bf16`] uses
-/// it for products of fewer than [`CACHED_MAX_ROWS`] rows only.
+/// most of the step (generation on a bf16 base ran at half its speed). Only products of
+/// fewer than 32 rows use it: for many rows, panels packed fresh are still in cache when the
+/// kernel reads them, and kept ones measured no faster.
 ///
 /// Clones share the panels. The cache belongs to one weight: a weight that replaces it (a
 /// merged adapter) comes with a fresh one, and each entry also keys on the weight's address,
