@@ -54,72 +54,81 @@ pub fn evaluate_all(
     run: &EvalRun<'_>,
     on_start: impl Fn(&str) + Sync,
 ) -> Result<EvalResults> {
+    let mut slots: Vec<Option<(AdapterResult, Option<SuiteResult>)>> = Vec::new();
+    evaluate_each(base, run, on_start, |i, result, scores| {
+        slots.resize_with(slots.len().max(i + 1), || None);
+        slots[i] = Some((result, scores));
+        Ok(())
+    })?;
     let mut results = EvalResults {
         adapters: Vec::new(),
         suites: Vec::new(),
     };
-    let mut push = |(r, s): (AdapterResult, Option<SuiteResult>)| {
-        results.adapters.push(r);
-        results.suites.extend(s);
-    };
-    let models = usize::from(run.include_base) + run.adapters.len();
-    if run.lanes > 1 && models > 1 {
-        side_by_side(base, run, &on_start)?
-            .into_iter()
-            .for_each(&mut push);
-        return Ok(results);
-    }
-    if run.include_base {
-        on_start("base");
-        push(evaluate_one(base, "base", None, run, None)?);
-    }
-    for name in run.adapters {
-        let adapter = load_adapter(base, run, name)?;
-        on_start(name);
-        push(with_adapter(base, &adapter, run.side_path, |b, a| {
-            evaluate_one(b, name, a, run, None)
-        })?);
+    // `evaluate_each` returned Ok: every model was handed back.
+    for (result, scores) in slots.into_iter().flatten() {
+        results.adapters.push(result);
+        results.suites.extend(scores);
     }
     Ok(results)
 }
 
-/// The models of `run`, `run.lanes` at a time on the shared `base` (adapters as side paths,
-/// each loaded by its lane when its turn comes), their progress bars one below the other;
-/// results in the order asked.
-fn side_by_side(
-    base: &BaseModel,
+/// [`evaluate_all`], handing each model's results to `on_done` as soon as they are final, with
+/// the model's position (the base first, if asked, then the adapters in order): one after
+/// another, or in the order they finish with `run.lanes` > 1. A sweep stores each cell's
+/// scores there, so a failure later on loses none.
+pub fn evaluate_each(
+    base: &mut BaseModel,
     run: &EvalRun<'_>,
-    on_start: &(dyn Fn(&str) + Sync),
-) -> Result<Vec<(AdapterResult, Option<SuiteResult>)>> {
+    on_start: impl Fn(&str) + Sync,
+    mut on_done: impl FnMut(usize, AdapterResult, Option<SuiteResult>) -> Result<()>,
+) -> Result<()> {
     let names: Vec<Option<&String>> = run
         .include_base
         .then_some(None)
         .into_iter()
         .chain(run.adapters.iter().map(Some))
         .collect();
-    let bars = MultiProgress::new();
-    let mut slots: Vec<Option<(AdapterResult, Option<SuiteResult>)>> =
-        names.iter().map(|_| None).collect();
-    Lanes::new(run.lanes)?.run(
-        &names,
-        |_, name| match name {
+    if run.lanes > 1 && names.len() > 1 {
+        // Side by side on the shared base: adapters as side paths, each loaded by its lane
+        // when its turn comes, the progress bars one below the other.
+        let base: &BaseModel = base;
+        let bars = MultiProgress::new();
+        return Lanes::new(run.lanes)?.run(
+            &names,
+            |_, name| match name {
+                None => {
+                    bars.suspend(|| on_start("base"));
+                    evaluate_one(base, "base", None, run, Some(&bars))
+                }
+                Some(name) => {
+                    let adapter = load_adapter(base, run, name)?;
+                    bars.suspend(|| on_start(name));
+                    evaluate_one(base, name, Some(&adapter), run, Some(&bars))
+                }
+            },
+            |i, (result, scores)| {
+                on_done(i, result, scores)?;
+                Ok(Next::Continue)
+            },
+        );
+    }
+    for (i, name) in names.into_iter().enumerate() {
+        let (result, scores) = match name {
             None => {
-                bars.suspend(|| on_start("base"));
-                evaluate_one(base, "base", None, run, Some(&bars))
+                on_start("base");
+                evaluate_one(base, "base", None, run, None)?
             }
             Some(name) => {
                 let adapter = load_adapter(base, run, name)?;
-                bars.suspend(|| on_start(name));
-                evaluate_one(base, name, Some(&adapter), run, Some(&bars))
+                on_start(name);
+                with_adapter(base, &adapter, run.side_path, |b, a| {
+                    evaluate_one(b, name, a, run, None)
+                })?
             }
-        },
-        |i, result| {
-            slots[i] = Some(result);
-            Ok(Next::Continue)
-        },
-    )?;
-    // `run` returned Ok: every item finished and was handed back.
-    Ok(slots.into_iter().flatten().collect())
+        };
+        on_done(i, result, scores)?;
+    }
+    Ok(())
 }
 
 /// Resolves and loads the adapter `name` for `base`.

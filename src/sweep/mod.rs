@@ -17,7 +17,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::eval::higher_is_better;
+use crate::eval::{evaluate_each, higher_is_better, EvalRun};
 use crate::fsutil::{atomic_write, atomic_write_json};
 use crate::lanes::{Lanes, Next};
 use crate::model::BaseModel;
@@ -243,7 +243,8 @@ struct StoredScores {
     scores: BTreeMap<String, f64>,
 }
 
-/// Scores every finished cell on the benchmark `suite` with the base loaded once (each adapter
+/// Scores every finished cell on the benchmark `suite` with the base loaded once, through
+/// [`evaluate_each`] (each adapter
 /// merged into a dense base, or as a side path on a quantized one; with `lanes` > 1 that many
 /// cells at once, as side paths on the shared base), stores the scores beside the adapter, and
 /// adds them to the cells' metrics under the suite's column names (`mmlu`,
@@ -273,48 +274,33 @@ pub fn benchmark_cells(
     let todo: Vec<usize> = (0..result.cells.len())
         .filter(|&i| finished(&result.cells[i]) && scores[i].is_none())
         .collect();
-    let score = |base: &BaseModel,
-                 adapter: Option<&crate::lora::LoraAdapter>,
-                 name: &str,
-                 bars: Option<&indicatif::MultiProgress>| {
-        let scored = suite.evaluate_with(base, adapter, name, bars)?;
-        let scores: BTreeMap<String, f64> = scored
-            .columns()
-            .into_iter()
-            .map(|(l, s, _)| (l, s))
-            .collect();
-        let stored = StoredScores {
-            settings: settings.clone(),
-            scores,
-        };
-        atomic_write_json(&registry.path(name).join(BENCHMARK_FILE), &stored)?;
-        Ok::<_, Error>(stored.scores)
+    let names: Vec<String> = todo.iter().map(|&i| result.cells[i].name.clone()).collect();
+    let run = EvalRun {
+        registry,
+        include_base: false,
+        adapters: &names,
+        data: None,
+        suite: Some(suite),
+        side_path: false,
+        allow_other_base: false,
+        lanes,
     };
-    if lanes > 1 && todo.len() > 1 {
-        let bars = indicatif::MultiProgress::new();
-        let cells = &result.cells;
-        let shared: &BaseModel = base;
-        Lanes::new(lanes)?.run(
-            &todo,
-            |_, &i| {
-                let name = &cells[i].name;
-                let adapter = crate::registry::load_for_base(&registry.path(name), shared, false)?;
-                score(shared, Some(&adapter), name, Some(&bars))
-            },
-            |k, cell_scores| {
-                scores[todo[k]] = Some(cell_scores);
-                Ok(Next::Continue)
-            },
-        )?;
-    } else {
-        for &i in &todo {
-            let name = &result.cells[i].name;
-            let adapter = crate::registry::load_for_base(&registry.path(name), base, false)?;
-            let cell_scores =
-                crate::export::with_adapter(base, &adapter, false, |b, a| score(b, a, name, None))?;
-            scores[i] = Some(cell_scores);
-        }
-    }
+    // Without data, a model's metrics are its benchmark columns. Each cell's scores are
+    // stored as soon as they are final.
+    evaluate_each(
+        base,
+        &run,
+        |_| {},
+        |k, scored, _| {
+            let stored = StoredScores {
+                settings: settings.clone(),
+                scores: scored.metrics,
+            };
+            atomic_write_json(&registry.path(&names[k]).join(BENCHMARK_FILE), &stored)?;
+            scores[todo[k]] = Some(stored.scores);
+            Ok(())
+        },
+    )?;
     let mut columns: Vec<String> = Vec::new();
     for (cell, cell_scores) in result.cells.iter_mut().zip(scores) {
         let Some(cell_scores) = cell_scores else {
