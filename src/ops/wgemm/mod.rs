@@ -464,6 +464,10 @@ mod tests {
         (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
 
+    fn rand_bf16(rng: &mut StdRng, len: usize) -> Vec<bf16> {
+        rand_vec(rng, len).into_iter().map(bf16::from_f32).collect()
+    }
+
     /// One weight type under test: how to make its weights, what the kernel computes exactly
     /// (inputs as f64 after any rounding), and the entry point.
     struct Subject<W> {
@@ -622,10 +626,7 @@ mod tests {
             (256, 576, 49152, WeightLayout::Transposed),
         ] {
             let a = rand_vec(&mut rng, m * k);
-            let w: Vec<bf16> = rand_vec(&mut rng, k * n)
-                .into_iter()
-                .map(bf16::from_f32)
-                .collect();
+            let w = rand_bf16(&mut rng, k * n);
             let mut c = vec![0.0f32; m * n];
             let flops = 2.0 * (m * k * n) as f64;
             let mut rates = vec![Vec::new(); blocks.len()];
@@ -752,14 +753,8 @@ mod tests {
         }
         let mut rng = StdRng::seed_from_u64(11);
         let (k, n) = (95, 70);
-        let w: Vec<bf16> = rand_vec(&mut rng, k * n)
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect();
-        let w2: Vec<bf16> = rand_vec(&mut rng, k * n)
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect();
+        let w = rand_bf16(&mut rng, k * n);
+        let w2 = rand_bf16(&mut rng, k * n);
         let cache = PackCache::default();
         let product = |w: &[bf16], m: usize, layout, cache: Option<&PackCache>| {
             let a = rand_vec(&mut StdRng::seed_from_u64(m as u64), m * k);
@@ -794,10 +789,7 @@ mod tests {
         // Wide enough for several column chunks: each reads its own slice of the panels.
         let wide = 32 * 700 + 5;
         assert!(x86::chunk_cols(wide, k.div_ceil(2)) < wide);
-        let ww: Vec<bf16> = rand_vec(&mut rng, k * wide)
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect();
+        let ww = rand_bf16(&mut rng, k * wide);
         let a = rand_vec(&mut rng, 3 * k);
         let (mut c, mut fresh) = (vec![0.0f32; 3 * wide], vec![0.0f32; 3 * wide]);
         let layout = WeightLayout::Transposed;
