@@ -53,11 +53,31 @@ write_env() {
     echo "export PATH='$root/bin':\"\$PATH\""
     echo "export CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-90}"
     echo "export LD_LIBRARY_PATH='$root/lib'\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+    # Link time only: the loader never reads LIBRARY_PATH, so a real driver wins at run time.
+    echo "export LIBRARY_PATH='$root/lib/stubs'\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
   } >"$dir/env.sh.tmp"
   mv "$dir/env.sh.tmp" "$dir/env.sh"
 }
 
+# No wheel ships the driver's libcuda, yet candle links it (`-lcuda`, cudarc's dynamic-linking):
+# a stub with the driver's soname and every cu* entry point of cuda.h (after its _v2 renames),
+# each returning CUDA_ERROR_UNKNOWN, lets a cuda build link here; a GPU machine's driver
+# replaces it at run time.
+make_driver_stub() {
+  local stubs=$root/lib/stubs
+  [ -f "$stubs/libcuda.so" ] && return 0
+  command -v cc >/dev/null || die "a C compiler (cc) is needed for the libcuda link stub"
+  mkdir -p "$stubs"
+  cc -E -P -I "$root/include" "$root/include/cuda.h" \
+    | grep -oE '\bcu[A-Za-z0-9_]+[[:space:]]*\(' | tr -d ' (' | sort -u \
+    | awk '{print "int " $1 "(void) { return 999; }"}' >"$stubs/libcuda_stub.c"
+  [ -s "$stubs/libcuda_stub.c" ] || die "found no cu* functions in $root/include/cuda.h"
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stubs/libcuda.so" "$stubs/libcuda_stub.c" \
+    || die "could not build the libcuda link stub"
+}
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  make_driver_stub
   write_env
   cat "$dir/env.sh"
   exit 0
@@ -99,6 +119,7 @@ for l in cublas cublasLt cudart curand nvrtc; do
 done
 
 "$root/bin/nvcc" --version >/dev/null || die "$root/bin/nvcc does not run"
+make_driver_stub
 write_env
 echo "$want" >"$stamp"
 cat "$dir/env.sh"

@@ -35,6 +35,17 @@ impl DeviceSpec {
     }
 }
 
+impl DeviceSpec {
+    /// The name of an open device.
+    pub fn of(device: &Device) -> Self {
+        match device.location() {
+            candle_core::DeviceLocation::Cpu => Self::Cpu,
+            candle_core::DeviceLocation::Cuda { gpu_id } => Self::Cuda(gpu_id),
+            candle_core::DeviceLocation::Metal { gpu_id } => Self::Metal(gpu_id),
+        }
+    }
+}
+
 impl FromStr for DeviceSpec {
     type Err = Error;
     fn from_str(spec: &str) -> Result<Self> {

@@ -34,6 +34,8 @@ pub struct BenchSpec {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
     pub model: String,
+    /// Where the step ran (`cpu`, `cuda:0`, ...).
+    pub device: String,
     pub base_dtype: String,
     pub spec: BenchSpec,
     pub train_tokens_per_s: f64,
@@ -119,7 +121,19 @@ pub fn run(
         ..Default::default()
     };
     let adapter = LoraAdapter::init(&lora, &decoder.config, 0, DType::F32, decoder.device())?;
-    let machine = peak::probe();
+    let device = decoder.device().clone();
+    // The CPU probe says nothing about an accelerator's peak: no share is printed there.
+    let machine = if device.is_cpu() {
+        peak::probe()
+    } else {
+        peak::Peak::unprobed()
+    };
+    // An accelerator runs the queued kernels after the call returns: wait for them before
+    // reading a clock (a no-op on the CPU).
+    let elapsed = |started: &Instant| -> Result<f64> {
+        device.synchronize()?;
+        Ok(started.elapsed().as_secs_f64())
+    };
     let mut optimizer = AdamW::new(adapter.named_vars(), AdamWParams::default())?;
     let tokens = (spec.batch_size * spec.seq_len) as f64;
     let mut step_times = Vec::new();
@@ -133,9 +147,9 @@ pub fn run(
         };
         let (sum, count) = weighted_nll_sum(decoder, &batch, &mut ctx)?;
         let loss = (sum / count as f64)?;
-        let t_fwd = started.elapsed().as_secs_f64();
+        let t_fwd = elapsed(&started)?;
         let grads = loss.backward()?;
-        let t_bwd = started.elapsed().as_secs_f64();
+        let t_bwd = elapsed(&started)?;
         let g: Vec<_> = optimizer
             .vars()
             .iter()
@@ -149,7 +163,7 @@ pub fn run(
             .collect::<candle_core::Result<_>>()?;
         drop(grads);
         optimizer.step(&g, 1e-4)?;
-        let secs = started.elapsed().as_secs_f64();
+        let secs = elapsed(&started)?;
         on_step(
             if step < spec.warmup {
                 "warmup"
@@ -172,7 +186,7 @@ pub fn run(
             ..Default::default()
         };
         position_nll(decoder, &batch, &mut ctx)?;
-        let rate = tokens / started.elapsed().as_secs_f64();
+        let rate = tokens / elapsed(&started)?;
         on_step("eval", rate);
         eval_rates.push(rate);
     }
@@ -206,6 +220,7 @@ pub fn run(
     let share = |rate: f64, flops: f64| peak_gflops.map(|p| rate * flops / 1e9 / p);
     Ok(BenchResult {
         model: base.name.clone(),
+        device: crate::device::DeviceSpec::of(&device).to_string(),
         base_dtype: base.base_dtype.name().into(),
         spec: spec.clone(),
         train_tokens_per_s,

@@ -24,6 +24,18 @@ pub struct Peak {
     pub threads: usize,
 }
 
+impl Peak {
+    /// No figures: for devices the CPU probe does not describe.
+    pub fn unprobed() -> Self {
+        Self {
+            f32_gflops: None,
+            bf16_gflops: None,
+            amx_bf16_gflops: None,
+            threads: rayon::current_num_threads(),
+        }
+    }
+}
+
 /// Iterations of the probe loop per thread (12 chains × 16 lanes × 2 FLOPs each for f32, twice
 /// that for bf16): about a tenth of a second on a current core.
 const PROBE_ITERS: u64 = 20_000_000;

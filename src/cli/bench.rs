@@ -57,8 +57,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
         println!(
-            "peft-wit {} base, batch {}x{}, LoRA r{} on 7 projections, {} threads:",
-            result.base_dtype, spec.batch_size, spec.seq_len, spec.rank, result.threads
+            "peft-wit {} base on {}, batch {}x{}, LoRA r{} on 7 projections, {} threads:",
+            result.base_dtype,
+            result.device,
+            spec.batch_size,
+            spec.seq_len,
+            spec.rank,
+            result.threads
         );
         let peak_name = match (result.base_dtype.as_str(), result.peak.amx_bf16_gflops) {
             ("bf16", Some(_)) => "bf16 AMX",
@@ -96,6 +101,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             result.peak_rss_mb.unwrap_or(f64::NAN)
         );
         let gflops = |g: Option<f64>| g.map_or("n/a".to_string(), |g| format!("{g:.0} GFLOP/s"));
+        if result.device != "cpu" {
+            println!(
+                "  the step does {:.3} GFLOP a token (the CPU peak probe is skipped on {})",
+                result.train_flops_per_token / 1e9,
+                result.device
+            );
+            return Ok(());
+        }
         println!(
             "  machine peak ({} threads):   f32 FMA {}, bf16 dot {}, bf16 AMX tiles {}; the step does {:.3} GFLOP a token",
             result.peak.threads,

@@ -271,10 +271,16 @@ impl Decoder {
     }
 
     /// The output weight when the fused vocabulary kernels can take it as stored: dense in the
-    /// activation dtype, or bf16 (multiplied as stored, or converted once inside the op).
+    /// activation dtype, or bf16 on the CPU (multiplied as stored, or converted once inside the
+    /// op). Elsewhere a bf16 weight under f32 activations goes through `FrozenWeight::forward`,
+    /// which converts it: the composed vocabulary path multiplies same-dtype tensors only.
     fn dense_lm_head(&self, dtype: DType) -> Option<&Tensor> {
         match &self.lm_head {
-            FrozenWeight::Dense(w, _) if w.dtype() == dtype || w.dtype() == DType::BF16 => Some(w),
+            FrozenWeight::Dense(w, _)
+                if w.dtype() == dtype || (w.dtype() == DType::BF16 && w.device().is_cpu()) =>
+            {
+                Some(w)
+            }
             _ => None,
         }
     }
@@ -342,15 +348,31 @@ impl Decoder {
         ctx: &mut ForwardContext<'_>,
     ) -> Result<Tensor> {
         let proj = &block.projections[index];
-        if let Some(pair) = ctx.adapter.and_then(|a| a.pair(layer, index)) {
-            let mask = ctx.dropout.as_deref_mut().and_then(Dropout::mask);
+        let pair = ctx.adapter.and_then(|a| a.pair(layer, index));
+        let mask = match pair {
+            Some(_) => ctx.dropout.as_deref_mut().and_then(Dropout::mask),
+            None => None,
+        };
+        if let (Some(pair), false) = (pair, self.graph_free(ctx, x) && mask.is_none()) {
             return lora_linear(x, &proj.weight, proj.bias.as_ref(), pair, mask);
         }
         let y = proj.weight.forward(x)?;
-        Ok(match &proj.bias {
+        let y = match &proj.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
+        };
+        Ok(match pair {
+            // Off the CPU without gradients the factors join as plain values: the block then
+            // builds no graph, so ops::* can take candle's one-launch kernels.
+            Some(pair) => (y + pair.delta_no_grad(x)?)?,
+            None => y,
         })
+    }
+
+    /// Whether this pass runs on an accelerator with no gradient wanted and `x` outside any
+    /// graph (the CPU has fused kernels of its own, with or without a graph).
+    fn graph_free(&self, ctx: &ForwardContext<'_>, x: &Tensor) -> bool {
+        ctx.no_grad && !self.device.is_cpu() && !x.track_op() && ops::graph_free_path_enabled()
     }
 
     #[allow(clippy::too_many_arguments)]

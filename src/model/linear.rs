@@ -32,12 +32,26 @@ impl LoraPair {
     /// `scale · (x·Aᵀ)·Bᵀ` for `x: [..., in]`. The scale is applied to the rank-r intermediate,
     /// and `x` is flattened to 2-D, so no full-width elementwise op or broadcast-sum is added.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        self.delta_through(self.a.as_tensor(), self.b.as_tensor(), x)
+    }
+
+    /// [`Self::delta`] through the factors' values alone: no gradient reaches A or B, and an
+    /// `x` outside any graph gives a result outside it too.
+    pub fn delta_no_grad(&self, x: &Tensor) -> Result<Tensor> {
+        self.delta_through(
+            &self.a.as_detached_tensor(),
+            &self.b.as_detached_tensor(),
+            x,
+        )
+    }
+
+    fn delta_through(&self, a: &Tensor, b: &Tensor, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let (lead, last) = dims.split_at(dims.len() - 1);
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, last[0]))?;
-        let low = (x2.matmul(&self.a.as_tensor().t()?)? * self.scale)?;
-        let out = low.matmul(&self.b.as_tensor().t()?)?;
+        let low = (x2.matmul(&a.t()?)? * self.scale)?;
+        let out = low.matmul(&b.t()?)?;
         let mut out_dims = lead.to_vec();
         out_dims.push(out.dim(1)?);
         Ok(out.reshape(out_dims)?)

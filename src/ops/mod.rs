@@ -4,7 +4,9 @@
 //! gradients silently vanish) and the composed equivalents are slow on CPU. Every public
 //! function here dispatches: CPU tensors in f32/f64 run a rayon-parallel CustomOp with a
 //! hand-written backward; any other device or dtype runs the composed, autograd-friendly
-//! implementation in [`composed`] (which is also the reference the tests compare against).
+//! implementation in [`composed`] (which is also the reference the tests compare against),
+//! except that tensors on an accelerator outside any autograd graph (decoding, evaluation) take
+//! candle's own one-launch kernels, which have no backward and need none there.
 
 mod attention;
 pub mod composed;
@@ -33,6 +35,41 @@ pub(crate) fn fused(ts: &[&Tensor]) -> bool {
         && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dt)
 }
 
+/// True when every tensor lives on an accelerator and none can pass a gradient (none reaches a
+/// `Var`): candle's fused kernels, which have no backward, then stand in for the composed ops
+/// at one launch instead of several (decoding and evaluation are launch-bound on a GPU).
+fn graph_free_accel(ts: &[&Tensor]) -> bool {
+    let dt = ts[0].dtype();
+    graph_free_path_enabled()
+        && matches!(dt, DType::F32 | DType::F16 | DType::BF16)
+        && ts
+            .iter()
+            .all(|t| !t.device().is_cpu() && !t.track_op() && t.dtype() == dt)
+}
+
+/// Whether graph-free passes on an accelerator take their own path (candle's no-backward kernels
+/// here, LoRA factors as plain values in the decoder): `PEFT_WIT_GRAPH_FREE=0` turns it off, to
+/// measure what it gives.
+pub(crate) fn graph_free_path_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("PEFT_WIT_GRAPH_FREE").map_or(true, |v| v != "0"))
+}
+
+// candle's one-launch kernels for the graph-free accelerator path (each has a CPU version too,
+// which the tests compare with the composed ops).
+fn rms_norm_no_backward(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)
+}
+
+fn rope_no_backward(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope::check_dims(x.dims(), cos.dims(), sin.dims())?;
+    candle_nn::rotary_emb::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)
+}
+
+fn softmax_no_backward(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+}
+
 /// RMS norm over the last dim (Llama/HF): `y = x / sqrt(mean(x²) + eps) * weight`.
 ///
 /// `x`: `[..., H]`, `weight`: `[H]`, same dtype. f16/bf16 inputs (composed path) are
@@ -43,6 +80,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if fused(&[x, weight]) {
         x.contiguous()?
             .apply_op2(&weight.contiguous()?, rms_norm::RmsNormOp { eps })
+    } else if graph_free_accel(&[x, weight]) && x.dtype() == DType::F32 {
+        // Half precision keeps the composed path: HF rounds the normalised value before the
+        // weight multiplies it, candle's kernel once at the end.
+        rms_norm_no_backward(x, weight, eps)
     } else {
         composed::rms_norm(x, weight, eps)
     }
@@ -57,6 +98,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         rope::check_dims(x.dims(), cos.dims(), sin.dims())?;
         x.contiguous()?
             .apply_op3(&cos.contiguous()?, &sin.contiguous()?, rope::RopeOp)
+    } else if graph_free_accel(&[x, cos, sin]) {
+        rope_no_backward(x, cos, sin)
     } else {
         composed::rope(x, cos, sin)
     }
@@ -67,6 +110,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if fused(&[x]) {
         x.contiguous()?.apply_op1(softmax::SoftmaxOp)
+    } else if graph_free_accel(&[x]) {
+        softmax_no_backward(x)
     } else {
         composed::softmax_last_dim(x)
     }
@@ -177,6 +222,7 @@ pub fn row_nll_linear(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Resu
         };
     }
     const CHUNK: usize = 256;
+    let weight = weight_as(weight, hidden)?;
     let mut out = Vec::with_capacity(n);
     for r0 in (0..n).step_by(CHUNK) {
         let m = CHUNK.min(n - r0);
@@ -278,7 +324,8 @@ fn key_validity(key_padding: Option<&Tensor>) -> Result<Option<Vec<bool>>> {
 /// `[N, V]` logits or their gradient.
 ///
 /// `hidden`: `[N, H]`, `weight`: `[V, H]` (lm_head / tied embedding layout, no bias), same
-/// dtype (or a bf16 weight under f32 hidden states); `targets`: `[N]` u32; `weights`: `[N]`. Gradient: dL/dhidden only. The fused path
+/// dtype (or a bf16 weight under f32 hidden states); `targets`: `[N]` u32; `weights`: `[N]`.
+/// Gradient: dL/dhidden only. The fused path
 /// requires a constant `weight` (not a Var and not derived from one); otherwise, and off CPU,
 /// it falls back to matmul + [`weighted_nll`], which also yields dL/dweight. On the fused path
 /// the forward pass does the backward matmul as well (~2× the forward flops of a plain
@@ -307,7 +354,13 @@ pub fn weighted_nll_linear(
         );
         hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
     } else {
-        let logits = hidden.matmul(&weight.t()?)?;
+        let logits = hidden.matmul(&weight_as(weight, hidden)?.t()?)?;
         weighted_nll(&logits, targets, weights)
     }
+}
+
+/// `weight` in `hidden`'s dtype, for the composed paths' plain matmuls (the fused kernels take a
+/// bf16 weight under f32 hidden states as stored; candle's matmul wants one dtype).
+fn weight_as(weight: &Tensor, hidden: &Tensor) -> Result<Tensor> {
+    weight.to_dtype(hidden.dtype())
 }

@@ -521,6 +521,11 @@ fn weighted_nll_linear_matches_composed() -> Result<()> {
     })?;
     assert_close("bf16 weight forward", &yf, &yr, 1e-2)?;
     assert_close("bf16 weight grad", &gf[0], &gr[0], 2e-2)?;
+    // The composed path (a trainable weight here; any weight off the CPU) takes the same mixed
+    // dtypes: the bf16 weight is converted for the matmul.
+    let w16v = Var::from_tensor(&w16)?;
+    let yc = super::weighted_nll_linear(&h, &w16v, &t, &w)?;
+    assert_close("bf16 weight, composed path", &yc, &yr, 1e-4)?;
     Ok(())
 }
 
@@ -681,5 +686,35 @@ fn rope_causal_attention_bad_inputs_are_errors() -> Result<()> {
     );
     let odd = |x: &Tensor| x.narrow(3, 0, 7);
     assert!(call(&odd(&q)?, &odd(&kv)?, &c, None).is_err(), "odd D");
+    Ok(())
+}
+
+#[test]
+fn candles_no_backward_kernels_match_the_composed_ops() -> Result<()> {
+    // The graph-free accelerator path swaps these in for the composed ops: same contract (rope
+    // takes the first T rows of longer tables; -inf gives exactly 0 in softmax).
+    let mut rng = Rng(41);
+    let x = rng.tensor(&[2, 3, 5, 8], 1.0, DType::F32)?;
+    let (cos, sin) = rope_tables(7, 8, DType::F32)?;
+    assert_close(
+        "rope",
+        &super::rope_no_backward(&x, &cos, &sin)?,
+        &composed::rope(&x, &cos, &sin)?,
+        1e-6,
+    )?;
+    let h = rng.tensor(&[4, 64], 1.0, DType::F32)?;
+    let w = rng.tensor(&[64], 1.0, DType::F32)?;
+    assert_close(
+        "rms_norm",
+        &super::rms_norm_no_backward(&h, &w, 1e-5)?,
+        &composed::rms_norm(&h, &w, 1e-5)?,
+        1e-6,
+    )?;
+    let mut v = rng.tensor(&[3, 50], 2.0, DType::F32)?.to_vec2::<f32>()?;
+    v[1][7] = f32::NEG_INFINITY;
+    let s = Tensor::new(v, &Device::Cpu)?;
+    let fused = super::softmax_no_backward(&s)?;
+    assert_close("softmax", &fused, &composed::softmax_last_dim(&s)?, 1e-6)?;
+    assert_eq!(fused.to_vec2::<f32>()?[1][7], 0.0);
     Ok(())
 }

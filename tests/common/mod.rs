@@ -42,16 +42,23 @@ pub fn gpu_slack(device: &Device, half_precision: bool) -> f64 {
     }
 }
 
-/// `../shared/reference` beside the checkout (CI has it too).
+/// `../shared/reference` beside the checkout (CI has it too), or `PEFT_WIT_REFERENCE_DIR` where
+/// a prebuilt test binary runs away from its checkout (`scripts/device-check.sh --run`).
 pub fn reference_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference")
+    match std::env::var_os("PEFT_WIT_REFERENCE_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"),
+    }
 }
 
-/// The default model, or `None` (with a loud message) when it has not been fetched.
+/// The default model (`$PEFT_WIT_MODELS/<file>`, else the checkout's `models/<file>`), or
+/// `None` (with a loud message) when it has not been fetched.
 pub fn real_model() -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join(peft_wit::model::resolve::DEFAULT_MODEL_FILE);
+    let dir = match std::env::var_os("PEFT_WIT_MODELS") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"),
+    };
+    let path = dir.join(peft_wit::model::resolve::DEFAULT_MODEL_FILE);
     if path.is_file() {
         Some(path)
     } else {
