@@ -52,7 +52,7 @@ pub fn save(
     let path = dir.join("optimizer.safetensors");
     atomic_write(
         &path,
-        &serialize_safetensors(&optimizer.state_tensors(), &path)?,
+        &serialize_safetensors(&optimizer.state_tensors()?, &path)?,
     )?;
     atomic_write_json(&dir.join("state.json"), state)?;
     atomic_write_json(

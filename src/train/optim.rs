@@ -29,25 +29,49 @@ impl Default for AdamWParams {
 }
 
 /// The optimizer over named vars (PEFT keys), so its state saves under stable names.
+///
+/// The moments of all vars live in two flat buffers and one step updates them with a handful of
+/// whole-buffer ops instead of a dozen ops per var: on a GPU every op is a kernel launch, and the
+/// hundreds of small LoRA factors made the per-var update a quarter of the step. Elementwise the
+/// arithmetic is unchanged, so the result is bit for bit the per-var one.
 pub struct AdamW {
     params: AdamWParams,
     vars: Vec<(String, Var)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// Where each var's elements start in the flat buffers.
+    offsets: Vec<usize>,
+    /// First and second moments, flat: `[Σ numel]`.
+    m: Tensor,
+    v: Tensor,
     /// Number of updates taken.
     pub step: usize,
 }
 
 impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
-        let m = vars
+        let mut offsets = Vec::with_capacity(vars.len());
+        let mut total = 0;
+        for (_, var) in &vars {
+            offsets.push(total);
+            total += var.elem_count();
+        }
+        let (dtype, device) = match vars.first() {
+            Some((_, var)) => (var.dtype(), var.device().clone()),
+            None => (candle_core::DType::F32, candle_core::Device::Cpu),
+        };
+        if let Some((key, _)) = vars
             .iter()
-            .map(|(_, v)| v.as_tensor().zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .find(|(_, var)| var.dtype() != dtype || !var.device().same_device(&device))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "AdamW: `{key}` differs in dtype or device from the other parameters"
+            )));
+        }
+        let m = Tensor::zeros(total, dtype, &device)?;
         let v = m.clone();
         Ok(Self {
             params,
             vars,
+            offsets,
             m,
             v,
             step: 0,
@@ -56,6 +80,13 @@ impl AdamW {
 
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars
+    }
+
+    /// Var `i`'s slice of a flat buffer, in the var's shape.
+    fn slice_of(&self, flat: &Tensor, i: usize) -> candle_core::Result<Tensor> {
+        let var = &self.vars[i].1;
+        flat.narrow(0, self.offsets[i], var.elem_count())?
+            .reshape(var.dims())
     }
 
     /// One update with `grads[i]` the gradient of `vars[i]`.
@@ -67,45 +98,65 @@ impl AdamW {
                 self.vars.len()
             )));
         }
+        let flat = grads
+            .iter()
+            .zip(&self.vars)
+            .map(|(g, (key, var))| {
+                if g.dims() != var.dims() {
+                    return Err(Error::ShapeMismatch {
+                        name: format!("gradient of {key}"),
+                        expected: var.dims().to_vec(),
+                        actual: g.dims().to_vec(),
+                    });
+                }
+                Ok(g.flatten_all()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         self.step += 1;
+        if flat.is_empty() {
+            return Ok(());
+        }
+        let g = Tensor::cat(&flat, 0)?;
         let p = self.params;
         let t = self.step as i32;
         let bias1 = 1.0 - p.beta1.powi(t);
         let bias2 = 1.0 - p.beta2.powi(t);
+        let m = ((&self.m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
+        let v = ((&self.v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+        let m_hat = (&m / bias1)?;
+        let v_hat = (&v / bias2)?;
+        let update = ((m_hat / (v_hat.sqrt()? + p.eps)?)? * lr)?;
         for (i, (_, var)) in self.vars.iter().enumerate() {
-            let g = &grads[i];
-            let m = ((&self.m[i] * p.beta1)? + (g * (1.0 - p.beta1))?)?;
-            let v = ((&self.v[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
             let theta = var.as_tensor().detach();
             let theta = if p.weight_decay > 0.0 {
                 (&theta * (1.0 - lr * p.weight_decay))?
             } else {
                 theta
             };
-            let m_hat = (&m / bias1)?;
-            let v_hat = (&v / bias2)?;
-            let update = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
-            var.set(&(theta - (update * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            var.set(&(theta - self.slice_of(&update, i)?)?)?;
         }
+        self.m = m;
+        self.v = v;
         Ok(())
     }
 
     /// Moments as named tensors (`m.<key>`, `v.<key>`) for a checkpoint.
-    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::with_capacity(2 * self.vars.len());
         for (i, (key, _)) in self.vars.iter().enumerate() {
-            out.push((format!("m.{key}"), self.m[i].clone()));
-            out.push((format!("v.{key}"), self.v[i].clone()));
+            for (prefix, flat) in [("m", &self.m), ("v", &self.v)] {
+                let t = self.slice_of(flat, i)?.contiguous()?;
+                out.push((format!("{prefix}.{key}"), t));
+            }
         }
-        out
+        Ok(out)
     }
 
     /// Restores moments saved by [`AdamW::state_tensors`].
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: usize) -> Result<()> {
-        for (i, (key, var)) in self.vars.iter().enumerate() {
-            for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+        let mut flat = [Vec::new(), Vec::new()];
+        for (key, var) in &self.vars {
+            for (prefix, parts) in ["m", "v"].iter().zip(flat.iter_mut()) {
                 let name = format!("{prefix}.{key}");
                 let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
                     name: name.clone(),
@@ -118,8 +169,17 @@ impl AdamW {
                         actual: t.dims().to_vec(),
                     });
                 }
-                *slot = t.to_device(var.device())?.to_dtype(var.dtype())?;
+                parts.push(
+                    t.to_device(var.device())?
+                        .to_dtype(var.dtype())?
+                        .flatten_all()?,
+                );
             }
+        }
+        if !self.vars.is_empty() {
+            let [m, v] = flat;
+            self.m = Tensor::cat(&m, 0)?;
+            self.v = Tensor::cat(&v, 0)?;
         }
         self.step = step;
         Ok(())
@@ -171,8 +231,6 @@ pub fn learning_rate(
     }
 }
 
-/// Scales `grads` in place so their global L2 norm is at most `max_norm`; returns the norm
-/// before clipping.
 /// The gradients of one optimizer step, summed over its micro-batches (each micro-batch's loss
 /// is already divided by the whole step's denominator, so the sum is the step's gradient).
 pub struct GradAccumulator {
@@ -222,15 +280,19 @@ impl GradAccumulator {
     }
 }
 
+/// Scales `grads` in place so their global L2 norm is at most `max_norm`; returns the norm
+/// before clipping.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64> {
-    let mut total = 0f64;
-    for g in grads.iter() {
-        total += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-    }
+    // Each tensor's sum of squares in its own dtype, the total in f64, read back once: one
+    // device round trip per step rather than one per tensor.
+    let sums = grads
+        .iter()
+        .map(|g| g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let total = match sums.is_empty() {
+        true => 0.0,
+        false => Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?,
+    };
     let norm = total.sqrt();
     if let Some(max) = max_norm {
         if norm > max && norm.is_finite() {
@@ -262,7 +324,7 @@ pub fn optimizer_steps(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn adamw_matches_hand_computed_pytorch_step() {
@@ -281,6 +343,85 @@ mod tests {
             (p[0] - 0.8990).abs() < 1e-5 && (p[1] + 2.0980).abs() < 1e-5,
             "{p:?}"
         );
+    }
+
+    /// The per-var update the flat buffers replaced, as the reference.
+    fn per_var_step(
+        theta: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+        p: AdamWParams,
+        t: i32,
+        lr: f64,
+    ) -> (Tensor, Tensor, Tensor) {
+        let m = ((m * p.beta1).unwrap() + (g * (1.0 - p.beta1)).unwrap()).unwrap();
+        let v = ((v * p.beta2).unwrap() + (g.sqr().unwrap() * (1.0 - p.beta2)).unwrap()).unwrap();
+        let theta = (theta * (1.0 - lr * p.weight_decay)).unwrap();
+        let m_hat = (&m / (1.0 - p.beta1.powi(t))).unwrap();
+        let v_hat = (&v / (1.0 - p.beta2.powi(t))).unwrap();
+        let update = (m_hat / (v_hat.sqrt().unwrap() + p.eps).unwrap()).unwrap();
+        ((theta - (update * lr).unwrap()).unwrap(), m, v)
+    }
+
+    #[test]
+    fn flat_moments_update_every_var_bit_for_bit_as_per_var_adamw() {
+        let dev = Device::Cpu;
+        let shapes: [&[usize]; 3] = [&[4, 3], &[5], &[2, 2, 2]];
+        let vars: Vec<(String, Var)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("p{i}"), Var::randn(0f32, 1.0, *s, &dev).unwrap()))
+            .collect();
+        let params = AdamWParams {
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let mut reference: Vec<(Tensor, Tensor, Tensor)> = vars
+            .iter()
+            .map(|(_, v)| {
+                let t = v.as_tensor().copy().unwrap();
+                (t.clone(), t.zeros_like().unwrap(), t.zeros_like().unwrap())
+            })
+            .collect();
+        let mut opt = AdamW::new(vars.clone(), params).unwrap();
+        for step in 1..=3 {
+            let grads: Vec<Tensor> = shapes
+                .iter()
+                .map(|s| Tensor::randn(0f32, 1.0, *s, &dev).unwrap())
+                .collect();
+            let lr = 0.1 / step as f64;
+            opt.step(&grads, lr).unwrap();
+            for (r, g) in reference.iter_mut().zip(&grads) {
+                *r = per_var_step(&r.0, &r.1, &r.2, g, params, step, lr);
+            }
+        }
+        let state: HashMap<String, Tensor> = opt.state_tensors().unwrap().into_iter().collect();
+        for ((key, var), (theta, m, v)) in vars.iter().zip(&reference) {
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(var.as_tensor()), bits(theta), "{key}");
+            assert_eq!(bits(&state[&format!("m.{key}")]), bits(m), "m.{key}");
+            assert_eq!(bits(&state[&format!("v.{key}")]), bits(v), "v.{key}");
+        }
+        // The saved moments load back into a fresh optimizer and continue identically.
+        let mut resumed = AdamW::new(vars.clone(), params).unwrap();
+        resumed.load_state(&state, 3).unwrap();
+        assert_eq!(resumed.state_tensors().unwrap().len(), 6);
+        let g: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| Tensor::ones(*s, DType::F32, &dev).unwrap())
+            .collect();
+        let wrong = [g[1].clone(), g[0].clone(), g[2].clone()];
+        let err = resumed.step(&wrong, 0.1).unwrap_err();
+        assert!(err.to_string().contains("gradient of p0"), "{err}");
     }
 
     #[test]
