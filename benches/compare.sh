@@ -24,11 +24,14 @@ python3 - "$out" <<'PY'
 import glob, json, os, sys
 rows = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(sys.argv[1] + "/*.json"))}
 ref = rows.get("torch-float32")
-print("| setup | train tokens/s | peak RSS MB | × torch f32 speed | × torch f32 RSS |")
-print("|---|---|---|---|---|")
+print("| setup | train tokens/s | share of peak | peak RSS MB | × torch f32 speed | × torch f32 RSS |")
+print("|---|---|---|---|---|---|")
 for name, r in rows.items():
     speed, rss = r["train_tokens_per_s"], r["peak_rss_mb"]
     ratio = lambda a, b: f"{a / b:.2f}" if ref else "-"
-    print(f"| {name} | {speed:.1f} | {rss:.0f} | {ratio(speed, ref['train_tokens_per_s']) if ref else '-'} "
+    # peft-wit's step against the peak of its dtype, probed on the same threads in the same run.
+    share = r.get("train_share_of_peak")
+    share = f"{100 * share:.0f}%" if share is not None else "-"
+    print(f"| {name} | {speed:.1f} | {share} | {rss:.0f} | {ratio(speed, ref['train_tokens_per_s']) if ref else '-'} "
           f"| {ratio(rss, ref['peak_rss_mb']) if ref else '-'} |")
 PY
