@@ -33,9 +33,7 @@ impl DeviceSpec {
             Self::Metal(i) => Device::new_metal(i).map_err(|e| unavailable(e, "metal")),
         }
     }
-}
 
-impl DeviceSpec {
     /// The name of an open device.
     pub fn of(device: &Device) -> Self {
         match device.location() {

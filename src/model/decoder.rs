@@ -353,7 +353,8 @@ impl Decoder {
             Some(_) => ctx.dropout.as_deref_mut().and_then(Dropout::mask),
             None => None,
         };
-        if let (Some(pair), false) = (pair, self.graph_free(ctx, x) && mask.is_none()) {
+        let graph_free = self.graph_free(ctx, x) && mask.is_none();
+        if let Some(pair) = pair.filter(|_| !graph_free) {
             return lora_linear(x, &proj.weight, proj.bias.as_ref(), pair, mask);
         }
         let y = proj.weight.forward(x)?;

@@ -325,11 +325,11 @@ fn key_validity(key_padding: Option<&Tensor>) -> Result<Option<Vec<bool>>> {
 ///
 /// `hidden`: `[N, H]`, `weight`: `[V, H]` (lm_head / tied embedding layout, no bias), same
 /// dtype (or a bf16 weight under f32 hidden states); `targets`: `[N]` u32; `weights`: `[N]`.
-/// Gradient: dL/dhidden only. The fused path
-/// requires a constant `weight` (not a Var and not derived from one); otherwise, and off CPU,
-/// it falls back to matmul + [`weighted_nll`], which also yields dL/dweight. On the fused path
-/// the forward pass does the backward matmul as well (~2× the forward flops of a plain
-/// projection) when `hidden` needs a gradient, and backward is a scalar multiply.
+/// Gradient: dL/dhidden only. The fused path requires a constant `weight` (not a Var and not
+/// derived from one); otherwise, and off CPU, it falls back to matmul + [`weighted_nll`], which
+/// also yields dL/dweight. On the fused path the forward pass does the backward matmul as well
+/// (~2× the forward flops of a plain projection) when `hidden` needs a gradient, and backward
+/// is a scalar multiply.
 pub fn weighted_nll_linear(
     hidden: &Tensor,
     weight: &Tensor,
