@@ -66,7 +66,11 @@ write_env() {
 make_driver_stub() {
   local stubs=$root/lib/stubs
   [ -f "$stubs/libcuda.so" ] && return 0
-  command -v cc >/dev/null || die "a C compiler (cc) is needed for the libcuda link stub"
+  if ! command -v cc >/dev/null; then
+    # `cargo check` needs no stub; only linking a cuda build here does.
+    echo "cuda-toolchain: warning: no C compiler (cc), so no libcuda link stub: cuda builds can be checked here, not linked" >&2
+    return 0
+  fi
   mkdir -p "$stubs"
   cc -E -P -I "$root/include" "$root/include/cuda.h" \
     | grep -oE '\bcu[A-Za-z0-9_]+[[:space:]]*\(' | tr -d ' (' | sort -u \
