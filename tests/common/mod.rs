@@ -54,11 +54,15 @@ pub fn reference_dir() -> PathBuf {
 /// The default model (`$PEFT_WIT_MODELS/<file>`, else the checkout's `models/<file>`), or
 /// `None` (with a loud message) when it has not been fetched.
 pub fn real_model() -> Option<PathBuf> {
-    let dir = match std::env::var_os("PEFT_WIT_MODELS") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"),
+    use peft_wit::model::resolve::{default_model_path, DEFAULT_MODEL_FILE};
+    // The library's rule where the variable is set; else the checkout's folder, whatever the
+    // test's working directory.
+    let path = match std::env::var_os("PEFT_WIT_MODELS") {
+        Some(_) => default_model_path(),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(DEFAULT_MODEL_FILE),
     };
-    let path = dir.join(peft_wit::model::resolve::DEFAULT_MODEL_FILE);
     if path.is_file() {
         Some(path)
     } else {
