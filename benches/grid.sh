@@ -5,6 +5,8 @@
 # projections, the base as BASE_DTYPE (bf16: the fastest that matches the reference). Runs the
 # sweep once per entry of LANES (cells at once, `--max-parallel`), each on a fresh registry, and
 # prints the wall time of each and what it extrapolates to for the 35 cells × 200 steps.
+# Each cell is evaluated once, at its end (`--eval-every 0`): the trainer's default of every 50
+# steps would add three evaluations a cell at 200 steps that a 50-step slice never runs.
 #
 #   benches/grid.sh                       # lanes 1 then 2, 6 cells × 50 steps
 #   LANES="2 1 2 1" benches/grid.sh       # interleaved rounds (these machines are noisy)
@@ -32,33 +34,35 @@ for lanes in $LANES; do
   round=$((round + 1))
   start=$(date +%s.%N)
   "$bin" sweep --base-dtype "$BASE_DTYPE" --data "$out/train.jsonl" --eval-data "$out/eval.jsonl" \
-    --batch-size 4 --max-seq-len 256 --rank 16 --max-steps "$STEPS" \
+    --batch-size 4 --max-seq-len 256 --rank 16 --max-steps "$STEPS" --eval-every 0 \
     --prompt-weights "$PROMPT" --response-weights "$RESPONSE" --max-parallel "$lanes" \
     --registry "$out/r$round" --quiet >"$out/sweep$round.log" 2>&1 \
     || { cat "$out/sweep$round.log"; exit 1; }
   end=$(date +%s.%N)
   # The same command on the finished registry: loading the base, tokenizing, the table.
   "$bin" sweep --base-dtype "$BASE_DTYPE" --data "$out/train.jsonl" --eval-data "$out/eval.jsonl" \
-    --batch-size 4 --max-seq-len 256 --rank 16 --max-steps "$STEPS" \
+    --batch-size 4 --max-seq-len 256 --rank 16 --max-steps "$STEPS" --eval-every 0 \
     --prompt-weights "$PROMPT" --response-weights "$RESPONSE" --max-parallel "$lanes" \
     --registry "$out/r$round" --quiet >/dev/null 2>&1
   fixed_end=$(date +%s.%N)
   python3 - "$start" "$end" "$fixed_end" "$cells" "$STEPS" "$lanes" "$out/r$round" <<'PY'
-import glob, json, sys
+import glob, json, math, sys
 start, end, fixed_end, cells, steps, lanes = map(float, sys.argv[1:7])
 fixed = fixed_end - end
 wall = end - start
 # T: a cell's training time as it ran (the last step's elapsed_s in its metrics); R: the rest
-# of a cell's share of the wall time past the fixed load (its evaluations and commit, the shared
-# step-0 evaluation). Only training scales with the steps: 35 cells × 200 steps take
-# fixed + 35 / lanes × (T·200/steps + R).
+# of a round's wall time past the fixed load (its evaluation and commit, the shared step-0
+# evaluation). Cells of equal length run in rounds of `lanes`; the last round may be short
+# (35 cells on 2 lanes: 18 rounds, the last of one cell). Only training scales with the
+# steps: 35 cells × 200 steps take fixed + ⌈35 / lanes⌉ × (T·200/steps + R).
 trains = []
 for path in glob.glob(f"{sys.argv[7]}/*/metrics.jsonl"):
     lines = [json.loads(l) for l in open(path)]
     trains.append(max(l["elapsed_s"] for l in lines if "loss" in l))
 t = sum(trains) / len(trains)
-r = (wall - fixed) * lanes / cells - t
-total = fixed + 35 / lanes * (t * 200 / steps + r)
-print(f"| {lanes:.0f} | {wall:.0f} | {fixed:.0f} load + {cells:.0f} / {lanes:.0f} × (train {t:.0f} + rest {r:.0f}) | {total / 3600:.2f} h |")
+rounds = math.ceil(cells / lanes)
+r = (wall - fixed) / rounds - t
+total = fixed + math.ceil(35 / lanes) * (t * 200 / steps + r)
+print(f"| {lanes:.0f} | {wall:.0f} | {fixed:.0f} load + {rounds} rounds × (train {t:.0f} + rest {r:.0f}) | {total / 3600:.2f} h |")
 PY
 done

@@ -5,8 +5,9 @@
 //! training: `QMatMul` has no backward (gradients silently stop) and quantizes activations to Q8_1,
 //! and a plain `matmul` also computes (and keeps) the gradient of the frozen weight, which nobody
 //! needs. The op computes `x·Wᵀ` forward and only `dL/dx = dL/dy·W` backward. A quantized weight is
-//! dequantized one tensor at a time into a scratch buffer that is dropped after the matmul, so no
-//! dense copy of the whole model is ever kept.
+//! never kept dense: blocks of 32 go straight into the packed kernel's panels where it takes the
+//! product (`x·Wᵀ` of many rows), and otherwise the weight is dequantized one tensor at a time
+//! into a scratch buffer that is dropped after the matmul.
 
 use std::sync::Arc;
 
@@ -16,8 +17,9 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, MetalStorage, Shape, Storage, Tensor,
 };
 
-use crate::ops::gemm::{bf16_supported, weight_product, with_weight_data};
+use crate::ops::gemm::{bf16_supported, packed_f32_suits, weight_product, with_weight_data};
 use crate::ops::kernel::{contiguous_slice, Elem};
+use crate::ops::wgemm::{self, WeightLayout};
 use crate::ops::PackCache;
 use crate::Result;
 
@@ -92,6 +94,9 @@ impl FrozenWeight {
             {
                 // A strided view is copied for every product: no stable data to keep panels of.
                 (t.clone(), t.is_contiguous().then_some(cache))
+            }
+            Self::Quantized(q) if quantized_product(q, c, a, m, transposed, accumulate)? => {
+                return Ok(());
             }
             // A scratch copy lives for this product only: nothing to keep.
             w => (w.to_dense(T::DTYPE, &Device::Cpu)?, None),
@@ -262,13 +267,64 @@ fn dequantize_cpu(q: &QTensor) -> Option<candle_core::Result<Tensor>> {
     Some(Tensor::from_vec(out, q.shape(), &Device::Cpu))
 }
 
-/// `n` f32 values from the raw blocks of one type; `None` if the bytes are not exactly
-/// `n / B::BLCK_SIZE` aligned blocks.
-fn dequantize_blocks<B: candle_core::quantized::k_quants::GgmlType>(
+/// `c (+)= a · Wᵀ` (`transposed`) or `a · W` for f32 activations straight from the GGUF
+/// blocks of `q`, where they are blocks of 32 and the packed f32 kernel takes the product
+/// (`gemm::packed_f32_suits`); `Ok(false)`, with `c` untouched, elsewhere.
+fn quantized_product<T: Elem>(
+    q: &QTensor,
+    c: &mut [T],
+    a: &[T],
+    m: usize,
+    transposed: bool,
+    accumulate: bool,
+) -> candle_core::Result<bool> {
+    use candle_core::quantized::k_quants::*;
+    use candle_core::quantized::GgmlDType as Q;
+    let (Some(c), Some(a)) = (T::as_f32_mut(c), T::as_f32(a)) else {
+        return Ok(false);
+    };
+    let (out, inp) = q.shape().dims2()?;
+    let (k, n) = if transposed { (inp, out) } else { (out, inp) };
+    if !q.device().is_cpu() || !packed_f32_suits(m, n, transposed) {
+        return Ok(false);
+    }
+    let bytes = q.data()?;
+    fn run<B: GgmlType + Sync>(
+        bytes: &[u8],
+        c: &mut [f32],
+        a: &[f32],
+        (m, k, n): (usize, usize, usize),
+        transposed: bool,
+        accumulate: bool,
+    ) -> candle_core::Result<bool> {
+        let Some(blocks) = block_slice::<B>(bytes, k * n) else {
+            return Ok(false);
+        };
+        let layout = if transposed {
+            WeightLayout::Transposed
+        } else {
+            WeightLayout::Plain
+        };
+        let (c, a) = (&mut c[..m * n], &a[..m * k]);
+        wgemm::matmul_f32_blocks(c, a, m, k, blocks, n, layout, accumulate)
+    }
+    let shape = (m, k, n);
+    match q.dtype() {
+        Q::Q4_0 => run::<BlockQ4_0>(&bytes, c, a, shape, transposed, accumulate),
+        Q::Q4_1 => run::<BlockQ4_1>(&bytes, c, a, shape, transposed, accumulate),
+        Q::Q5_0 => run::<BlockQ5_0>(&bytes, c, a, shape, transposed, accumulate),
+        Q::Q5_1 => run::<BlockQ5_1>(&bytes, c, a, shape, transposed, accumulate),
+        Q::Q8_0 => run::<BlockQ8_0>(&bytes, c, a, shape, transposed, accumulate),
+        _ => Ok(false),
+    }
+}
+
+/// The raw bytes of one block type as its `n / B::BLCK_SIZE` blocks; `None` if they are not
+/// exactly that many, aligned.
+fn block_slice<B: candle_core::quantized::k_quants::GgmlType>(
     bytes: &[u8],
     n: usize,
-) -> Option<Vec<f32>> {
-    use rayon::prelude::*;
+) -> Option<&[B]> {
     let size = std::mem::size_of::<B>();
     let count = bytes.len() / size;
     let aligned = (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<B>());
@@ -278,7 +334,17 @@ fn dequantize_blocks<B: candle_core::quantized::k_quants::GgmlType>(
     // SAFETY: length and alignment checked above; the block types are `repr(C)` structs of
     // integers and f16, valid for any bits (candle reads them the same way from GGUF files,
     // and these bytes are its own storage of them).
-    let blocks: &[B] = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), count) };
+    Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), count) })
+}
+
+/// `n` f32 values from the raw blocks of one type; `None` if the bytes are not exactly
+/// `n / B::BLCK_SIZE` aligned blocks.
+fn dequantize_blocks<B: candle_core::quantized::k_quants::GgmlType>(
+    bytes: &[u8],
+    n: usize,
+) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    let blocks = block_slice::<B>(bytes, n)?;
     // SAFETY: every element is written before `out` is returned: `count · BLCK_SIZE = n`
     // (checked above), so the chunks of `out` pair one to one with runs of blocks, and
     // `to_float` fills a chunk of exactly its blocks' length.

@@ -175,6 +175,12 @@ pub(crate) fn with_weight_data<T: Elem, R>(
     }
 }
 
+/// Whether an f32 weight product of `m` rows into `n` columns goes through the packed
+/// kernel ([`wgemm::matmul_f32`]) rather than the `gemm` crate.
+pub(crate) fn packed_f32_suits(m: usize, n: usize, transposed: bool) -> bool {
+    transposed && m >= PACKED_F32_MIN_ROWS && n <= PACKED_F32_MAX_COLS
+}
+
 /// True when bf16 weights can be multiplied as they are stored with `T` activations.
 pub(crate) fn bf16_supported<T: Elem>() -> bool {
     T::DTYPE == candle_core::DType::F32 && wgemm::available()
@@ -206,8 +212,7 @@ pub(crate) fn weight_product<T: Elem>(
         WeightData::Same(w) => {
             // Our packed AVX-512 kernel beats the gemm crate on `a·Wᵀ` with many rows (0–16%,
             // most at k = 1536); the crate stays ahead on `a·W` and on few rows.
-            let sized = m >= PACKED_F32_MIN_ROWS && n <= PACKED_F32_MAX_COLS;
-            if transposed && sized && wgemm::f32_available() {
+            if packed_f32_suits(m, n, transposed) && wgemm::f32_available() {
                 if let (Some(c), Some(a), Some(w)) = (T::as_f32_mut(c), T::as_f32(a), T::as_f32(w))
                 {
                     let (c, a) = (&mut c[..m * n], &a[..m * k]);

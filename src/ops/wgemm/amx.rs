@@ -135,7 +135,7 @@ pub(super) fn matmul(
     let ksp = ks.next_multiple_of(TS);
     let kc = (ksp / TS).div_ceil(ksp.div_ceil(kc_max.max(TS))) * TS;
     let row_blocks = m.div_ceil(BM);
-    for_each_task::<Bf16>(c, w, k, n, ksp, layout, None, row_blocks, |task, pa| {
+    for_each_task::<Bf16, _>(c, w, k, n, ksp, layout, None, row_blocks, |task, pa| {
         let Task {
             rows: (i0, i1),
             panels: (j0, j1),

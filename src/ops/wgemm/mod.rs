@@ -29,6 +29,7 @@ use std::any::TypeId;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use candle_core::quantized::k_quants::GgmlType;
 use candle_core::{bail, Result};
 use half::bf16;
 
@@ -144,7 +145,7 @@ fn matmul_bf16_on(
         match isa {
             Bf16Isa::Amx => amx::matmul(c, a, m, k, w, n, layout, accumulate, amx::KC),
             Bf16Isa::Avx512 => {
-                x86::matmul::<x86::Bf16>(c, a, m, k, w, n, layout, accumulate, cache)
+                x86::matmul::<x86::Bf16, _>(c, a, m, k, w, n, layout, accumulate, cache)
             }
         }
     }
@@ -218,9 +219,57 @@ pub(crate) fn matmul_f32(
         accumulate,
     )? {
         #[cfg(target_arch = "x86_64")]
-        x86::matmul::<x86::F32>(c, a, m, k, w, n, layout, accumulate, None);
+        x86::matmul::<x86::F32, _>(c, a, m, k, w, n, layout, accumulate, None);
     }
     Ok(())
+}
+
+/// [`matmul_f32`] for a weight stored as GGUF blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0):
+/// `w` is `[n, k]` in blocks along k (`Transposed`) or `[k, n]` in blocks along n (`Plain`),
+/// each block dequantised straight into the packed panels. The result is bit for bit that
+/// of [`matmul_f32`] on the dequantised weight.
+///
+/// `Ok(false)`, with `c` untouched, where this path does not apply: another block size, a
+/// row length that is not a whole number of blocks, or a CPU without avx512f/bw. Errors when
+/// a length does not match its shape.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_f32_blocks<B: GgmlType + Sync>(
+    c: &mut [f32],
+    a: &[f32],
+    m: usize,
+    k: usize,
+    blocks: &[B],
+    n: usize,
+    layout: WeightLayout,
+    accumulate: bool,
+) -> Result<bool> {
+    let cols = match layout {
+        WeightLayout::Transposed => k,
+        WeightLayout::Plain => n,
+    };
+    if B::BLCK_SIZE != blocks::BLOCK || !cols.is_multiple_of(blocks::BLOCK) || !f32_available() {
+        return Ok(false);
+    }
+    let w_len = blocks.len() * blocks::BLOCK;
+    if prepare(
+        "matmul_f32_blocks",
+        "avx512f + avx512bw",
+        true,
+        c,
+        a,
+        m,
+        k,
+        w_len,
+        n,
+        accumulate,
+    )? {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let w = blocks::Blocks(blocks);
+            x86::matmul::<x86::F32, _>(c, a, m, k, &w, n, layout, accumulate, None);
+        }
+    }
+    Ok(true)
 }
 
 /// The checks and trivial cases shared by the entry points: errors on a shape mismatch or a
@@ -344,10 +393,16 @@ pub fn pack_cache_budget() -> usize {
 
 impl PanelKey {
     /// The key of `w` packed as `K` for `layout` with `steps` steps a column.
-    fn new<K: 'static, W>(w: &[W], k: usize, n: usize, steps: usize, layout: WeightLayout) -> Self {
+    fn new<K: 'static>(
+        weight: usize,
+        k: usize,
+        n: usize,
+        steps: usize,
+        layout: WeightLayout,
+    ) -> Self {
         Self {
             kind: TypeId::of::<K>(),
-            weight: w.as_ptr() as usize,
+            weight,
             k,
             n,
             steps,
@@ -452,6 +507,7 @@ fn to_pairs(dst: &mut [u32], src: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -801,6 +857,90 @@ mod tests {
         let many = PackCache::default();
         product(&w, CACHED_MAX_ROWS, WeightLayout::Transposed, Some(&many));
         assert_eq!(many.packed(), 0, "many rows pack per call");
+    }
+
+    /// GGUF blocks dequantised straight into the panels give bit for bit the product of the
+    /// f32 kernel on candle's dequantised weight, for every 32-weight block type, both
+    /// layouts, with and without accumulation; a row that is not whole blocks, or another
+    /// block size, is declined with C untouched.
+    #[test]
+    fn block_panels_equal_the_dequantised_product() {
+        use candle_core::quantized::{k_quants, GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        if !f32_available() {
+            eprintln!("skipping block_panels_equal_the_dequantised_product: no AVX-512");
+            return;
+        }
+        fn raw<B: k_quants::GgmlType>(q: &QTensor) -> Vec<B> {
+            let bytes = q.data().unwrap();
+            let count = bytes.len() / std::mem::size_of::<B>();
+            // SAFETY: candle's own storage of `count` blocks of `B` (repr(C), any bits valid);
+            // read unaligned into an owned Vec.
+            (0..count)
+                .map(|i| unsafe { bytes.as_ptr().cast::<B>().add(i).read_unaligned() })
+                .collect()
+        }
+        fn check<B: k_quants::GgmlType + Sync>(dtype: GgmlDType) {
+            let mut rng = StdRng::seed_from_u64(dtype as u64 + 3);
+            // [out, in] = [70, 96] for a·Wᵀ (blocks along k = 96, n = 70 not whole panels),
+            // [96, 64] for a·W (blocks along n = 64).
+            for (layout, out, inp) in [
+                (WeightLayout::Transposed, 70, 96),
+                (WeightLayout::Plain, 96, 64),
+            ] {
+                let w = rand_vec(&mut rng, out * inp);
+                let w = Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let dense: Vec<f32> = q
+                    .dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let blocks = raw::<B>(&q);
+                let (k, n) = match layout {
+                    WeightLayout::Transposed => (inp, out),
+                    WeightLayout::Plain => (out, inp),
+                };
+                for (m, accumulate) in [(13, false), (130, true)] {
+                    let a = rand_vec(&mut rng, m * k);
+                    let start = rand_vec(&mut rng, m * n);
+                    let (mut want, mut got) = (start.clone(), start);
+                    matmul_f32(&mut want, &a, m, k, &dense, n, layout, accumulate).unwrap();
+                    let took =
+                        matmul_f32_blocks(&mut got, &a, m, k, &blocks, n, layout, accumulate)
+                            .unwrap();
+                    assert!(took, "{dtype:?} {layout:?}");
+                    assert_eq!(got, want, "{dtype:?} {layout:?} m={m}");
+                }
+                // Rows of a·W that are not whole blocks: declined, C untouched.
+                if layout == WeightLayout::Plain {
+                    let (k, n) = (64, 48);
+                    let short = &blocks[..k * n / 32];
+                    let mut c = vec![7.0f32; 2 * n];
+                    let a = rand_vec(&mut rng, 2 * k);
+                    let took =
+                        matmul_f32_blocks(&mut c, &a, 2, k, short, n, layout, false).unwrap();
+                    assert!(!took && c.iter().all(|&x| x == 7.0));
+                }
+            }
+        }
+        check::<k_quants::BlockQ4_0>(GgmlDType::Q4_0);
+        check::<k_quants::BlockQ4_1>(GgmlDType::Q4_1);
+        check::<k_quants::BlockQ5_0>(GgmlDType::Q5_0);
+        check::<k_quants::BlockQ5_1>(GgmlDType::Q5_1);
+        check::<k_quants::BlockQ8_0>(GgmlDType::Q8_0);
+        // Blocks of 256 (k-quants): declined.
+        let mut c = vec![7.0f32];
+        let blocks = vec![k_quants::BlockQ4K::zeros(); 1];
+        let layout = WeightLayout::Transposed;
+        let took = matmul_f32_blocks(&mut c, &[1.0; 256], 1, 256, &blocks, 1, layout, false);
+        assert!(!took.unwrap() && c == [7.0]);
+        // A block count that does not match the shape is an error.
+        let short = vec![k_quants::BlockQ8_0::zeros(); 2];
+        let mut c = vec![0.0f32; 4];
+        assert!(matmul_f32_blocks(&mut c, &[0.0; 64], 1, 64, &short, 4, layout, false).is_err());
     }
 
     #[test]

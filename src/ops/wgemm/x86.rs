@@ -228,6 +228,46 @@ fn with_scratch<R>(
     })
 }
 
+/// Where a product's weight panels come from: a dense weight of the kind's element type
+/// (packed by [`pack_b`]), or GGUF blocks dequantised straight into the panels
+/// (`super::blocks`).
+pub(super) trait WeightSource<K: Kind>: Sync {
+    /// The weight's address, which keys its kept panels.
+    fn address(&self) -> usize;
+
+    /// Writes the `[⌈k / KU⌉][NR]` steps of the panel of columns `j0 .. j0 + NR` of
+    /// `op(w)` (`[k, n]`; columns past n zero) into `dst`.
+    ///
+    /// # Safety
+    /// The CPU has avx512f/bw.
+    unsafe fn pack_panel(
+        &self,
+        dst: &mut [u32],
+        k: usize,
+        n: usize,
+        j0: usize,
+        layout: WeightLayout,
+    );
+}
+
+impl<K: Kind> WeightSource<K> for [K::W] {
+    fn address(&self) -> usize {
+        self.as_ptr() as usize
+    }
+
+    unsafe fn pack_panel(
+        &self,
+        dst: &mut [u32],
+        k: usize,
+        n: usize,
+        j0: usize,
+        layout: WeightLayout,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe { pack_b::<K>(dst, self, k, n, j0, layout) }
+    }
+}
+
 /// The caller's C, shared by tasks that write disjoint tiles of it.
 #[derive(Clone, Copy)]
 pub(super) struct CPtr(*mut f32);
@@ -252,12 +292,12 @@ impl CPtr {
 /// memory traffic. A bf16 task rounds its own rows one k block at a time into a buffer
 /// that stays in its core's L2; f32 reads A in place (1–2% faster again than that).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn matmul<K: Kind>(
+pub(super) fn matmul<K: Kind, S: WeightSource<K> + ?Sized>(
     c: &mut [f32],
     a: &[f32],
     m: usize,
     k: usize,
-    w: &[K::W],
+    w: &S,
     n: usize,
     layout: WeightLayout,
     accumulate: bool,
@@ -269,7 +309,7 @@ pub(super) fn matmul<K: Kind>(
     // SAFETY: f32 and u32 have the same size and alignment, and every bit pattern is valid
     // for both.
     let a_bits: &[u32] = unsafe { std::slice::from_raw_parts(a.as_ptr().cast(), a.len()) };
-    for_each_task::<K>(c, w, k, n, ks, layout, cache, row_panels, |task, pa| {
+    for_each_task::<K, S>(c, w, k, n, ks, layout, cache, row_panels, |task, pa| {
         let Task {
             rows: (i0, i1),
             panels: (j0, j1),
@@ -342,9 +382,9 @@ pub(super) struct Task<'p> {
 /// (packed whole on first use), then `task` run in parallel on each chunk's [`TaskGrid`] over
 /// `row_units`, with the running thread's A scratch.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn for_each_task<K: Kind>(
+pub(super) fn for_each_task<K: Kind, S: WeightSource<K> + ?Sized>(
     c: &mut [f32],
-    w: &[K::W],
+    w: &S,
     k: usize,
     n: usize,
     ksp: usize,
@@ -357,9 +397,9 @@ pub(super) fn for_each_task<K: Kind>(
     let cptr = CPtr(c.as_mut_ptr());
     let all_panels = n.div_ceil(NR);
     let cached = cache.and_then(|cache| {
-        let key = PanelKey::new::<K, K::W>(w, k, n, ksp, layout);
+        let key = PanelKey::new::<K>(w.address(), k, n, ksp, layout);
         cache.panels(key, all_panels * NR * ksp, |pb| {
-            pack_panels::<K>(pb, w, k, n, 0, all_panels, ksp, layout);
+            pack_panels::<K, S>(pb, w, k, n, 0, all_panels, ksp, layout);
         })
     });
     with_scratch(&W_SCRATCH, |scratch| {
@@ -368,7 +408,7 @@ pub(super) fn for_each_task<K: Kind>(
             // Chunks start on a panel boundary (`chunk_cols` is a multiple of NR, or n).
             let pb: &[u32] = match &cached {
                 Some(panels) => &panels[jlo / NR * NR * ksp..][..col_panels * NR * ksp],
-                None => pack_panels::<K>(scratch, w, k, n, jlo, col_panels, ksp, layout),
+                None => pack_panels::<K, S>(scratch, w, k, n, jlo, col_panels, ksp, layout),
             };
             let grid = TaskGrid::new(row_units, col_panels);
             (0..grid.len()).into_par_iter().for_each(|t| {
@@ -407,9 +447,9 @@ pub(super) fn chunk_cols(n: usize, ksp: usize) -> usize {
 /// `[ksp][NR]` with the steps past k (up to `ksp` ≥ ⌈k / KU⌉) zero, and returns them.
 /// Packing writes every element the kernels read.
 #[allow(clippy::too_many_arguments)]
-fn pack_panels<'p, K: Kind>(
+fn pack_panels<'p, K: Kind, S: WeightSource<K> + ?Sized>(
     pb: &'p mut Vec<u32>,
-    w: &[K::W],
+    w: &S,
     k: usize,
     n: usize,
     jlo: usize,
@@ -424,7 +464,7 @@ fn pack_panels<'p, K: Kind>(
         .for_each(|(j, dst)| {
             let (steps, pad) = dst.split_at_mut(NR * ks);
             // SAFETY: the CPU has avx512f/bw (every caller checked it).
-            unsafe { pack_b::<K>(steps, w, k, n, jlo + j * NR, layout) };
+            unsafe { w.pack_panel(steps, k, n, jlo + j * NR, layout) };
             pad.fill(0);
         });
     &pb[..]
