@@ -8,10 +8,7 @@
 
 use candle_core::quantized::k_quants::GgmlType;
 
-use super::{WeightLayout, NR};
-
-/// Weights per block this source takes (one panel's width).
-pub(crate) const BLOCK: usize = 32;
+use super::{WeightLayout, NR, QBLOCK as BLOCK};
 
 /// A weight stored row-major in blocks of [`BLOCK`] along each row (a row a whole number
 /// of blocks).
@@ -31,14 +28,7 @@ impl<B: GgmlType> Blocks<'_, B> {
     /// j of `w`, each block filling 32 steps of one panel column. Plain (`w` is `[k, n]`,
     /// blocks along n): step p is row p's block at j0, which is exactly one panel row
     /// (`NR` = [`BLOCK`], and `j0` is a multiple of it).
-    pub(crate) fn pack_panel(
-        &self,
-        dst: &mut [u32],
-        k: usize,
-        n: usize,
-        j0: usize,
-        layout: WeightLayout,
-    ) {
+    fn fill_panel(&self, dst: &mut [u32], k: usize, n: usize, j0: usize, layout: WeightLayout) {
         let dst = &mut dst[..k * NR];
         match layout {
             WeightLayout::Transposed => {
@@ -73,7 +63,6 @@ impl<B: GgmlType> Blocks<'_, B> {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 impl<B: GgmlType + Sync> super::x86::WeightSource<super::x86::F32> for Blocks<'_, B> {
     fn address(&self) -> usize {
         self.0.as_ptr() as usize
@@ -87,6 +76,6 @@ impl<B: GgmlType + Sync> super::x86::WeightSource<super::x86::F32> for Blocks<'_
         j0: usize,
         layout: WeightLayout,
     ) {
-        Blocks::pack_panel(self, dst, k, n, j0, layout)
+        self.fill_panel(dst, k, n, j0, layout)
     }
 }

@@ -247,10 +247,10 @@ pub(crate) fn matmul_f32_blocks<B: GgmlType + Sync>(
         WeightLayout::Transposed => k,
         WeightLayout::Plain => n,
     };
-    if B::BLCK_SIZE != blocks::BLOCK || !cols.is_multiple_of(blocks::BLOCK) || !f32_available() {
+    if B::BLCK_SIZE != QBLOCK || !cols.is_multiple_of(QBLOCK) || !f32_available() {
         return Ok(false);
     }
-    let w_len = blocks.len() * blocks::BLOCK;
+    let w_len = blocks.len() * QBLOCK;
     if prepare(
         "matmul_f32_blocks",
         "avx512f + avx512bw",
@@ -469,6 +469,10 @@ const MR: usize = 12;
 const NR: usize = 32;
 /// Most bytes of packed W per column chunk.
 const W_CHUNK_BYTES: usize = 4 << 20;
+/// Weights per GGUF block that [`matmul_f32_blocks`] takes: one panel's width, so that a block
+/// along n is exactly one panel row.
+const QBLOCK: usize = 32;
+const _: () = assert!(QBLOCK == NR);
 /// Compute tasks per rayon thread.
 const TASKS_PER_THREAD: usize = 4;
 
@@ -507,6 +511,7 @@ fn to_pairs(dst: &mut [u32], src: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
 mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod x86;
