@@ -20,9 +20,11 @@ pub enum Next {
     Stop,
 }
 
-/// The lanes' thread pools (none for one lane: jobs then run in the caller's pool).
+/// The lanes' thread pools (none for one lane: jobs then run in the caller's pool), and one
+/// of all their threads for the last item.
 pub struct Lanes {
     pools: Vec<rayon::ThreadPool>,
+    wide: Option<rayon::ThreadPool>,
 }
 
 impl Lanes {
@@ -30,22 +32,28 @@ impl Lanes {
     /// lane, the caller's.
     pub fn new(count: usize) -> Result<Self> {
         if count <= 1 {
-            return Ok(Self { pools: Vec::new() });
+            return Ok(Self {
+                pools: Vec::new(),
+                wide: None,
+            });
         }
-        let threads = (rayon::current_num_threads() / count).max(1);
-        let pools = (0..count)
-            .map(|_| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .map_err(|e| {
-                        Error::InvalidArgument(format!(
-                            "could not start {count} lanes of {threads} threads: {e}"
-                        ))
-                    })
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self { pools })
+        let all = rayon::current_num_threads();
+        let threads = (all / count).max(1);
+        let pool = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "could not start {count} lanes of {threads} threads: {e}"
+                    ))
+                })
+        };
+        let pools = (0..count).map(|_| pool(threads)).collect::<Result<_>>()?;
+        Ok(Self {
+            pools,
+            wide: Some(pool(all)?),
+        })
     }
 
     /// How many jobs run at once.
@@ -54,7 +62,11 @@ impl Lanes {
     }
 
     /// Runs `job` on every item (with its index), lanes taking the next item as they free up,
-    /// and hands each result to `done` on the caller's thread as it finishes.
+    /// and hands each result to `done` on the caller's thread as it finishes. When there are
+    /// more items than lanes, the last item to start runs on all the lanes' threads: the
+    /// lanes that then find nothing left would idle through it (35 sweep cells on 2 lanes:
+    /// the 18th round is one cell). Until the other lanes finish their items it shares the
+    /// cores with them, which for items of equal length is moments.
     ///
     /// Items start in order. After an error, or `done` answering [`Next::Stop`], no further
     /// item starts; those running finish and are still handed to `done`. Returns the first
@@ -77,14 +89,20 @@ impl Lanes {
         }
         let next = AtomicUsize::new(0);
         let halt = AtomicBool::new(false);
+        let last = (items.len() > self.pools.len()).then(|| items.len() - 1);
         let (sender, finished) = mpsc::channel::<(usize, Result<R>)>();
         std::thread::scope(|scope| {
-            for pool in self.pools.iter().take(items.len()) {
+            for lane in self.pools.iter().take(items.len()) {
                 let (sender, next, halt, job) = (sender.clone(), &next, &halt, &job);
+                let wide = self.wide.as_ref();
                 scope.spawn(move || {
                     while !halt.load(Ordering::Acquire) {
                         let i = next.fetch_add(1, Ordering::AcqRel);
                         let Some(item) = items.get(i) else { break };
+                        let pool = match wide {
+                            Some(wide) if Some(i) == last => wide,
+                            _ => lane,
+                        };
                         let result = pool.install(|| job(i, item));
                         if result.is_err() {
                             // Before the caller hears of it: the other lanes start nothing more.
@@ -122,7 +140,7 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn every_item_runs_once_on_a_lane_of_its_share_of_the_threads() {
+    fn every_item_runs_once_on_a_lane_of_its_share_of_the_threads_the_last_on_all() {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(4)
             .build()
@@ -141,7 +159,8 @@ mod tests {
                 },
                 |i, (item, threads)| {
                     assert_eq!(item, i * 10);
-                    assert_eq!(threads, 2, "4 threads over 2 lanes");
+                    let want = if i == 8 { 4 } else { 2 };
+                    assert_eq!(threads, want, "4 threads over 2 lanes, all for the last item");
                     done_order.push(i);
                     Ok(Next::Continue)
                 },
@@ -151,6 +170,19 @@ mod tests {
         assert_eq!(seen, (0..9).collect());
         done_order.sort_unstable();
         assert_eq!(done_order, (0..9).collect::<Vec<_>>());
+        // No more items than lanes: all start at once, each on its lane.
+        let mut threads = Vec::new();
+        lanes
+            .run(
+                &[0, 1],
+                |_, _| Ok(rayon::current_num_threads()),
+                |_, t| {
+                    threads.push(t);
+                    Ok(Next::Continue)
+                },
+            )
+            .unwrap();
+        assert_eq!(threads, [2, 2]);
     }
 
     #[test]
