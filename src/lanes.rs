@@ -160,7 +160,10 @@ mod tests {
                 |i, (item, threads)| {
                     assert_eq!(item, i * 10);
                     let want = if i == 8 { 4 } else { 2 };
-                    assert_eq!(threads, want, "4 threads over 2 lanes, all for the last item");
+                    assert_eq!(
+                        threads, want,
+                        "4 threads over 2 lanes, all for the last item"
+                    );
                     done_order.push(i);
                     Ok(Next::Continue)
                 },

@@ -22,13 +22,26 @@ impl<B: GgmlType> Blocks<'_, B> {
         B::to_float(&self.0[index..index + 1], &mut out);
         out
     }
+}
+
+impl<B: GgmlType + Sync> super::x86::WeightSource<super::x86::F32> for Blocks<'_, B> {
+    fn address(&self) -> usize {
+        self.0.as_ptr() as usize
+    }
 
     /// The panel of columns `j0 .. j0 + NR` of `op(w)` (`[k, n]`) as f32 bits, `[k][NR]`,
     /// missing columns zero. Transposed (`w` is `[n, k]`, blocks along k): column j is row
     /// j of `w`, each block filling 32 steps of one panel column. Plain (`w` is `[k, n]`,
     /// blocks along n): step p is row p's block at j0, which is exactly one panel row
     /// (`NR` = [`BLOCK`], and `j0` is a multiple of it).
-    fn fill_panel(&self, dst: &mut [u32], k: usize, n: usize, j0: usize, layout: WeightLayout) {
+    unsafe fn pack_panel(
+        &self,
+        dst: &mut [u32],
+        k: usize,
+        n: usize,
+        j0: usize,
+        layout: WeightLayout,
+    ) {
         let dst = &mut dst[..k * NR];
         match layout {
             WeightLayout::Transposed => {
@@ -60,22 +73,5 @@ impl<B: GgmlType> Blocks<'_, B> {
                 }
             }
         }
-    }
-}
-
-impl<B: GgmlType + Sync> super::x86::WeightSource<super::x86::F32> for Blocks<'_, B> {
-    fn address(&self) -> usize {
-        self.0.as_ptr() as usize
-    }
-
-    unsafe fn pack_panel(
-        &self,
-        dst: &mut [u32],
-        k: usize,
-        n: usize,
-        j0: usize,
-        layout: WeightLayout,
-    ) {
-        self.fill_panel(dst, k, n, j0, layout)
     }
 }
