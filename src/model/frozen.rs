@@ -345,8 +345,8 @@ fn dequantize_blocks<B: candle_core::quantized::k_quants::GgmlType>(
 ) -> Option<Vec<f32>> {
     use rayon::prelude::*;
     let blocks = block_slice::<B>(bytes, n)?;
-    // SAFETY: every element is written before `out` is returned: `count · BLCK_SIZE = n`
-    // (checked above), so the chunks of `out` pair one to one with runs of blocks, and
+    // SAFETY: every element is written before `out` is returned: `blocks.len() · BLCK_SIZE
+    // = n` (`block_slice` checked it), so the chunks of `out` pair one to one with runs of blocks, and
     // `to_float` fills a chunk of exactly its blocks' length.
     let mut out = unsafe { crate::ops::kernel::output_buffer(n) };
     const BLOCKS_PER_TASK: usize = 256;
