@@ -107,6 +107,24 @@ fn same_config_and_seed_give_a_byte_identical_adapter() {
         train_losses(a.path(), "tiny"),
         train_losses(b.path(), "tiny")
     );
+    // Three micro-batches on two lanes: the third runs on both lanes' threads, and the bytes
+    // are still those of one lane.
+    let three = TrainConfig {
+        grad_accum: 3,
+        ..cfg.clone()
+    };
+    let (d, e) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run(d.path(), &three, &RunOptions::default()).unwrap();
+    run(e.path(), &three, &side_by_side).unwrap();
+    assert_eq!(
+        adapter_bytes(d.path(), "tiny"),
+        adapter_bytes(e.path(), "tiny")
+    );
+    assert_ne!(
+        adapter_bytes(a.path(), "tiny"),
+        adapter_bytes(d.path(), "tiny"),
+        "a third micro-batch changes the run"
+    );
     let mut other = cfg.clone();
     other.seed += 1;
     let c = tempfile::tempdir().unwrap();
