@@ -9,7 +9,7 @@
 use super::gemm::{weight_product, WeightData};
 use super::kernel::{
     contiguous_slice, exp_shifted_in_place, max, output_buffer, simd_fn, sum_exp_shifted,
-    tensor_from_vec, Elem,
+    tensor_from_vec, with_scratch, Elem,
 };
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -110,37 +110,37 @@ impl NllLinearOp {
             _ => WeightData::Same(contiguous_slice::<T>(ws, wl)?),
         };
         let need_grad = self.need_grad;
-        // SAFETY: scratch and output are written before they are read. Each block of `m` rows
-        // first overwrites `logits[..m·v]` (a weight product without accumulation, [m, V])
-        // and reads only that; with `need_grad` it overwrites its rows of `dh` ([m, H], the
-        // same kind of product), and the blocks cover all `n` rows before `dh` is stored.
-        let (mut dh, mut logits) = unsafe {
-            (
-                output_buffer(if need_grad { n * hd } else { 0 }),
-                output_buffer(ROWS.min(n) * v),
-            )
-        };
-        let mut total = 0.0f64;
+        // SAFETY: `dh` is written before it is read: with `need_grad` each block of `m` rows
+        // overwrites its rows (a weight product without accumulation, [m, H]), and the blocks
+        // cover all `n` rows before `dh` is stored.
+        let mut dh = unsafe { output_buffer(if need_grad { n * hd } else { 0 }) };
         // Row blocks in sequence; the gemms and the per-row softmax are parallel inside.
-        for r0 in (0..n).step_by(ROWS) {
-            let m = ROWS.min(n - r0);
-            let lg = &mut logits[..m * v];
-            // logits = h_blk · Wᵀ
-            let h_blk = &h[r0 * hd..(r0 + m) * hd];
-            weight_product(lg, h_blk, m, w, None, v, hd, true, false)?;
-            let (t, wt) = (&self.targets[r0..r0 + m], &self.weights[r0..r0 + m]);
-            let per = super::kernel::rows_per_task(m, v);
-            total += lg
-                .par_chunks_mut(per * v)
-                .zip(t.par_chunks(per).zip(wt.par_chunks(per)))
-                .map(|(lg, (t, wt))| rows_loss(lg, t, wt, v, need_grad))
-                .sum::<f64>();
-            if need_grad {
-                // dh_blk = (w ⊙ (softmax − onehot)) · W
-                let dh = &mut dh[r0 * hd..(r0 + m) * hd];
-                weight_product(dh, lg, m, w, None, v, hd, false, false)?;
+        let blocks = |logits: &mut [T]| -> Result<f64> {
+            let mut total = 0.0f64;
+            for r0 in (0..n).step_by(ROWS) {
+                let m = ROWS.min(n - r0);
+                let lg = &mut logits[..m * v];
+                // logits = h_blk · Wᵀ
+                let h_blk = &h[r0 * hd..(r0 + m) * hd];
+                weight_product(lg, h_blk, m, w, None, v, hd, true, false)?;
+                let (t, wt) = (&self.targets[r0..r0 + m], &self.weights[r0..r0 + m]);
+                let per = super::kernel::rows_per_task(m, v);
+                total += lg
+                    .par_chunks_mut(per * v)
+                    .zip(t.par_chunks(per).zip(wt.par_chunks(per)))
+                    .map(|(lg, (t, wt))| rows_loss(lg, t, wt, v, need_grad))
+                    .sum::<f64>();
+                if need_grad {
+                    // dh_blk = (w ⊙ (softmax − onehot)) · W
+                    let dh = &mut dh[r0 * hd..(r0 + m) * hd];
+                    weight_product(dh, lg, m, w, None, v, hd, false, false)?;
+                }
             }
-        }
+            Ok(total)
+        };
+        // SAFETY: each block first overwrites `logits[..m·v]` (a weight product without
+        // accumulation, [m, V]) and reads only that.
+        let total = unsafe { with_scratch(ROWS.min(n) * v, blocks) }?;
         if need_grad {
             let _ = self.grad.set(tensor_from_vec(dh, &[n, hd])?);
         }
@@ -168,21 +168,24 @@ pub(crate) fn row_nll<T: Elem>(
         bail!("row_nll: target {bad} out of range for vocabulary {v}");
     }
     let mut out = vec![0.0; n];
-    // SAFETY: scratch: each block of `m` rows overwrites `logits[..m·v]` (a weight product
-    // without accumulation, [m, V]) and reads only that.
-    let mut logits = unsafe { output_buffer(ROWS.min(n) * v) };
-    for r0 in (0..n).step_by(ROWS) {
-        let m = ROWS.min(n - r0);
-        let lg = &mut logits[..m * v];
-        let h_blk = &h[r0 * hd..(r0 + m) * hd];
-        weight_product(lg, h_blk, m, w, None, v, hd, true, false)?;
-        lg.par_chunks_mut(v)
-            .zip(targets[r0..r0 + m].par_iter())
-            .zip(out[r0..r0 + m].par_iter_mut())
-            .for_each(|((row, t), o)| {
-                *o = rows_loss(row, std::slice::from_ref(t), &[1.0], v, false)
-            });
-    }
+    let blocks = |logits: &mut [T]| -> Result<()> {
+        for r0 in (0..n).step_by(ROWS) {
+            let m = ROWS.min(n - r0);
+            let lg = &mut logits[..m * v];
+            let h_blk = &h[r0 * hd..(r0 + m) * hd];
+            weight_product(lg, h_blk, m, w, None, v, hd, true, false)?;
+            lg.par_chunks_mut(v)
+                .zip(targets[r0..r0 + m].par_iter())
+                .zip(out[r0..r0 + m].par_iter_mut())
+                .for_each(|((row, t), o)| {
+                    *o = rows_loss(row, std::slice::from_ref(t), &[1.0], v, false)
+                });
+        }
+        Ok(())
+    };
+    // SAFETY: each block of `m` rows overwrites `logits[..m·v]` (a weight product without
+    // accumulation, [m, V]) and reads only that.
+    unsafe { with_scratch(ROWS.min(n) * v, blocks) }?;
     Ok(out)
 }
 

@@ -718,3 +718,40 @@ fn candles_no_backward_kernels_match_the_composed_ops() -> Result<()> {
     assert_eq!(fused.to_vec2::<f32>()?[1][7], 0.0);
     Ok(())
 }
+
+/// A thread's scratch is the same memory on its next call (no fresh pages to fault in), grows
+/// when a call needs more, and a nested call on the same thread gets a buffer of its own.
+#[test]
+fn scratch_is_reused_per_thread_and_nested_calls_get_their_own() {
+    // SAFETY: the closure writes every element before reading any.
+    let first = unsafe {
+        kernel::with_scratch::<f32, _>(1000, |s| {
+            s.fill(1.0);
+            s.as_ptr() as usize
+        })
+    };
+    // SAFETY: the closure reads no element.
+    let again = unsafe { kernel::with_scratch::<f32, _>(500, |s| s.as_ptr() as usize) };
+    assert_eq!(first, again, "a smaller request reuses the buffer");
+    // SAFETY: both closures fill their buffers before reading them.
+    let (outer, inner, sum) = unsafe {
+        kernel::with_scratch::<f64, _>(4000, |outer| {
+            outer.fill(2.0);
+            let (inner, sum) = kernel::with_scratch::<f64, _>(4000, |inner| {
+                inner.fill(3.0);
+                (inner.as_ptr() as usize, inner.iter().sum::<f64>())
+            });
+            assert!(
+                outer.iter().all(|v| *v == 2.0),
+                "the nested call wrote elsewhere"
+            );
+            (outer.as_ptr() as usize, inner, sum)
+        })
+    };
+    assert_ne!(outer, inner);
+    assert_eq!(sum, 12_000.0);
+    // 4000 f64 outgrew the 1000 f32 of the first call; the grown buffer is kept.
+    // SAFETY: the closure reads no element.
+    let grown = unsafe { kernel::with_scratch::<f64, _>(4000, |s| s.as_ptr() as usize) };
+    assert_eq!(grown, outer);
+}
