@@ -46,25 +46,28 @@ for lanes in $LANES; do
     --registry "$out/r$round" --quiet >/dev/null 2>&1
   fixed_end=$(date +%s.%N)
   python3 - "$start" "$end" "$fixed_end" "$cells" "$STEPS" "$lanes" "$out/r$round" <<'PY'
-import glob, json, math, sys
+import glob, json, math, os, sys
 start, end, fixed_end, cells, steps, lanes = map(float, sys.argv[1:7])
 fixed = fixed_end - end
 wall = end - start
-# T: a cell's training time as it ran (the last step's elapsed_s in its metrics); R: the rest
-# of a round's wall time past the fixed load (its evaluation and commit, the shared step-0
-# evaluation). Cells of equal length run in rounds of `lanes`; the last round may be short
-# (35 cells on 2 lanes: 18 rounds, the last of one cell). Only training scales with the
-# steps: 35 cells × 200 steps take fixed + ⌈35 / lanes⌉ × (T·200/steps + R). Counted as a
-# whole round, the last, lone cell runs on every lane's threads (`Lanes`), which trained
-# 1.55× faster than a one-thread cell in a 5-cell, 2-lane sweep: the figure is an upper bound.
+# T: a cell's training time as it ran (the last step's elapsed_s in its metrics); E: the
+# shared step-0 evaluation, once per sweep (until its file was written, less the fixed load);
+# R: the rest of a round's wall time (its cells' evaluation and commit). Cells of equal
+# length run in rounds of `lanes`; the last round may be short (35 cells on 2 lanes: 18
+# rounds, the last of one cell). Only training scales with the steps: 35 cells × 200 steps
+# take fixed + E + ⌈35 / lanes⌉ × (T·200/steps + R). Counted as a whole round, the last,
+# lone cell runs on every lane's threads (`Lanes`), which trained 1.55× faster than a
+# one-thread cell in a 5-cell, 2-lane sweep: the figure is an upper bound.
 trains = []
 for path in glob.glob(f"{sys.argv[7]}/*/metrics.jsonl"):
     lines = [json.loads(l) for l in open(path)]
     trains.append(max(l["elapsed_s"] for l in lines if "loss" in l))
 t = sum(trains) / len(trains)
+(step0_file,) = glob.glob(f"{sys.argv[7]}/.sweeps/*/step0-eval.json")
+e = max(0.0, os.path.getmtime(step0_file) - start - fixed)
 rounds = math.ceil(cells / lanes)
-r = (wall - fixed) / rounds - t
-total = fixed + math.ceil(35 / lanes) * (t * 200 / steps + r)
-print(f"| {lanes:.0f} | {wall:.0f} | {fixed:.0f} load + {rounds} rounds × (train {t:.0f} + rest {r:.0f}) | {total / 3600:.2f} h |")
+r = (wall - fixed - e) / rounds - t
+total = fixed + e + math.ceil(35 / lanes) * (t * 200 / steps + r)
+print(f"| {lanes:.0f} | {wall:.0f} | {fixed:.0f} load + {e:.0f} step-0 eval + {rounds} rounds × (train {t:.0f} + rest {r:.0f}) | {total / 3600:.2f} h |")
 PY
 done
