@@ -272,7 +272,8 @@ pub(crate) unsafe fn with_scratch<T: Elem, R>(n: usize, f: impl FnOnce(&mut [T])
             let slice = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<T>(), n) };
             f(slice)
         }
-        _ => {
+        // Already borrowed further up this thread's stack.
+        Err(_) => {
             // SAFETY: contents unspecified, per this function's contract.
             let mut fresh = unsafe { output_buffer(n) };
             f(&mut fresh)
