@@ -246,11 +246,23 @@ pub(crate) unsafe fn output_buffer<T: Elem>(n: usize) -> Vec<T> {
     v
 }
 
+/// Runs `f` on this thread's buffer in `kept`, or on a fresh, empty one when it is in use (a
+/// nested call: a rayon worker that steals work while waiting).
+pub(crate) fn with_thread_buffer<W, R>(
+    kept: &'static std::thread::LocalKey<std::cell::RefCell<Vec<W>>>,
+    f: impl FnOnce(&mut Vec<W>) -> R,
+) -> R {
+    kept.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
 /// Runs `f` on a buffer of `n` elements with unspecified contents that this thread keeps for
-/// its next call, for op scratch larger than the malloc heap serves: glibc maps a block above
-/// 32 MiB afresh each time and the kernel zeroes every new page, which for the output
-/// projection's logits block (512 × 49,152 f32, 100 MB a step) cost ~4% of a real-data
-/// training step. A nested call on the same thread gets a fresh buffer instead.
+/// its next call ([`with_thread_buffer`]), for op scratch larger than the malloc heap serves:
+/// glibc maps a block above 32 MiB afresh each time and the kernel zeroes every new page,
+/// which for the output projection's logits block (512 × 49,152 f32, 100 MB a step) cost ~4%
+/// of a real-data training step.
 ///
 /// # Safety
 /// As for [`output_buffer`]: `f` must write every element it reads before reading it.
@@ -261,23 +273,15 @@ pub(crate) unsafe fn with_scratch<T: Elem, R>(n: usize, f: impl FnOnce(&mut [T])
     // f64 words: `Elem` is f32 or f64, both plain data aligned to at most 8 bytes.
     const { assert!(std::mem::align_of::<T>() <= std::mem::align_of::<f64>()) };
     let words = (n * std::mem::size_of::<T>()).div_ceil(std::mem::size_of::<f64>());
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < words {
-                // SAFETY: contents unspecified, per this function's contract.
-                *buf = unsafe { output_buffer(words) };
-            }
-            // SAFETY: the buffer holds at least `n · size_of::<T>()` bytes, aligned for `T`
-            // (checked above), and stays borrowed for the whole call.
-            let slice = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<T>(), n) };
-            f(slice)
-        }
-        // Already borrowed further up this thread's stack.
-        Err(_) => {
+    with_thread_buffer(&SCRATCH, |buf| {
+        if buf.len() < words {
             // SAFETY: contents unspecified, per this function's contract.
-            let mut fresh = unsafe { output_buffer(n) };
-            f(&mut fresh)
+            *buf = unsafe { output_buffer(words) };
         }
+        // SAFETY: the buffer holds at least `n · size_of::<T>()` bytes, aligned for `T`
+        // (checked above), and stays borrowed for the whole call.
+        let slice = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<T>(), n) };
+        f(slice)
     })
 }
 

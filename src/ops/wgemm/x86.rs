@@ -2,6 +2,7 @@
 //! packing, the 12 × 32 micro-kernel and the task split. Compiled only on x86_64; every
 //! `#[target_feature]` function is reached only after the CPUID checks in the parent module.
 
+use super::super::kernel::with_thread_buffer;
 use super::{to_pairs, PackCache, PanelKey, WeightLayout, MR, NR, TASKS_PER_THREAD, W_CHUNK_BYTES};
 use half::bf16;
 use rayon::prelude::*;
@@ -216,18 +217,6 @@ thread_local! {
     static A_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on this thread's buffer in `scratch`, or on a fresh one when it is in use (a
-/// nested call: a rayon worker that steals work while waiting).
-fn with_scratch<R>(
-    scratch: &'static std::thread::LocalKey<RefCell<Vec<u32>>>,
-    f: impl FnOnce(&mut Vec<u32>) -> R,
-) -> R {
-    scratch.with(|s| match s.try_borrow_mut() {
-        Ok(mut buf) => f(&mut buf),
-        Err(_) => f(&mut Vec::new()),
-    })
-}
-
 /// Where a product's weight panels come from: a dense weight of the kind's element type
 /// (packed by [`pack_b`]), or GGUF blocks dequantised straight into the panels
 /// (`super::blocks`).
@@ -402,7 +391,7 @@ pub(super) fn for_each_task<K: Kind, S: WeightSource<K> + ?Sized>(
             pack_panels::<K, S>(pb, w, k, n, 0, all_panels, ksp, layout);
         })
     });
-    with_scratch(&W_SCRATCH, |scratch| {
+    with_thread_buffer(&W_SCRATCH, |scratch| {
         for jlo in (0..n).step_by(chunk_cols) {
             let col_panels = chunk_cols.min(n - jlo).div_ceil(NR);
             // Chunks start on a panel boundary (`chunk_cols` is a multiple of NR, or n).
@@ -414,7 +403,7 @@ pub(super) fn for_each_task<K: Kind, S: WeightSource<K> + ?Sized>(
             (0..grid.len()).into_par_iter().for_each(|t| {
                 let (rows, panels) = grid.task(t);
                 let c = cptr;
-                with_scratch(&A_SCRATCH, |pa| {
+                with_thread_buffer(&A_SCRATCH, |pa| {
                     task(
                         Task {
                             rows,
