@@ -267,7 +267,7 @@ fn main() -> Result<()> {
         "h [1024, 576], W [49152, 576]",
         &[hidden],
         &unit,
-        &|x| ops::weighted_nll_linear(&x[0], &lm_head, &targets, &weights),
+        &|x| ops::weighted_nll_linear(&x[0], &lm_head, &targets, &weights, None),
         &|x| ops::weighted_nll(&x[0].matmul(&lm_head.t()?)?, &targets, &weights),
     )?;
     Ok(())

@@ -246,9 +246,15 @@ impl Decoder {
     ) -> Result<Tensor> {
         let normed = ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
         match self.dense_lm_head(normed.dtype()) {
-            Some(w) => {
+            Some((w, cache)) => {
                 let weights = weights.to_dtype(normed.dtype())?;
-                Ok(ops::weighted_nll_linear(&normed, w, targets, &weights)?)
+                Ok(ops::weighted_nll_linear(
+                    &normed,
+                    w,
+                    targets,
+                    &weights,
+                    Some(cache),
+                )?)
             }
             None => {
                 let logits = self.lm_head.forward(&normed)?;
@@ -262,10 +268,10 @@ impl Decoder {
     pub fn nll_from_hidden(&self, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
         let normed = ops::rms_norm(&hidden.detach(), &self.norm, self.config.rms_norm_eps)?;
         match self.dense_lm_head(normed.dtype()) {
-            Some(w) => Ok(ops::row_nll_linear(&normed, w, targets)?),
+            Some((w, cache)) => Ok(ops::row_nll_linear(&normed, w, targets, Some(cache))?),
             None => {
                 let w = self.lm_head.to_dense(normed.dtype(), &self.device)?;
-                Ok(ops::row_nll_linear(&normed, &w, targets)?)
+                Ok(ops::row_nll_linear(&normed, &w, targets, None)?)
             }
         }
     }
@@ -274,12 +280,13 @@ impl Decoder {
     /// activation dtype, or bf16 on the CPU (multiplied as stored, or converted once inside the
     /// op). Elsewhere a bf16 weight under f32 activations goes through `FrozenWeight::forward`,
     /// which converts it: the composed vocabulary path multiplies same-dtype tensors only.
-    fn dense_lm_head(&self, dtype: DType) -> Option<&Tensor> {
+    /// With it comes its pack cache, which the fused kernels use for its bf16 panels.
+    fn dense_lm_head(&self, dtype: DType) -> Option<(&Tensor, &ops::PackCache)> {
         match &self.lm_head {
-            FrozenWeight::Dense(w, _)
+            FrozenWeight::Dense(w, cache)
                 if w.dtype() == dtype || (w.dtype() == DType::BF16 && w.device().is_cpu()) =>
             {
-                Some(w)
+                Some((w, cache))
             }
             _ => None,
         }

@@ -198,27 +198,34 @@ fn fused_output_weight(hidden: &Tensor, weight: &Tensor) -> Result<Option<Tensor
 /// block by block so the `[N, V]` logits are never held at once.
 ///
 /// `hidden`: `[N, H]`, `weight`: `[V, H]`, same dtype; `targets`: one per row. Fused on CPU for
-/// f32/f64; otherwise logits + log-softmax in chunks of rows.
-pub fn row_nll_linear(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
+/// f32/f64; otherwise logits + log-softmax in chunks of rows. `cache`: the weight's own kept
+/// panels (see [`PackCache`]), for a bf16 weight multiplied as stored.
+pub fn row_nll_linear(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    cache: Option<&PackCache>,
+) -> Result<Vec<f64>> {
     let (n, hd, v) = nll_linear::check_dims(hidden.dims(), weight.dims(), targets.len())?;
     if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
         candle_core::bail!("row_nll_linear: target {bad} out of range for vocabulary {v}");
     }
+    let cache = kept_panels(weight, cache);
     if let Some(weight) = fused_output_weight(hidden, weight)? {
         fn run<T: kernel::Elem>(
             h: &Tensor,
             w: &Tensor,
             t: &[u32],
-            hd: usize,
-            v: usize,
+            (hd, v): (usize, usize),
+            cache: Option<&PackCache>,
         ) -> Result<Vec<f64>> {
             kernel::with_cpu_slices::<T, _>(&[h], |h| {
-                gemm::with_weight_data::<T, _>(w, |w| nll_linear::row_nll(h[0], w, t, hd, v))
+                gemm::with_weight_data::<T, _>(w, |w| nll_linear::row_nll(h[0], w, t, hd, v, cache))
             })
         }
         return match hidden.dtype() {
-            DType::F32 => run::<f32>(hidden, &weight, targets, hd, v),
-            _ => run::<f64>(hidden, &weight, targets, hd, v),
+            DType::F32 => run::<f32>(hidden, &weight, targets, (hd, v), cache),
+            _ => run::<f64>(hidden, &weight, targets, (hd, v), cache),
         };
     }
     const CHUNK: usize = 256;
@@ -329,12 +336,14 @@ fn key_validity(key_padding: Option<&Tensor>) -> Result<Option<Vec<bool>>> {
 /// derived from one); otherwise, and off CPU, it falls back to matmul + [`weighted_nll`], which
 /// also yields dL/dweight. On the fused path the forward pass does the backward matmul as well
 /// (~2× the forward flops of a plain projection) when `hidden` needs a gradient, and backward
-/// is a scalar multiply.
+/// is a scalar multiply. `cache`: the weight's own kept panels (see [`PackCache`]), for a bf16
+/// weight multiplied as stored.
 pub fn weighted_nll_linear(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
     weights: &Tensor,
+    cache: Option<&PackCache>,
 ) -> Result<Tensor> {
     nll_linear::check_dims(hidden.dims(), weight.dims(), targets.elem_count())?;
     let fused_weight = match weight.track_op() {
@@ -351,12 +360,19 @@ pub fn weighted_nll_linear(
             targets.to_vec1::<u32>()?,
             weights.to_dtype(DType::F64)?.to_vec1::<f64>()?,
             hidden.track_op(),
+            kept_panels(&weight, cache).cloned(),
         );
         hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
     } else {
         let logits = hidden.matmul(&weight_as(weight, hidden)?.t()?)?;
         weighted_nll(&logits, targets, weights)
     }
+}
+
+/// `cache` where the kernels will read `weight`'s own storage: a strided view is copied for
+/// every product, so its copies have no stable address to key panels on.
+fn kept_panels<'c>(weight: &Tensor, cache: Option<&'c PackCache>) -> Option<&'c PackCache> {
+    cache.filter(|_| weight.is_contiguous())
 }
 
 /// `weight` in `hidden`'s dtype, for the composed paths' plain matmuls (the fused kernels take a

@@ -11,6 +11,7 @@ use super::kernel::{
     contiguous_slice, exp_shifted_in_place, max, output_buffer, simd_fn, sum_exp_shifted,
     tensor_from_vec, with_scratch, Elem,
 };
+use super::wgemm::PackCache;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -27,15 +28,23 @@ pub(crate) struct NllLinearOp {
     pub need_grad: bool,
     /// dL/dh for an incoming gradient of 1, [N, H].
     grad: OnceLock<Tensor>,
+    /// The weight's kept packed panels (bf16 weights as stored).
+    cache: Option<PackCache>,
 }
 
 impl NllLinearOp {
-    pub(crate) fn new(targets: Vec<u32>, weights: Vec<f64>, need_grad: bool) -> Self {
+    pub(crate) fn new(
+        targets: Vec<u32>,
+        weights: Vec<f64>,
+        need_grad: bool,
+        cache: Option<PackCache>,
+    ) -> Self {
         Self {
             targets,
             weights,
             need_grad,
             grad: OnceLock::new(),
+            cache,
         }
     }
 }
@@ -110,6 +119,7 @@ impl NllLinearOp {
             _ => WeightData::Same(contiguous_slice::<T>(ws, wl)?),
         };
         let need_grad = self.need_grad;
+        let cache = self.cache.as_ref();
         // SAFETY: `dh` is written before it is read: with `need_grad` each block of `m` rows
         // overwrites its rows (a weight product without accumulation, [m, H]), and the blocks
         // cover all `n` rows before `dh` is stored.
@@ -122,7 +132,7 @@ impl NllLinearOp {
                 let lg = &mut logits[..m * v];
                 // logits = h_blk · Wᵀ
                 let h_blk = &h[r0 * hd..(r0 + m) * hd];
-                weight_product(lg, h_blk, m, w, None, v, hd, true, false)?;
+                weight_product(lg, h_blk, m, w, cache, v, hd, true, false)?;
                 let (t, wt) = (&self.targets[r0..r0 + m], &self.weights[r0..r0 + m]);
                 let per = super::kernel::rows_per_task(m, v);
                 total += lg
@@ -133,7 +143,7 @@ impl NllLinearOp {
                 if need_grad {
                     // dh_blk = (w ⊙ (softmax − onehot)) · W
                     let dh = &mut dh[r0 * hd..(r0 + m) * hd];
-                    weight_product(dh, lg, m, w, None, v, hd, false, false)?;
+                    weight_product(dh, lg, m, w, cache, v, hd, false, false)?;
                 }
             }
             Ok(total)
@@ -159,6 +169,7 @@ pub(crate) fn row_nll<T: Elem>(
     targets: &[u32],
     hd: usize,
     v: usize,
+    cache: Option<&PackCache>,
 ) -> Result<Vec<f64>> {
     let n = targets.len();
     if h.len() != n * hd || w.len() != v * hd {
@@ -173,7 +184,7 @@ pub(crate) fn row_nll<T: Elem>(
             let m = ROWS.min(n - r0);
             let lg = &mut logits[..m * v];
             let h_blk = &h[r0 * hd..(r0 + m) * hd];
-            weight_product(lg, h_blk, m, w, None, v, hd, true, false)?;
+            weight_product(lg, h_blk, m, w, cache, v, hd, true, false)?;
             lg.par_chunks_mut(v)
                 .zip(targets[r0..r0 + m].par_iter())
                 .zip(out[r0..r0 + m].par_iter_mut())
@@ -252,8 +263,12 @@ mod tests {
         let t = Tensor::from_slice(&targets, n, &Device::Cpu)?.unsqueeze(1)?;
         let expected: Vec<f32> = logp.gather(&t, 1)?.squeeze(1)?.to_vec1()?;
         for dtype in [DType::F32, DType::F16] {
-            let got =
-                super::super::row_nll_linear(&h.to_dtype(dtype)?, &w.to_dtype(dtype)?, &targets)?;
+            let got = super::super::row_nll_linear(
+                &h.to_dtype(dtype)?,
+                &w.to_dtype(dtype)?,
+                &targets,
+                None,
+            )?;
             let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
             for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
                 assert!(
@@ -264,7 +279,14 @@ mod tests {
             }
         }
         // A bf16 weight under f32 hidden states (a bf16 base): multiplied as stored.
-        let got = super::super::row_nll_linear(&h, &w.to_dtype(DType::BF16)?, &targets)?;
+        let w16 = w.to_dtype(DType::BF16)?;
+        let got = super::super::row_nll_linear(&h, &w16, &targets, None)?;
+        // With the weight's kept panels: the same bits, first use and after.
+        let cache = super::PackCache::default();
+        for pass in ["first", "kept"] {
+            let kept = super::super::row_nll_linear(&h, &w16, &targets, Some(&cache))?;
+            assert_eq!(kept, got, "{pass} use of the pack cache");
+        }
         for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
             // bf16 keeps 8 bits of mantissa (of h and of the weight): ~0.2% of the value.
             let tol = 5e-3 * (1.0 + e.abs() as f64);
@@ -274,7 +296,7 @@ mod tests {
                 -e
             );
         }
-        let err = super::super::row_nll_linear(&h, &w, &[v as u32; 300]).unwrap_err();
+        let err = super::super::row_nll_linear(&h, &w, &[v as u32; 300], None).unwrap_err();
         assert!(err.to_string().contains("out of range"), "{err}");
         Ok(())
     }

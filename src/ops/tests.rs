@@ -501,30 +501,41 @@ fn weighted_nll_linear_matches_composed() -> Result<()> {
         "weighted_nll_linear",
         std::slice::from_ref(&h),
         &r,
-        &|x| super::weighted_nll_linear(&x[0], &wt, &t, &w),
+        &|x| super::weighted_nll_linear(&x[0], &wt, &t, &w, None),
         &|x| composed::weighted_nll(&x[0].matmul(&wt.t()?)?, &t, &w),
         1e-5,
     )?;
     // A trainable weight takes the composed path and gets its gradient.
     let (hv, wv) = (Var::from_tensor(&h)?, Var::from_tensor(&wt)?);
-    let g = super::weighted_nll_linear(&hv, &wv, &t, &w)?.backward()?;
+    let g = super::weighted_nll_linear(&hv, &wv, &t, &w, None)?.backward()?;
     assert!(g.get(&hv).is_some() && g.get(&wv).is_some());
     // A bf16 weight (a bf16 base's tied embedding) is used as stored: close to the f32 path on
     // the same weight values (the AVX-512 BF16 kernel also rounds h to bf16).
     let w16 = wt.to_dtype(DType::BF16)?;
     let w32 = w16.to_dtype(DType::F32)?;
     let (yf, gf) = grads(std::slice::from_ref(&h), &r, &|x| {
-        super::weighted_nll_linear(&x[0], &w16, &t, &w)
+        super::weighted_nll_linear(&x[0], &w16, &t, &w, None)
     })?;
     let (yr, gr) = grads(std::slice::from_ref(&h), &r, &|x| {
         composed::weighted_nll(&x[0].matmul(&w32.t()?)?, &t, &w)
     })?;
     assert_close("bf16 weight forward", &yf, &yr, 1e-2)?;
     assert_close("bf16 weight grad", &gf[0], &gr[0], 2e-2)?;
+    // With the weight's kept panels (both layouts: forward and dL/dh): the same bits, on first
+    // use and after.
+    let cache = super::PackCache::default();
+    let bits = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    for pass in ["first", "kept"] {
+        let (yk, gk) = grads(std::slice::from_ref(&h), &r, &|x| {
+            super::weighted_nll_linear(&x[0], &w16, &t, &w, Some(&cache))
+        })?;
+        assert_eq!(bits(&yk)?, bits(&yf)?, "{pass} use: loss");
+        assert_eq!(bits(&gk[0])?, bits(&gf[0])?, "{pass} use: gradient");
+    }
     // The composed path (a trainable weight here; any weight off the CPU) takes the same mixed
     // dtypes: the bf16 weight is converted for the matmul.
     let w16v = Var::from_tensor(&w16)?;
-    let yc = super::weighted_nll_linear(&h, &w16v, &t, &w)?;
+    let yc = super::weighted_nll_linear(&h, &w16v, &t, &w, None)?;
     assert_close("bf16 weight, composed path", &yc, &yr, 1e-4)?;
     Ok(())
 }
@@ -535,7 +546,7 @@ fn weighted_nll_linear_finite_difference_f64() -> Result<()> {
     let (_, t, w) = nll_inputs(&mut rng, 40, 29, DType::F64)?;
     let h = rng.tensor(&[40, 6], 1.0, DType::F64)?;
     let wt = rng.tensor(&[29, 6], 1.0, DType::F64)?;
-    let f = |x: &[Tensor]| super::weighted_nll_linear(&x[0], &wt, &t, &w);
+    let f = |x: &[Tensor]| super::weighted_nll_linear(&x[0], &wt, &t, &w, None);
     finite_diff("weighted_nll_linear", &[h], 0, &scalar_one()?, &f, &mut rng)
 }
 

@@ -73,8 +73,7 @@ pub(crate) fn f32_available() -> bool {
 /// rounded to bf16 (round-to-nearest-even) on the fly, `op(w)` per [`WeightLayout`], and f32
 /// accumulation. Parallel over rayon's threads (a few large tasks per thread). Runs on AMX
 /// tiles from [`AMX_MIN_ROWS`] rows where [`amx_available`], else on AVX-512 BF16. With a
-/// `cache` (the weight's own), products of fewer than [`CACHED_MAX_ROWS`] rows pack W once
-/// and reuse its panels.
+/// `cache` (the weight's own), products on AVX-512 pack W once and reuse its panels.
 ///
 /// Errors when a slice length does not match its shape, or when [`available`] is false.
 #[allow(clippy::too_many_arguments)]
@@ -94,10 +93,10 @@ pub(crate) fn matmul_bf16(
     } else {
         Bf16Isa::Avx512
     };
-    // Few rows (a decode step): packing W is nearly the whole product, so its panels are kept.
-    // Many rows: packing is a few percent, and freshly packed panels are still in cache when
-    // the kernel reads them; kept panels measured no faster there, and cost memory.
-    let cache = cache.filter(|_| m < CACHED_MAX_ROWS);
+    // Few rows (a decode step): packing W is nearly the whole product. Many rows: packing
+    // is a few percent of it, but a training step packs every weight twice (x·Wᵀ forward,
+    // dy·W backward), so kept panels made a bf16 training step 2–3% faster. They cost memory
+    // (both layouts: twice the weight), within `pack_cache_budget`.
     matmul_bf16_on(isa, c, a, m, k, w, n, layout, accumulate, cache)
 }
 
@@ -151,9 +150,6 @@ fn matmul_bf16_on(
     }
     Ok(())
 }
-
-/// Rows below which a bf16-weight product keeps its weight's packed panels (decode steps).
-const CACHED_MAX_ROWS: usize = 32;
 
 /// Rows from which a bf16-weight product runs on AMX tiles where the CPU has them (a C block
 /// is 32 rows; below that the AVX-512 kernel wastes less).
@@ -316,9 +312,9 @@ fn prepare(
 
 /// The packed panels of one frozen weight, kept from its first product to its last. A decode
 /// step multiplies every weight by a row or a few, and packing the whole weight for them was
-/// most of the step (generation on a bf16 base ran at half its speed). Only products of
-/// fewer than 32 rows use it: for many rows, panels packed fresh are still in cache when the
-/// kernel reads them, and kept ones measured no faster.
+/// most of the step (generation on a bf16 base ran at half its speed). A training step packs
+/// every weight in both layouts and the tied output projection too: kept panels made it 2–3%
+/// faster (the output projection's another 1–2% on one thread). AMX products pack per call.
 ///
 /// Clones share the panels. The cache belongs to one weight: a weight that replaces it (a
 /// merged adapter) comes with a fresh one, and each entry also keys on the weight's address,
@@ -801,10 +797,9 @@ mod tests {
         }
     }
 
-    /// A weight's cache packs each layout once, on first use, and later products of few rows
-    /// read the same panels, with results bit for bit those of products that pack per call;
-    /// another weight through the same cache gets panels of its own; products of many rows
-    /// leave the cache alone.
+    /// A weight's cache packs each layout once, on first use, and later products of any row
+    /// count read the same panels, with results bit for bit those of products that pack per
+    /// call; another weight through the same cache gets panels of its own.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn cached_panels_are_packed_once_and_change_no_bit() {
@@ -824,7 +819,7 @@ mod tests {
             c
         };
         for layout in [WeightLayout::Transposed, WeightLayout::Plain] {
-            for m in [1, 5, CACHED_MAX_ROWS - 1] {
+            for m in [1, 5, 31, 100] {
                 let fresh = product(&w, m, layout, None);
                 assert_eq!(
                     product(&w, m, layout, Some(&cache)),
@@ -859,9 +854,6 @@ mod tests {
         matmul_bf16(&mut fresh, &a, 3, k, &ww, wide, layout, false, None).unwrap();
         assert_eq!(c, fresh, "a product in column chunks");
         assert_eq!(cache.packed(), 4);
-        let many = PackCache::default();
-        product(&w, CACHED_MAX_ROWS, WeightLayout::Transposed, Some(&many));
-        assert_eq!(many.packed(), 0, "many rows pack per call");
     }
 
     /// GGUF blocks dequantised straight into the panels give bit for bit the product of the
