@@ -365,8 +365,10 @@ impl Drop for Panels {
 static CACHED_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// The most bytes all [`PackCache`]s hold together: `PEFT_WIT_PACK_CACHE_MB` (0 turns caching
-/// off), else a quarter of the machine's memory (2 GiB where it cannot be read). For bf16
-/// weights both layouts together take twice the weight's own size.
+/// off), else a quarter of the machine's memory or half of what is available when the first
+/// panels are kept (the model is loaded by then), whichever is less; 2 GiB where
+/// `/proc/meminfo` cannot be read. A training step keeps both layouts of a bf16 weight,
+/// twice its own size: kept panels must not push the machine into swap for a few percent.
 pub fn pack_cache_budget() -> usize {
     static BUDGET: OnceLock<usize> = OnceLock::new();
     *BUDGET.get_or_init(|| {
@@ -378,13 +380,21 @@ pub fn pack_cache_budget() -> usize {
         }
         std::fs::read_to_string("/proc/meminfo")
             .ok()
-            .and_then(|info| {
-                let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-                let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-                Some(kib.saturating_mul(1024) / 4)
-            })
+            .and_then(|info| budget_from_meminfo(&info))
             .unwrap_or(2 << 30)
     })
+}
+
+/// [`pack_cache_budget`]'s default from the text of `/proc/meminfo`: min(MemTotal / 4,
+/// MemAvailable / 2), or MemTotal / 4 on kernels without MemAvailable.
+fn budget_from_meminfo(info: &str) -> Option<usize> {
+    let bytes = |key: &str| -> Option<usize> {
+        let line = info.lines().find(|l| l.starts_with(key))?;
+        let kib: usize = line[key.len()..].split_whitespace().next()?.parse().ok()?;
+        Some(kib.saturating_mul(1024))
+    };
+    let quarter = bytes("MemTotal:")? / 4;
+    Some(bytes("MemAvailable:").map_or(quarter, |available| quarter.min(available / 2)))
 }
 
 impl PanelKey {
@@ -795,6 +805,34 @@ mod tests {
         if !F32.skip("f32_gemm_large_m_tiles_and_k_blocks") {
             F32.large_m(4);
         }
+    }
+
+    #[test]
+    fn cache_budget_is_the_lesser_of_a_quarter_of_memory_and_half_of_what_is_free() {
+        let info = |total: usize, available: Option<usize>| {
+            let mut text = format!("MemTotal:       {total} kB\nMemFree:         1000 kB\n");
+            if let Some(a) = available {
+                text += &format!("MemAvailable:   {a} kB\n");
+            }
+            text
+        };
+        let gib = 1 << 20; // in kB
+        assert_eq!(
+            budget_from_meminfo(&info(24 * gib, Some(20 * gib))),
+            Some(6 << 30),
+            "plenty free: a quarter of the memory"
+        );
+        assert_eq!(
+            budget_from_meminfo(&info(16 * gib, Some(3 * gib))),
+            Some(3 << 29),
+            "little free: half of it"
+        );
+        assert_eq!(
+            budget_from_meminfo(&info(8 * gib, None)),
+            Some(2 << 30),
+            "no MemAvailable line"
+        );
+        assert_eq!(budget_from_meminfo("Cached: 5 kB\n"), None);
     }
 
     /// A weight's cache packs each layout once, on first use, and later products of any row
