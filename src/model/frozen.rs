@@ -1,7 +1,7 @@
 //! The frozen base weight of a linear layer, dense or kept as GGUF quantized blocks, and the
 //! matmul through it.
 //!
-//! Both kinds go through one custom op, [`FrozenMatmul`], because candle's own paths are wrong for
+//! Both kinds go through one custom op, `FrozenMatmul`, because candle's own paths are wrong for
 //! training: `QMatMul` has no backward (gradients silently stop) and quantizes activations to Q8_1,
 //! and a plain `matmul` also computes (and keeps) the gradient of the frozen weight, which nobody
 //! needs. The op computes `x·Wᵀ` forward and only `dL/dx = dL/dy·W` backward. A quantized weight is

@@ -86,7 +86,7 @@ pub struct Suggestion {
     /// What the published-findings rule alone gives.
     pub rule_prompt_weight: f32,
     pub rule_response_weight: f32,
-    /// One line per step of the rule: "λp +0.1 because <statistic> = <value> (<finding>)".
+    /// One line per step of the rule: `λp +0.1 because <statistic> = <value> (<finding>)`.
     pub reasons: Vec<String>,
     /// One entry per past sweep used.
     pub evidence: Vec<SweepEvidence>,
