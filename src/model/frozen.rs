@@ -92,8 +92,7 @@ impl FrozenWeight {
             Self::Dense(t, cache)
                 if t.dtype() == T::DTYPE || (t.dtype() == DType::BF16 && bf16_supported::<T>()) =>
             {
-                // A strided view is copied for every product: no stable data to keep panels of.
-                (t.clone(), t.is_contiguous().then_some(cache))
+                (t.clone(), crate::ops::kept_panels(t, Some(cache)))
             }
             Self::Quantized(q) if quantized_product(q, c, a, m, transposed, accumulate)? => {
                 return Ok(());

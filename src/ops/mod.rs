@@ -371,7 +371,10 @@ pub fn weighted_nll_linear(
 
 /// `cache` where the kernels will read `weight`'s own storage: a strided view is copied for
 /// every product, so its copies have no stable address to key panels on.
-fn kept_panels<'c>(weight: &Tensor, cache: Option<&'c PackCache>) -> Option<&'c PackCache> {
+pub(crate) fn kept_panels<'c>(
+    weight: &Tensor,
+    cache: Option<&'c PackCache>,
+) -> Option<&'c PackCache> {
     cache.filter(|_| weight.is_contiguous())
 }
 
